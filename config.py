@@ -1,0 +1,221 @@
+"""Training configuration: one block of typed defaults, presets, and ``--key=value`` overrides.
+
+Resolution order (later wins): the defaults below < a preset file (``--config=digits`` or
+``--config=configs/sd15_pickapic.py``, a module defining ``CONFIG = {...}``) < the method preset
+(``METHOD_PRESETS``) < command-line ``--key=value``. Unknown keys and values of the wrong type
+are errors that name the key. The resolved config is saved with every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # ---- what to train
+    method: str = _f("sspo", "sft | dpo | spin | sspo | sspo_r | dpo_cm | sdpo (see METHOD_PRESETS)")
+    ssr: str = _f("sign", "Self-Sampling Regularization, SSPO eq. 9: sign | indicator | none (ablations)")
+    replay: str = _f("uniform", "reference checkpoint drawn from the pool: uniform (RCR) | initial | last")
+    model: str = _f("digits", "model family: digits | sd15 | animatediff")
+    model_path: str = _f("", "local dir or hub id (sd15/animatediff); digits: '' = the cached base")
+    motion_adapter_path: str = _f("", "animatediff: local dir of the MotionAdapter")
+    data: str = _f("digits", "digits | pickapic | imagefolder | videofolder")
+    data_path: str = _f("", "local dataset directory (not used for digits)")
+    # ---- the objective
+    beta: float = _f(500.0, "DPO beta, sspo.py convention: inside = -beta/2 * (...); 5000 = 2500 w/o the 1/2")
+    tau: float = _f(0.0, "dpo_cm/sdpo: mask pairs whose importance weight is below tau")
+    eps_clip: float = _f(float("inf"), "dpo_cm/sdpo: clip kept weights into [1-eps_clip, 1+eps_clip]")
+    # ---- Random Checkpoint Replay and loser generation (sspo, sspo_r, spin)
+    save_every: int = _f(50, "optimizer updates between checkpoints (= replay pool snapshots)")
+    pool_storage: str = _f("memory", "replay snapshots: memory (fp32) | memory_bf16 | disk (safetensors)")
+    loser_steps: int = _f(10, "DDIM steps to sample a replayed (losing) sample")
+    loser_guidance: float = _f(3.0, "classifier-free guidance scale for replayed samples")
+    # ---- optimisation
+    max_steps: int = _f(300, "optimizer updates")
+    batch_size: int = _f(32, "pairs per device per micro-step")
+    grad_accum: int = _f(1, "micro-steps per update; global batch = batch_size * grad_accum * world")
+    lr: float = _f(1e-4, "AdamW learning rate (after warmup)")
+    warmup_steps: int = _f(0, "linear learning-rate warmup, in updates")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    max_grad_norm: float = _f(1.0, "gradient clipping (<= 0 disables)")
+    mixed_precision: str = _f("no", "no | bf16 | fp16 (fp16 uses a GradScaler)")
+    gradient_checkpointing: bool = _f(False, "recompute UNet activations in backward")
+    lora_rank: int = _f(0, "0 = full fine-tuning (of the UNet, or motion modules); >0 = LoRA rank")
+    # ---- data
+    resolution: int = _f(512, "image side for sd15/animatediff data")
+    num_frames: int = _f(16, "frames per clip (animatediff)")
+    random_crop: bool = _f(False, "random instead of center crop")
+    hflip: bool = _f(False, "random horizontal flips")
+    cfg_drop: float = _f(0.1, "probability of an empty caption (classifier-free guidance)")
+    num_workers: int = _f(0, "DataLoader workers")
+    # ---- the embedded digits default
+    digits_base_steps: int = _f(1500, "updates of the (cached) misaligned base model's pretraining")
+    digits_corrupt: float = _f(0.6, "fraction of pretrain captions replaced by a wrong digit")
+    digits_classes: str = _f("", "comma-separated digit classes kept in the alignment split ('' = all)")
+    cache_dir: str = _f(str(ROOT / "cache"), "where the digits base model is cached")
+    # ---- run
+    seed: int = _f(0, "seed for init, data order, noise and replay choices")
+    out_dir: str = _f("runs/digits_sspo", "output directory")
+    resume: bool = _f(False, "continue from out_dir/checkpoints/latest")
+    keep_checkpoints: int = _f(0, "training-state checkpoints to keep (0 = all)")
+    log_every: int = _f(10, "updates between log lines / metrics.jsonl rows")
+    sample_every: int = _f(100, "updates between sample grids (0 = only at the end)")
+    num_sample_prompts: int = _f(10, "prompts in a sample grid")
+    init: str = _f("pretrained", "pretrained | scratch (digits only: the base model's own pretraining)")
+    data_split: str = _f("align", "digits split to train on: pretrain | align")
+
+
+# How each user-facing method maps onto loss, data and replay. Applied after the preset file
+# and before command-line overrides, so `--method=spin --ssr=sign` still wins over the preset.
+METHOD_PRESETS: dict[str, dict] = {
+    "sft": {},
+    "dpo": {},
+    "dpo_cm": {"tau": 0.5, "eps_clip": 0.5},
+    "sdpo": {"tau": 0.0, "eps_clip": 0.5},
+    "sspo": {"replay": "uniform", "ssr": "sign"},
+    "sspo_r": {"replay": "uniform", "ssr": "sign"},
+    "spin": {"replay": "last", "ssr": "none"},  # SPIN-Diffusion as compared in the paper
+}
+LOSS_OF = {"sft": "sft", "dpo": "dpo", "dpo_cm": "dpo_cm", "sdpo": "sdpo",
+           "sspo": "sspo", "sspo_r": "sspo", "spin": "sspo"}
+DATA_MODE_OF = {"sft": "winners", "sspo": "winners", "spin": "winners", "sspo_r": "random",
+                "dpo": "pairs", "dpo_cm": "pairs", "sdpo": "pairs"}
+CHOICES = {
+    "method": tuple(METHOD_PRESETS), "ssr": ("sign", "indicator", "none"),
+    "replay": ("uniform", "initial", "last"), "model": ("digits", "sd15", "animatediff"),
+    "data": ("digits", "pickapic", "imagefolder", "videofolder"),
+    "pool_storage": ("memory", "memory_bf16", "disk"), "mixed_precision": ("no", "bf16", "fp16"),
+    "init": ("pretrained", "scratch"), "data_split": ("pretrain", "align"),
+}
+
+
+def _convert(key: str, raw, typ: str):
+    """Convert a command-line string (or a preset value) to the field's type, or fail clearly."""
+    try:
+        if typ == "bool":
+            if isinstance(raw, bool):
+                return raw
+            s = str(raw).lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ == "int":
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            return int(raw) if not isinstance(raw, str) else int(raw, 10)
+        if typ == "float":
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        return str(raw)
+    except ValueError:
+        raise ValueError(f"config key {key!r} expects a {typ}, got {raw!r}") from None
+
+
+def _apply(cfg: Config, updates: dict, source: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for key, raw in updates.items():
+        if key not in fields:
+            near = difflib.get_close_matches(key, fields, n=3)
+            hint = f" (did you mean {', '.join(near)}?)" if near else ""
+            raise ValueError(f"unknown config key {key!r} from {source}{hint}; "
+                             f"`python train.py --help` lists every key")
+        typ = fields[key].type if isinstance(fields[key].type, str) else fields[key].type.__name__
+        setattr(cfg, key, _convert(key, raw, typ))
+
+
+def load_preset(name_or_path: str) -> dict:
+    """``CONFIG`` dict of configs/<name>.py or of a path to such a file."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = ROOT / "configs" / f"{name_or_path}.py"
+    if not path.is_file():
+        known = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")
+        raise FileNotFoundError(f"config preset {name_or_path!r} not found (looked for {path}); "
+                                f"presets: {', '.join(known)}")
+    spec = importlib.util.spec_from_file_location(f"_preset_{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if not isinstance(getattr(mod, "CONFIG", None), dict):
+        raise ValueError(f"{path} must define a dict named CONFIG")
+    return dict(mod.CONFIG)
+
+
+def parse_args(argv: list[str]) -> dict:
+    """``--key=value`` / ``--key value`` / bare ``--flag`` (a bool set to true) -> dict of strings."""
+    out, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}: use --key=value")
+        key, eq, val = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                val, i = argv[i + 1], i + 1
+            else:
+                val = "true"
+        out[key] = val
+        i += 1
+    return out
+
+
+def resolve(overrides: dict | None = None, argv: list[str] | None = None) -> Config:
+    """Build the resolved Config from presets, ``overrides`` (a dict) and ``argv`` (strings)."""
+    updates = dict(overrides or {})
+    updates.update(parse_args(list(argv or [])))
+    cfg = Config()
+    preset = updates.pop("config", "digits")  # the embedded default
+    if preset:
+        _apply(cfg, load_preset(preset), f"preset {preset}")
+    if "method" in updates:
+        _apply(cfg, {"method": updates["method"]}, "overrides")
+    if cfg.method not in METHOD_PRESETS:
+        raise ValueError(f"config key 'method' must be one of {tuple(METHOD_PRESETS)}, got {cfg.method!r}")
+    _apply(cfg, METHOD_PRESETS[cfg.method], f"method preset {cfg.method}")
+    _apply(cfg, updates, "overrides")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"config key {key!r} must be one of {allowed}, got {getattr(cfg, key)!r}")
+    for key in ("max_steps", "batch_size", "grad_accum", "save_every", "loser_steps", "log_every"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"config key {key!r} must be >= 1, got {getattr(cfg, key)}")
+    if not 0.0 <= cfg.cfg_drop < 1.0:
+        raise ValueError(f"config key 'cfg_drop' must be in [0, 1), got {cfg.cfg_drop}")
+    if cfg.model == "digits" and cfg.data != "digits":
+        raise ValueError("model 'digits' trains on data 'digits' only")
+    if cfg.data != "digits" and not cfg.data_path:
+        raise ValueError(f"data {cfg.data!r} needs --data_path=<local directory>")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def help_text() -> str:
+    lines = ["usage: [torchrun ...] train.py [--config=PRESET] [--key=value ...]", "", "keys:"]
+    for f in dataclasses.fields(Config):
+        lines.append(f"  --{f.name}={f.default!r:<24} {f.metadata['help']}")
+    lines += ["", "method presets: " + json.dumps(METHOD_PRESETS)]
+    return "\n".join(lines)

@@ -1,0 +1,35 @@
+"""AnimateDiff (SD-1.5 + motion adapter) on MagicTime time-lapse videos, as in the SSPO paper
+(section 5.1.2): LoRA, 16 frames by dynamic (uniform) frame extraction, ChronoMagic-Bench-150
+for validation. The resolution, learning rate and number of steps were lost in this project's
+copy of the paper; the values below are assumed and marked so.
+
+    torchrun --nproc_per_node=8 train.py --config=animatediff_magictime \
+        --model_path=/path/to/sd15 --motion_adapter_path=/path/to/motion_adapter \
+        --data_path=/path/to/magictime/videos --method=sspo
+"""
+
+CONFIG = dict(
+    model="animatediff",
+    data="videofolder",
+    method="sspo",
+    beta=5000.0,            # as for images (assumed)
+    lora_rank=64,           # paper: LoRA; rank assumed
+    num_frames=16,          # paper: 16 frames
+    resolution=256,         # assumed
+    batch_size=1,
+    grad_accum=16,          # assumed
+    lr=1e-5,                # assumed
+    warmup_steps=100,       # assumed
+    max_steps=2000,         # assumed
+    save_every=200,         # assumed
+    pool_storage="memory",  # LoRA snapshots are small
+    loser_steps=20,
+    loser_guidance=7.5,
+    mixed_precision="bf16",
+    gradient_checkpointing=True,
+    cfg_drop=0.0,
+    num_workers=4,
+    log_every=10,
+    sample_every=200,
+    out_dir="runs/animatediff_magictime",
+)

@@ -1,0 +1,21 @@
+"""The embedded default: align the cached, deliberately misaligned digits base with SSPO.
+
+Used when train.py gets no --config. Sized for 2 CPU cores: a few minutes end to end.
+"""
+
+CONFIG = dict(
+    model="digits",
+    data="digits",
+    method="sspo",
+    beta=500.0,          # per-value mean error over 64 pixels; see README "Choosing beta"
+    lr=1e-4,
+    batch_size=32,
+    max_steps=300,
+    save_every=25,       # replay pool snapshot (and checkpoint) every 25 updates
+    loser_steps=10,      # DDIM steps per replayed sample
+    loser_guidance=3.0,
+    cfg_drop=0.1,
+    log_every=10,
+    sample_every=100,
+    out_dir="runs/digits_sspo",
+)

@@ -1,0 +1,38 @@
+"""Stable Diffusion 1.5 on Pick-a-Pic v2, as in the SSPO paper (section 5.1.1).
+
+What the paper states: SD-1.5, Pick-a-Pic v2 train split with ties removed (~12% of pairs),
+AdamW, beta as in Diffusion-DPO (5000 in this repo's convention), a learning rate "smaller" than
+usual to avoid overfitting. The batch size, accumulation, learning rate, number of updates and
+checkpoint interval K were lost in this project's copy of the paper: the values below follow the
+Diffusion-DPO release's SD-1.5 recipe where it is public, and are marked "assumed" otherwise.
+
+    torchrun --nproc_per_node=8 train.py --config=sd15_pickapic --model_path=/path/to/sd15 \
+        --data_path=/path/to/pickapic_v2/data --method=sspo
+"""
+
+CONFIG = dict(
+    model="sd15",
+    data="pickapic",
+    method="sspo",
+    beta=5000.0,            # paper: same as Diffusion-DPO
+    resolution=512,
+    random_crop=False,      # assumed (center crop)
+    hflip=False,            # assumed
+    batch_size=1,           # per GPU per micro-step (assumed, Diffusion-DPO release)
+    grad_accum=128,         # 8 GPUs x 1 x 128 = global batch 1024 pairs (assumed)
+    lr=1e-8 * 1024,         # Diffusion-DPO scales 1e-8 per sample by the global batch (assumed)
+    warmup_steps=500,       # assumed
+    max_steps=2000,         # assumed
+    save_every=200,         # K, the checkpoint interval of RCR (assumed; paper's Fig. 4 varies it)
+    pool_storage="disk",    # 1.7-3.4 GB per full-UNet snapshot: keep them as safetensors files
+    keep_checkpoints=2,
+    loser_steps=20,         # assumed; DDIM with guidance
+    loser_guidance=7.5,     # SD-1.5 default guidance (assumed)
+    mixed_precision="bf16",
+    gradient_checkpointing=True,
+    cfg_drop=0.0,           # assumed
+    num_workers=4,
+    log_every=10,
+    sample_every=200,
+    out_dir="runs/sd15_pickapic",
+)

@@ -1,0 +1,556 @@
+"""Datasets and collation: the embedded digits set, Pick-a-Pic v2 pairs, image and video folders.
+
+Every dataset yields dicts ``{"prompt": str, "x0_w": tensor[, "x0_l": tensor][, "label": int]}``
+with pixels float32 in [-1, 1]: digits ``(1,8,8)``, images ``(3,R,R)``, videos ``(3,F,R,R)``.
+``collate`` stacks them into a batch and drops ``None`` items (unreadable files, already logged).
+
+Modes (what a training method consumes):
+    "winners"  the preferred image only                     (SFT, SPIN, SSPO)
+    "pairs"    winner ``x0_w`` and loser ``x0_l``           (Diffusion-DPO and friends)
+    "random"   one image of each pair, chosen by a seeded coin fixed per item (SSPOr)
+
+Determinism: every random choice is drawn from ``np.random.default_rng([seed, purpose, ...])``.
+Choices that define the data set itself (wrong captions, losers, SSPOr coins, templates) are
+fixed per item; augmentation and the classifier-free-guidance caption drop depend on
+(seed, epoch, index), where the epoch comes from ``dataset.set_epoch(epoch)``. Call it (next to
+``sampler.set_epoch``) before creating the DataLoader iterator: non-persistent workers are
+re-created per epoch and see the new value; ``persistent_workers=True`` workers would not.
+
+Bad input: foreseeable problems at construction (missing directory/file/column, unknown mode)
+raise one readable ValueError/FileNotFoundError. Items that cannot be decoded at load time are
+logged (file, row, reason, running count), counted in ``dataset.num_skipped`` and returned as
+``None``; once more than ``max_bad_fraction`` of the items fetched (counting at least 100) are
+bad, a RuntimeError stops the run. Counters are per process (per DataLoader worker).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import logging
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import av
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import Dataset, DistributedSampler
+
+log = logging.getLogger(__name__)
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# Captions used for pretraining and alignment.
+TRAIN_TEMPLATES = (
+    "a handwritten digit {word}",
+    "the number {word}, written by hand",
+    "a picture of the digit {word}",
+)
+# Never used for training: out-of-distribution prompts for evaluation (cf. HPSv2/Parti in the paper).
+HELDOUT_TEMPLATES = (
+    "a scan of the numeral {word}",
+    "someone wrote {word} on paper",
+)
+MODES = ("winners", "pairs", "random")
+SPLITS = ("pretrain", "align", "eval")
+# Purposes, so that different random choices of one seed are independent streams.
+_CORRUPT, _TEMPLATE, _LOSER, _COIN, _ITEM, _SPLIT = range(6)
+_MIN_SEEN = 100  # the bad-item fraction is taken over at least this many fetches
+
+
+def _rng(seed: int, *keys: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed) % 2**63, *(int(k) for k in keys)])
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms (as the Diffusion-DPO release: resize shorter side, center/random crop, hflip, [-1,1])
+
+def _plan_crop(width: int, height: int, resolution: int, random_crop: bool, hflip: bool,
+               rng: np.random.Generator) -> tuple[tuple[int, int], tuple[int, int, int, int], bool]:
+    """Resize size (w,h) with the shorter side = resolution, crop box (l,t,r,b), flip flag.
+    Planned once so every frame of a video gets the same geometry."""
+    scale = resolution / min(width, height)
+    w, h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    if random_crop:
+        left, top = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
+    else:  # same rounding as torchvision's CenterCrop
+        left, top = int(round((w - resolution) / 2)), int(round((h - resolution) / 2))
+    flip = bool(hflip and rng.random() < 0.5)
+    return (w, h), (left, top, left + resolution, top + resolution), flip
+
+
+def _apply_crop(img: Image.Image, plan) -> torch.Tensor:
+    """PIL image -> (3,R,R) float32 in [-1,1]."""
+    size, box, flip = plan
+    img = img.convert("RGB")
+    if img.size != size:
+        img = img.resize(size, Image.BILINEAR)
+    img = img.crop(box)
+    if flip:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())  # (R,R,3) in 0..255
+    return x.permute(2, 0, 1) / 127.5 - 1.0  # (3,R,R)
+
+
+class _Base(Dataset):
+    """Seed/epoch bookkeeping, caption drop for CFG, transforms, counting of skipped items."""
+
+    def __init__(self, seed: int, cfg_drop: float, max_bad_fraction: float = 0.01,
+                 resolution: int = 0, random_crop: bool = False, hflip: bool = False):
+        if not 0.0 <= cfg_drop <= 1.0:
+            raise ValueError(f"cfg_drop must be in [0,1], got {cfg_drop}")
+        self.seed, self.cfg_drop, self.epoch = int(seed), float(cfg_drop), 0
+        self.resolution, self.random_crop, self.hflip = resolution, random_crop, hflip
+        self.max_bad_fraction = float(max_bad_fraction)
+        self.num_seen = 0     # item fetches in this process
+        self.num_skipped = 0  # of which unreadable (returned None)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the augmentation / caption-drop draws of this epoch."""
+        self.epoch = int(epoch)
+
+    def _item_rng(self, index: int) -> np.random.Generator:
+        return _rng(self.seed, _ITEM, self.epoch, index)
+
+    def _prompt(self, text: str, rng: np.random.Generator) -> str:
+        # Empty prompt with probability cfg_drop: trains the unconditional branch for CFG.
+        return "" if rng.random() < self.cfg_drop else text
+
+    def _transform(self, images: list[Image.Image], rng: np.random.Generator) -> torch.Tensor:
+        """N images (or frames of one clip) -> (N,3,R,R), all with the same resize/crop/flip."""
+        plan = _plan_crop(*images[0].size, self.resolution, self.random_crop, self.hflip, rng)
+        return torch.stack([_apply_crop(img, plan) for img in images])
+
+    def _skip(self, where: str, why: str) -> None:
+        self.num_skipped += 1
+        log.warning("skipping %s: %s (%d of %d items skipped so far)",
+                    where, why, self.num_skipped, self.num_seen)
+        if self.num_skipped > self.max_bad_fraction * max(self.num_seen, _MIN_SEEN):
+            raise RuntimeError(
+                f"too many unreadable items: {self.num_skipped} of {self.num_seen} fetched "
+                f"(max_bad_fraction={self.max_bad_fraction}); last one: {where}: {why}")
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Digits (the embedded default, DESIGN.md)
+
+def digit_caption(label: int, template: str) -> str:
+    """'a handwritten digit {word}' + 7 -> 'a handwritten digit seven'."""
+    if not 0 <= int(label) <= 9:
+        raise ValueError(f"digit label must be 0..9, got {label}")
+    if "{word}" not in template:
+        raise ValueError(f"caption template {template!r} has no '{{word}}' placeholder")
+    return template.format(word=DIGIT_WORDS[int(label)])
+
+
+@lru_cache(maxsize=None)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    return d.data.astype(np.float32), d.target.astype(np.int64)  # (1797,64) in 0..16, (1797,)
+
+
+def digits_split_indices(seed: int = 0) -> dict[str, np.ndarray]:
+    """Indices into ``sklearn.datasets.load_digits()`` for each split, sorted.
+
+    Stratified: within every class, a seeded permutation gives 50% pretrain, 25% align and
+    the rest eval, so all splits hold every digit in the same proportions.
+    """
+    _, y = _digits()
+    rng = _rng(seed, _SPLIT)
+    parts = {s: [] for s in SPLITS}
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n_pre, n_align = round(0.5 * len(idx)), round(0.25 * len(idx))
+        parts["pretrain"].append(idx[:n_pre])
+        parts["align"].append(idx[n_pre:n_pre + n_align])
+        parts["eval"].append(idx[n_pre + n_align:])
+    return {s: np.sort(np.concatenate(p)) for s, p in parts.items()}
+
+
+def load_digits_splits(seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{"pretrain"|"align"|"eval": (x (N,1,8,8) float32 in [-1,1], y (N,) int64)}."""
+    data, target = _digits()
+    out = {}
+    for split, idx in digits_split_indices(seed).items():
+        x = torch.from_numpy(data[idx] / 8.0 - 1.0).float().reshape(-1, 1, 8, 8)  # 0..16 -> [-1,1]
+        out[split] = (x, torch.from_numpy(target[idx].copy()))
+    return out
+
+
+class DigitsDataset(_Base):
+    """Captioned 8x8 digits of one split.
+
+    item: {"prompt": str, "x0_w": (1,8,8), "label": int digit shown in x0_w, ["x0_l": (1,8,8)]}
+
+    corrupt_fraction: exactly round(fraction * N) items (chosen by seed, fixed across epochs)
+        get a caption naming a wrong digit -- this is how the misaligned base is pretrained.
+    classes: keep only these digit classes (e.g. hold classes out of alignment).
+    Losers ("pairs"/"random") are images of the whole split (not only ``classes``) whose digit
+    differs from both the image's and the caption's digit; fixed per item like Pick-a-Pic pairs.
+    The split itself always uses ``split_seed`` so that eval never leaks when ``seed`` changes.
+    """
+
+    def __init__(self, split: str, mode: str = "winners", corrupt_fraction: float = 0.0,
+                 seed: int = 0, classes: Sequence[int] | None = None, cfg_drop: float = 0.0,
+                 templates: Sequence[str] = TRAIN_TEMPLATES, split_seed: int = 0):
+        super().__init__(seed, cfg_drop)
+        splits = load_digits_splits(split_seed)
+        if split not in splits:
+            raise ValueError(f"unknown digits split {split!r}; expected one of {SPLITS}")
+        _check_mode(mode)
+        if not 0.0 <= corrupt_fraction <= 1.0:
+            raise ValueError(f"corrupt_fraction must be in [0,1], got {corrupt_fraction}")
+        if not templates:
+            raise ValueError("templates must hold at least one caption template")
+        for t in templates:
+            digit_caption(0, t)  # validates the placeholder
+        self.mode, self.templates = mode, tuple(templates)
+        self.pool_x, self.pool_y = splits[split]  # (M,1,8,8), (M,) loser candidates
+        keep = torch.ones(len(self.pool_y), dtype=torch.bool)
+        if classes is not None:
+            bad = [c for c in classes if not 0 <= int(c) <= 9]
+            if bad or not len(classes):
+                raise ValueError(f"classes must be a non-empty list of digits 0..9, got {list(classes)}")
+            keep = torch.isin(self.pool_y, torch.tensor([int(c) for c in classes]))
+        self.x, self.y = self.pool_x[keep], self.pool_y[keep]  # (N,1,8,8), (N,)
+        n = len(self.y)
+        y = self.y.numpy()
+
+        rng = _rng(seed, _CORRUPT)
+        self.corrupted = np.zeros(n, dtype=bool)
+        self.corrupted[rng.choice(n, size=int(round(corrupt_fraction * n)), replace=False)] = True
+        # A wrong digit is the true one shifted by 1..9 (mod 10): never equal to the truth.
+        self.caption_labels = np.where(self.corrupted, (y + rng.integers(1, 10, n)) % 10, y)
+        self.template_ids = _rng(seed, _TEMPLATE).integers(len(self.templates), size=n)
+
+        rng, pool_y = _rng(seed, _LOSER), self.pool_y.numpy()
+        self.loser_index = np.array([
+            rng.choice(np.flatnonzero((pool_y != y[i]) & (pool_y != self.caption_labels[i])))
+            for i in range(n)], dtype=np.int64)
+        self.coin = _rng(seed, _COIN).random(n) < 0.5  # SSPOr: True -> the winner image
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict:
+        text = digit_caption(self.caption_labels[i], self.templates[self.template_ids[i]])
+        item = {"prompt": self._prompt(text, self._item_rng(i)), "x0_w": self.x[i], "label": int(self.y[i])}
+        j = self.loser_index[i]
+        if self.mode == "pairs":
+            item["x0_l"] = self.pool_x[j]
+        elif self.mode == "random" and not self.coin[i]:
+            item["x0_w"], item["label"] = self.pool_x[j], int(self.pool_y[j])
+        return item
+
+
+# ---------------------------------------------------------------------------------------------
+# Pick-a-Pic v2 (parquet shards, read lazily)
+
+class PickAPicDataset(_Base):
+    """Pick-a-Pic v2 pairs from ``root/{split}-*.parquet`` (the published schema).
+
+    Only ``caption`` and ``label_0`` are read up front (column projection); image bytes are read
+    one row group at a time when an item needs them, so a 335 GB set costs only the index.
+    Ties (label_0 == 0.5) are dropped and counted in ``num_ties``; rows with another label are
+    dropped and counted in ``num_unlabeled``; empty captions are kept and counted in
+    ``num_empty_captions``. The winner is jpg_0 if label_0 == 1 else jpg_1.
+
+    item: {"prompt": str, "x0_w": (3,R,R)[, "x0_l": (3,R,R)]}, or None if an image is unreadable.
+    """
+    COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+
+    def __init__(self, root, mode: str = "pairs", resolution: int = 512, random_crop: bool = False,
+                 hflip: bool = False, cfg_drop: float = 0.0, seed: int = 0,
+                 max_bad_fraction: float = 0.01, split: str = "train"):
+        super().__init__(seed, cfg_drop, max_bad_fraction, resolution, random_crop, hflip)
+        _check_mode(mode)
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"Pick-a-Pic root {root} is not a directory")
+        self.files = sorted(root.glob(f"{split}-*.parquet"))
+        if not self.files:
+            raise FileNotFoundError(f"{root}: no '{split}-*.parquet' shards found")
+        self.mode = mode
+        self.num_ties = self.num_unlabeled = self.num_empty_captions = 0
+        file_ids, rows, winners, self.captions, self._rg_starts = [], [], [], [], []
+        for f, path in enumerate(self.files):
+            pf = self._parquet(path)
+            missing = [c for c in self.COLUMNS if c not in pf.schema_arrow.names]
+            if missing:
+                raise ValueError(f"{path}: missing column(s) {missing}; Pick-a-Pic v2 shards need "
+                                 f"{list(self.COLUMNS)}, found {pf.schema_arrow.names}")
+            try:
+                table = pf.read(columns=["caption", "label_0"])
+                label = table["label_0"].cast(pa.float64()).to_numpy()  # nulls -> nan
+            except (pa.ArrowException, OSError) as e:
+                raise ValueError(f"{path}: cannot read 'caption'/'label_0' as text/number ({e})") from e
+            tie, valid = label == 0.5, (label == 0.0) | (label == 1.0)
+            self.num_ties += int(tie.sum())
+            self.num_unlabeled += int((~tie & ~valid).sum())
+            keep = np.flatnonzero(valid)
+            caps = table["caption"].to_pylist()
+            self.captions += [caps[r] or "" for r in keep]  # kept: they act like CFG drops
+            self.num_empty_captions += sum(not caps[r] or not caps[r].strip() for r in keep)
+            file_ids.append(np.full(len(keep), f, dtype=np.int32))
+            rows.append(keep)
+            winners.append(np.where(label[keep] == 1.0, 0, 1).astype(np.int8))  # 0 -> jpg_0 wins
+            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+            self._rg_starts.append(np.cumsum([0] + sizes))
+        self.file_ids, self.rows = np.concatenate(file_ids), np.concatenate(rows)
+        self.winner = np.concatenate(winners)
+        if len(self.rows) == 0:
+            raise ValueError(f"{root}: no labelled, non-tie pairs in {len(self.files)} shard(s)")
+        self.coin = _rng(seed, _COIN).random(len(self.rows)) < 0.5  # SSPOr: True -> the winner
+        self._open, self._cache_key, self._cache = {}, None, None
+        log.info("Pick-a-Pic %s: %d pairs from %d shard(s); dropped %d ties, %d unlabelled; "
+                 "%d empty captions", root, len(self.rows), len(self.files), self.num_ties,
+                 self.num_unlabeled, self.num_empty_captions)
+
+    @staticmethod
+    def _parquet(path: Path) -> pq.ParquetFile:
+        try:
+            return pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"{path}: not a readable parquet file ({e})") from e
+
+    def __getstate__(self):  # open files and the row-group cache stay in their own process
+        return {**self.__dict__, "_open": {}, "_cache_key": None, "_cache": None}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _image_bytes(self, f: int, row: int, column: str) -> bytes:
+        g = int(np.searchsorted(self._rg_starts[f], row, side="right") - 1)
+        if self._cache_key != (f, g):  # consecutive items usually share a row group
+            if f not in self._open:
+                self._open[f] = self._parquet(self.files[f])
+            self._cache = self._open[f].read_row_group(g, columns=["jpg_0", "jpg_1"])
+            self._cache_key = (f, g)
+        value = self._cache[column][row - self._rg_starts[f][g]].as_py()
+        return value["bytes"] if isinstance(value, dict) else value  # HF Image struct or raw bytes
+
+    def __getitem__(self, i: int) -> dict | None:
+        self.num_seen += 1
+        f, row, rng = int(self.file_ids[i]), int(self.rows[i]), self._item_rng(i)
+        w = int(self.winner[i])
+        wanted = {"pairs": [w, 1 - w], "winners": [w], "random": [w if self.coin[i] else 1 - w]}
+        item = {"prompt": self._prompt(self.captions[i], rng)}
+        for key, k in zip(("x0_w", "x0_l"), wanted[self.mode]):
+            column = f"jpg_{k}"
+            try:
+                img = Image.open(io.BytesIO(self._image_bytes(f, row, column)))
+                img.load()
+            except Exception as e:  # PIL raises several types for broken files
+                return self._skip(f"{self.files[f]} row {row} column {column}",
+                                  f"unreadable image ({type(e).__name__}: {e})")
+            item[key] = self._transform([img], rng)[0]  # (3,R,R)
+        return item
+
+
+# ---------------------------------------------------------------------------------------------
+# Image and video folders
+
+def _read_metadata(root: Path) -> list[tuple[str, str]]:
+    """root/metadata.jsonl: one {"file_name": str, "text": str} per line -> [(file, text)]."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory")
+    path = root / "metadata.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; expected one JSON object per line with "
+                                f"'file_name' and 'text'")
+    entries = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not (isinstance(obj, dict) and isinstance(obj.get("file_name"), str)
+                and isinstance(obj.get("text"), str)):
+            raise ValueError(f"{path}:{n}: expected {{\"file_name\": str, \"text\": str}}, got {line[:100]}")
+        entries.append((obj["file_name"], obj["text"]))
+    if not entries:
+        raise ValueError(f"{path}: no entries")
+    return entries
+
+
+def _read_magictime_csv(path: Path) -> list[tuple[str, str]]:
+    """MagicTime / ChronoMagic caption CSV: columns `videoid`, `name` (caption); the video is
+    `{videoid}.mp4` next to the other videos."""
+    if not path.is_file():
+        raise FileNotFoundError(f"caption file {path} not found")
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in ("videoid", "name") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; expected MagicTime columns "
+                             f"'videoid' and 'name', found {reader.fieldnames}")
+        entries = [(f"{r['videoid']}.mp4", r["name"]) for r in reader]
+    if not entries:
+        raise ValueError(f"{path}: no rows")
+    return entries
+
+
+class ImageFolderDataset(_Base):
+    """Captioned images: ``root/metadata.jsonl`` lines {"file_name", "text"}, paths relative to root.
+
+    item: {"prompt": str, "x0_w": (3,R,R)}, or None if the file is missing/unreadable.
+    """
+
+    def __init__(self, root, resolution: int = 512, random_crop: bool = False, hflip: bool = False,
+                 cfg_drop: float = 0.0, seed: int = 0, max_bad_fraction: float = 0.01):
+        super().__init__(seed, cfg_drop, max_bad_fraction, resolution, random_crop, hflip)
+        self.root = Path(root)
+        self.entries = _read_metadata(self.root)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> dict | None:
+        self.num_seen += 1
+        name, text = self.entries[i]
+        path, rng = self.root / name, self._item_rng(i)
+        prompt = self._prompt(text, rng)
+        try:
+            img = Image.open(path)
+            img.load()
+        except Exception as e:  # missing file or any of PIL's error types
+            return self._skip(str(path), f"unreadable image ({type(e).__name__}: {e})")
+        return {"prompt": prompt, "x0_w": self._transform([img], rng)[0]}  # (3,R,R)
+
+
+class _ShortVideo(Exception):
+    pass
+
+
+def _decode_frames(path: Path, num_frames: int, total: int | None = None) -> list[Image.Image]:
+    """F frames spread uniformly over the whole clip (first and last included)."""
+    if total is None:
+        with av.open(str(path)) as c:
+            stream = c.streams.video[0]
+            # Container metadata may lack a frame count; counting packets avoids decoding.
+            total = stream.frames or sum(1 for p in c.demux(stream) if p.size)
+    if total < num_frames:
+        raise _ShortVideo(f"has {total} frames, expected at least num_frames={num_frames}")
+    want = np.linspace(0, total - 1, num_frames).round().astype(int)  # (F,)
+    kept, decoded = {}, 0
+    with av.open(str(path)) as c:
+        for decoded, frame in enumerate(c.decode(video=0), 1):
+            if decoded - 1 in want:
+                kept[decoded - 1] = frame.to_image()
+            if decoded - 1 >= want[-1]:
+                break
+    if decoded - 1 < want[-1]:  # the container overstated its length: retry with the real one
+        return _decode_frames(path, num_frames, decoded)
+    return [kept[k] for k in want]
+
+
+class VideoFolderDataset(_Base):
+    """Captioned videos decoded with PyAV (MagicTime-style text-to-video data).
+
+    Captions: ``root/metadata.jsonl`` ({"file_name", "text"}) by default, or a MagicTime CSV
+    (``captions=path``, columns videoid,name; videos at ``root/{videoid}.mp4``).
+    ``num_frames`` frames are sampled uniformly over the whole clip ("dynamic frame extraction")
+    and all get the same resize/crop/flip. A clip with fewer frames is skipped and counted.
+
+    item: {"prompt": str, "x0_w": (3,F,R,R)}, or None if the video is unreadable or too short.
+    """
+
+    def __init__(self, root, num_frames: int = 16, resolution: int = 256, random_crop: bool = False,
+                 hflip: bool = False, cfg_drop: float = 0.0, seed: int = 0,
+                 max_bad_fraction: float = 0.01, captions: str | Path | None = None):
+        super().__init__(seed, cfg_drop, max_bad_fraction, resolution, random_crop, hflip)
+        self.root = Path(root)
+        if captions is None:
+            self.entries = _read_metadata(self.root)
+        elif not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root} is not a directory")
+        else:
+            self.entries = _read_magictime_csv(Path(captions))
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        self.num_frames = num_frames
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> dict | None:
+        self.num_seen += 1
+        name, text = self.entries[i]
+        path, rng = self.root / name, self._item_rng(i)
+        prompt = self._prompt(text, rng)
+        try:
+            frames = _decode_frames(path, self.num_frames)
+        except _ShortVideo as e:
+            return self._skip(str(path), f"video too short: {e}")
+        except Exception as e:  # PyAV/FFmpeg errors, missing file, no video stream
+            return self._skip(str(path), f"unreadable video ({type(e).__name__}: {e})")
+        video = self._transform(frames, rng)  # (F,3,R,R)
+        return {"prompt": prompt, "x0_w": video.permute(1, 0, 2, 3).contiguous()}  # (3,F,R,R)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching and sampling
+
+def collate(items: list[dict | None]) -> dict:
+    """Stack items into a batch, dropping None (skipped) items.
+
+    -> {"prompt": list[str], "x0_w": (B,...), ["x0_l": (B,...)], ["label": (B,) long],
+        "num_skipped": int}. If every item was skipped: {"prompt": [], "num_skipped": n}.
+    """
+    kept = [it for it in items if it is not None]
+    batch: dict = {"prompt": [], "num_skipped": len(items) - len(kept)}
+    for key in (kept[0] if kept else {}):
+        values = [it[key] for it in kept]
+        if isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values)
+        elif isinstance(values[0], str):
+            batch[key] = values
+        else:
+            batch[key] = torch.tensor(values)  # ints -> (B,) int64
+    return batch
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """DistributedSampler that can resume mid-epoch.
+
+    ``set_epoch(epoch, start)``: yield this rank's order for ``epoch`` (identical to
+    DistributedSampler's) from position ``start`` on, i.e. skip the ``start`` items this rank
+    already consumed (``batches_done * batch_size``) without loading them again. ``start``
+    stays until the next set_epoch. Without an initialised process group it acts as one rank.
+    """
+
+    def __init__(self, dataset, num_replicas: int | None = None, rank: int | None = None,
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+        distributed = dist.is_available() and dist.is_initialized()
+        num_replicas = num_replicas if num_replicas is not None or distributed else 1
+        rank = rank if rank is not None or distributed else 0
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle,
+                         seed=seed, drop_last=drop_last)
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if not 0 <= start <= self.num_samples:
+            raise ValueError(f"start={start} outside [0, {self.num_samples}] "
+                             f"(items per rank per epoch)")
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start

@@ -1,0 +1,244 @@
+"""Random Checkpoint Replay (SSPO paper, section 4.1): the checkpoint pool, the reference network
+that runs a chosen checkpoint, and the replayed ("losing") samples it generates.
+
+Per SSPO step (DESIGN.md, "One SSPO step, as data"):
+
+    k = pool.choose(step)                 # uniform over {0 (initial model), 1, ..., K} = the ERD
+    reference.load(pool.get(k))           # weights copied in place, no new module
+    x0_l = sample_losers(bundle, reference, prompts, generator=g, latent_shape=(C,H,W))
+
+and every ``save_every`` optimizer updates ``pool.add(bundle.trainable_state_dict(), step)``.
+
+Snapshots hold only the trainable weights (full UNet, motion modules, or the LoRA adapter).
+With LoRA the reference is the policy UNet itself running a second peft adapter "ref"
+(no second UNet in memory); with full fine-tuning it is one frozen deep copy of the UNet.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from safetensors.torch import load_file, save_file
+
+from models import Bundle, encode_prompts, unet_forward
+
+STRATEGIES = ("uniform", "initial", "last")
+STORAGES = ("memory", "memory_bf16", "disk")
+
+
+class CheckpointPool:
+    """Snapshots of the trainable weights; index 0 is the initial model.
+
+    strategy: "uniform" (RCR: uniform over every stored checkpoint, 0 included), "initial"
+    (always 0: the usual fixed reference), "last" (the newest: SPIN-Diffusion's choice).
+    storage: "memory" (CPU copies in the original dtype, exact), "memory_bf16" (CPU bf16, half
+    the memory), "disk" (one safetensors file per snapshot in ``directory``).
+    """
+
+    def __init__(self, strategy: str = "uniform", seed: int = 0, storage: str = "memory",
+                 directory: str | None = None):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"Unknown replay strategy '{strategy}'; expected one of {STRATEGIES}.")
+        if storage not in STORAGES:
+            raise ValueError(f"Unknown pool storage '{storage}'; expected one of {STORAGES}.")
+        if storage == "disk" and not directory:
+            raise ValueError("CheckpointPool(storage='disk') needs a directory for its safetensors files.")
+        self.strategy, self.seed, self.storage = strategy, int(seed), storage
+        self.directory = Path(directory) if directory else None
+        self.steps: list[int] = []
+        self._snapshots: list[dict[str, torch.Tensor]] = []  # memory storages
+        self._files: list[str] = []                          # disk storage (paths)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def add(self, state: dict[str, torch.Tensor], step: int) -> int:
+        """Store a snapshot taken after ``step`` optimizer updates; returns its index."""
+        index = len(self.steps)
+        if self.storage == "disk":
+            self.directory.mkdir(parents=True, exist_ok=True)
+            path = self.directory / f"replay_{index:04d}_step{step:08d}.safetensors"
+            tmp = path.with_suffix(".tmp")
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+            os.replace(tmp, path)  # atomic: a crash never leaves a half-written snapshot
+            self._files.append(str(path))
+        else:
+            dtype = torch.bfloat16 if self.storage == "memory_bf16" else None
+            self._snapshots.append({k: v.detach().to("cpu", dtype=dtype if v.is_floating_point() else None,
+                                                     copy=True) for k, v in state.items()})
+        self.steps.append(int(step))
+        return index
+
+    def get(self, index: int) -> dict[str, torch.Tensor]:
+        """The snapshot's tensors (on CPU; bf16 for memory_bf16)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"Checkpoint {index} not in pool of {len(self)}.")
+        if self.storage == "disk":
+            return load_file(self._files[index])
+        return self._snapshots[index]
+
+    def choose(self, step: int) -> int:
+        """Index of the reference checkpoint for training step ``step``: a function of
+        (seed, step, len(pool)) only, so a resumed run makes the same choices."""
+        if len(self) == 0:
+            raise RuntimeError("The checkpoint pool is empty; add the initial model (checkpoint 0) first.")
+        if self.strategy == "initial":
+            return 0
+        if self.strategy == "last":
+            return len(self) - 1
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + int(step)) % (2**63))
+        return int(torch.randint(len(self), (1,), generator=g))
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: memory storages include the snapshots themselves."""
+        d = {"strategy": self.strategy, "seed": self.seed, "storage": self.storage,
+             "directory": str(self.directory) if self.directory else None, "steps": list(self.steps)}
+        if self.storage == "disk":
+            d["files"] = list(self._files)
+        else:
+            d["snapshots"] = self._snapshots
+        return d
+
+    def load_state_dict(self, d: dict) -> None:
+        if d["storage"] != self.storage:
+            raise ValueError(f"Pool state was saved with storage '{d['storage']}', this pool uses '{self.storage}'.")
+        self.strategy, self.seed, self.steps = d["strategy"], int(d["seed"]), list(d["steps"])
+        if self.storage == "disk":
+            missing = [f for f in d["files"] if not os.path.isfile(f)]
+            if missing:
+                raise FileNotFoundError(f"Replay snapshot files missing: {missing}")
+            self._files = list(d["files"])
+        else:
+            self._snapshots = [dict(s) for s in d["snapshots"]]
+        if len(self.steps) != (len(self._files) if self.storage == "disk" else len(self._snapshots)):
+            raise ValueError("Corrupt pool state: steps and snapshots differ in length.")
+
+
+class Reference:
+    """The reference network epsilon_ref: run a chosen checkpoint without touching the policy.
+
+    LoRA: a second peft adapter "ref" on ``bundle.unet``; a call switches to it, runs under
+    no_grad in eval mode, and switches back, restoring the active adapter, every parameter's
+    requires_grad and every module's train/eval mode. Full fine-tuning (or motion modules): one
+    frozen deep copy of the UNet whose trainable weights ``load`` overwrites in place.
+    Build it before wrapping the UNet in DDP (the "ref" adapter adds parameters).
+    """
+
+    def __init__(self, bundle: Bundle):
+        self.bundle = bundle
+        self._keys = [n for n, _ in bundle.unet.named_parameters() if bundle.is_trainable(n)]
+        if bundle.lora:
+            unet = bundle.unet
+            with self._preserved(unet):
+                active = unet.active_adapters()
+                with warnings.catch_warnings():  # peft warns that a second adapter is unusual: here it is the point
+                    warnings.simplefilter("ignore", UserWarning)
+                    unet.add_adapter(copy.deepcopy(unet.peft_config["default"]), adapter_name="ref")
+                unet.set_adapter(active)  # add_adapter activates the new adapter
+            self._unet = unet
+            params = dict(unet.named_parameters())
+            self._targets = {k: params[k.replace(".default.", ".ref.")] for k in self._keys}
+            for p in self._targets.values():
+                p.requires_grad_(False)
+        else:
+            self._unet = copy.deepcopy(bundle.unet).requires_grad_(False).eval()
+            params = dict(self._unet.named_parameters())
+            self._targets = {k: params[k] for k in self._keys}
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """The module the reference runs (the policy UNet itself with LoRA)."""
+        return self._unet
+
+    @property
+    def denoiser(self) -> "Reference":
+        """``denoise_fn(x_t, t, text_emb) -> pred`` for ``sample_losers``."""
+        return self
+
+    @torch.no_grad()
+    def load(self, snapshot: dict[str, torch.Tensor]) -> None:
+        """Copy a pool snapshot into the reference weights in place (casting dtype/device)."""
+        if set(snapshot) != set(self._keys):
+            extra, missing = set(snapshot) - set(self._keys), set(self._keys) - set(snapshot)
+            raise ValueError(f"Snapshot does not match this model's trainable weights: "
+                             f"{len(missing)} missing (e.g. {sorted(missing)[:2]}), "
+                             f"{len(extra)} unexpected (e.g. {sorted(extra)[:2]}).")
+        for k, v in snapshot.items():
+            self._targets[k].copy_(v)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _preserved(unet: torch.nn.Module):
+        """Restore requires_grad flags and train/eval modes, whatever peft/diffusers change."""
+        flags = {n: p.requires_grad for n, p in unet.named_parameters()}
+        modes = {n: m.training for n, m in unet.named_modules()}
+        try:
+            yield
+        finally:
+            for n, p in unet.named_parameters():
+                p.requires_grad_(flags.get(n, False))  # new (adapter "ref") parameters stay frozen
+            for n, m in unet.named_modules():
+                m.training = modes.get(n, False)
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """x_t (B,C,H,W) or (B,C,F,H,W), t scalar or (B,), text_emb (B,77,D) -> pred like x_t."""
+        with torch.no_grad():
+            if not self.bundle.lora:
+                return unet_forward(self.bundle, self._unet, x_t, t, text_emb)
+            unet = self._unet
+            with self._preserved(unet):
+                active = unet.active_adapters()
+                unet.eval()
+                unet.set_adapter("ref")
+                try:
+                    return unet_forward(self.bundle, unet, x_t, t, text_emb)
+                finally:
+                    unet.set_adapter(active)
+
+
+@torch.no_grad()
+def sample_losers(bundle: Bundle, denoise_fn, prompts: list[str], *, num_inference_steps: int = 20,
+                  guidance_scale: float = 3.0, generator: torch.Generator | None = None,
+                  latent_shape: tuple, latents: torch.Tensor | None = None) -> torch.Tensor:
+    """Replayed samples for ``prompts``: DDIM (eta 0) with classifier-free guidance, in latent space.
+
+    denoise_fn(x_t, t, text_emb) -> pred, e.g. a ``Reference``. latent_shape: (C,H,W) for images,
+    (C,F,H,W) for video. ``latents``: the initial noise z_T (B, *latent_shape), given instead of
+    ``generator`` when the caller keys noise per item (train.py: the same samples whatever the
+    world size). Returns latents (B, *latent_shape), no VAE decode. The procedure is
+    StableDiffusionPipeline's / AnimateDiffPipeline's with ``output_type="latent"``: noise from
+    ``generator`` of shape (B, *latent_shape), the DDIM scheduler configured from the model's
+    scheduler config, one denoiser call per step on [unconditional; conditional] (2B), and
+    eps = eps_u + w * (eps_c - eps_u) with the empty prompt as unconditional.
+    """
+    # StableDiffusionPipeline.__init__ forces clip_sample=False and steps_offset=1 on legacy
+    # configs (DDIMScheduler's own default clips to [-1,1]); do the same so that samples match.
+    scheduler = DDIMScheduler.from_config(dict(bundle.scheduler_config, clip_sample=False, steps_offset=1))
+    device = bundle.device
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    B = len(prompts)
+    cfg = guidance_scale > 1.0  # as the pipelines: guidance 1 means the conditional model alone
+    emb = encode_prompts(bundle, prompts)  # (B,77,D)
+    if cfg:
+        emb = torch.cat([encode_prompts(bundle, [""] * B), emb])  # (2B,77,D): [uncond; cond]
+    emb = emb.to(device)
+    if latents is None:  # z_T from the generator, as the pipelines draw it
+        latents = randn_tensor((B, *latent_shape), generator=generator, device=device, dtype=emb.dtype)
+    elif tuple(latents.shape) != (B, *latent_shape):
+        raise ValueError(f"latents {tuple(latents.shape)} do not match {(B, *latent_shape)}")
+    latents = latents.to(device=device, dtype=emb.dtype) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x_in = torch.cat([latents] * 2) if cfg else latents  # (2B,*latent_shape)
+        x_in = scheduler.scale_model_input(x_in, t)
+        pred = denoise_fn(x_in, t, emb)
+        if cfg:
+            pred_u, pred_c = pred.chunk(2)  # (2B,...) -> (B,...), (B,...)
+            pred = pred_u + guidance_scale * (pred_c - pred_u)
+        latents = scheduler.step(pred, t, latents, eta=0.0).prev_sample
+    return latents

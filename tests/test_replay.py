@@ -1,0 +1,196 @@
+"""replay.py: the checkpoint pool's distribution and resume, the reference network (full
+fine-tuning and LoRA without touching the policy), and DDIM+CFG sampling against diffusers'
+own StableDiffusionPipeline / AnimateDiffPipeline."""
+import pytest
+import torch
+from diffusers import AnimateDiffPipeline, DDIMScheduler, StableDiffusionPipeline
+
+import models
+from replay import CheckpointPool, Reference, sample_losers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP
+    spin-waiting made this file ~10x slower; restore the setting for other test files."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _state(seed, keys=("a", "b")):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(3, 4, generator=g) for k in keys}
+
+
+# ----------------------------------------------------------------------------- pool
+
+def test_pool_strategies_frequencies():
+    pools = {s: CheckpointPool(s, seed=7) for s in ("uniform", "initial", "last")}
+    for p in pools.values():
+        for i in range(5):
+            assert p.add(_state(i), step=100 * i) == i
+    draws = torch.tensor([pools["uniform"].choose(s) for s in range(20000)])
+    counts = torch.bincount(draws, minlength=5).double()
+    # each of the 5 checkpoints (the initial one included) ~ 4000 +- 57 (binomial sd): 5 sd margin
+    assert counts.shape == (5,) and (counts - 4000).abs().max() < 5 * (20000 * 0.2 * 0.8) ** 0.5
+    assert all(pools["initial"].choose(s) == 0 for s in range(200))
+    assert all(pools["last"].choose(s) == 4 for s in range(200))
+    assert pools["uniform"].steps == [0, 100, 200, 300, 400] and len(pools["uniform"]) == 5
+    other = CheckpointPool("uniform", seed=8)
+    for i in range(5):
+        other.add(_state(i), step=i)
+    assert [other.choose(s) for s in range(50)] != [pools["uniform"].choose(s) for s in range(50)]
+    with pytest.raises(RuntimeError, match="empty"):
+        CheckpointPool().choose(0)
+    with pytest.raises(ValueError, match="strategy"):
+        CheckpointPool("random")
+
+
+@pytest.mark.parametrize("storage", ["memory", "memory_bf16", "disk"])
+def test_pool_resume_same_choices_and_weights(storage, tmp_path):
+    pool = CheckpointPool("uniform", seed=3, storage=storage, directory=str(tmp_path / "pool"))
+    states = [_state(i) for i in range(4)]
+    for i, s in enumerate(states):
+        pool.add(s, step=10 * i)
+    states[0]["a"].add_(1.0)  # later in-place training updates must not leak into stored snapshots
+    torch.save(pool.state_dict(), tmp_path / "ckpt.pt")
+    resumed = CheckpointPool("uniform", seed=0, storage=storage, directory=str(tmp_path / "pool"))
+    resumed.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=False))
+    assert [resumed.choose(s) for s in range(300)] == [pool.choose(s) for s in range(300)]
+    assert resumed.steps == [0, 10, 20, 30]
+    for i in range(4):
+        got, want = resumed.get(i), _state(i)
+        if storage == "memory_bf16":
+            assert got["a"].dtype == torch.bfloat16 and torch.equal(got["a"], want["a"].bfloat16())
+        else:
+            assert got["a"].dtype == torch.float32 and all(torch.equal(got[k], want[k]) for k in want)
+
+
+# ----------------------------------------------------------------------------- reference
+
+def _inputs(B=2):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(B, 1, 8, 8, generator=g), torch.tensor([50, 800][:B]), torch.randn(B, 77, 64, generator=g)
+
+
+def _train_step(bundle, seed):
+    """One optimizer update of the trainable weights on a random target."""
+    x, t, emb = _inputs()
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(bundle.trainable_parameters(), lr=1e-3)  # moves every weight ~lr
+    loss = (models.unet_forward(bundle, bundle.unet, x, t, emb) - torch.randn(x.shape, generator=g)).square().mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _policy(bundle):
+    x, t, emb = _inputs()
+    with torch.no_grad():
+        return models.unet_forward(bundle, bundle.unet, x, t, emb)
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_reference_reproduces_snapshots_and_leaves_policy_alone(lora_rank):
+    bundle = models.build_model("digits", lora_rank=lora_rank)
+    pool, outs = CheckpointPool("uniform"), []
+    for k in range(3):  # checkpoints 0 (initial), 1, 2 with their policy outputs
+        if k:
+            _train_step(bundle, seed=k)
+        pool.add(bundle.trainable_state_dict(), step=k)
+        outs.append(_policy(bundle))
+    _train_step(bundle, seed=9)  # the policy moves on past the last snapshot
+    policy_out = _policy(bundle)
+    assert not torch.allclose(outs[2], policy_out, atol=1e-4) and not torch.allclose(outs[0], outs[1], atol=1e-4)
+    flags = {n: p.requires_grad for n, p in bundle.unet.named_parameters()}
+    trainable = bundle.trainable_parameters()
+
+    ref = Reference(bundle)
+    assert (ref.unet is bundle.unet) == bool(lora_rank)  # LoRA: no second UNet
+    x, t, emb = _inputs()
+    bundle.unet.train()
+    for k in (2, 0, 1):
+        ref.load(pool.get(k))
+        assert torch.equal(ref(x, t, emb), outs[k])  # exactly that checkpoint's outputs
+    # the policy: same outputs, same trainable set, same requires_grad, same mode and adapter
+    assert torch.equal(_policy(bundle), policy_out)
+    assert {n: p.requires_grad for n, p in bundle.unet.named_parameters() if n in flags} == flags
+    assert [id(p) for p in bundle.trainable_parameters()] == [id(p) for p in trainable]
+    assert bundle.unet.training and all(m.training for m in bundle.unet.modules())
+    if lora_rank:
+        assert bundle.unet.active_adapters() == ["default"]
+    out = models.unet_forward(bundle, bundle.unet, x, t, emb)
+    assert out.requires_grad  # grad flows to the policy after a reference call
+    out.sum().backward()
+    assert all(p.grad is not None for p in bundle.trainable_parameters())
+    assert all(p.grad is None for p in ref.unet.parameters() if p not in set(trainable))
+    with pytest.raises(ValueError, match="trainable weights"):
+        ref.load({"nope": torch.zeros(1)})
+
+
+# ----------------------------------------------------------------------------- sampling
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return models.write_tiny_sd15(str(root / "sd15")), models.write_tiny_motion_adapter(str(root / "motion"))
+
+
+@pytest.mark.parametrize("guidance", [3.0, 1.0])
+def test_sample_losers_equals_stable_diffusion_pipeline(tiny_dirs, guidance):
+    bundle = models.build_model("sd15", tiny_dirs[0], lora_rank=2)
+    _perturb_lora(bundle)
+    ref = Reference(bundle)
+    ref.load(bundle.trainable_state_dict())
+    prompts = ["a red cube on a table", "a cat"]
+    ours = sample_losers(bundle, ref, prompts, num_inference_steps=4, guidance_scale=guidance,
+                         generator=torch.Generator().manual_seed(5), latent_shape=(4, 8, 8))
+    pipe = StableDiffusionPipeline(vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer,
+                                   unet=bundle.unet, scheduler=DDIMScheduler.from_config(bundle.scheduler_config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(prompts, height=16, width=16, num_inference_steps=4, guidance_scale=guidance,
+                  generator=torch.Generator().manual_seed(5), output_type="latent").images
+    assert ours.shape == theirs.shape == (2, 4, 8, 8)
+    assert torch.equal(ours, theirs)  # same ops in the same order: bitwise
+    again = sample_losers(bundle, ref, prompts, num_inference_steps=4, guidance_scale=guidance,
+                          generator=torch.Generator().manual_seed(6), latent_shape=(4, 8, 8))
+    assert not torch.allclose(ours, again, atol=1e-3)  # the seed matters
+
+
+def _perturb_lora(bundle):
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in bundle.trainable_parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def test_sample_losers_equals_animatediff_pipeline(tiny_dirs):
+    sd_dir, motion_dir = tiny_dirs
+    bundle = models.build_model("animatediff", sd_dir, motion_adapter_path=motion_dir, num_frames=3)
+    ref = Reference(bundle)
+    ref.load(bundle.trainable_state_dict())
+    prompts = ["a bird flying", "waves"]
+    ours = sample_losers(bundle, ref, prompts, num_inference_steps=3, guidance_scale=4.0,
+                         generator=torch.Generator().manual_seed(1), latent_shape=(4, 3, 8, 8))
+    pipe = AnimateDiffPipeline(vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer,
+                               unet=bundle.unet, motion_adapter=None,
+                               scheduler=DDIMScheduler.from_config(bundle.scheduler_config))
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(prompts, num_frames=3, height=16, width=16, num_inference_steps=3, guidance_scale=4.0,
+                  generator=torch.Generator().manual_seed(1), output_type="latent").frames
+    assert ours.shape == theirs.shape == (2, 4, 3, 8, 8)  # (B,C,F,h,w)
+    assert torch.equal(ours, theirs)  # same ops in the same order: bitwise
+
+
+def test_sample_losers_digits_pixel_space():
+    bundle = models.build_model("digits")
+    ref = Reference(bundle)
+    ref.load(bundle.trainable_state_dict())
+    kw = dict(num_inference_steps=3, guidance_scale=3.0, latent_shape=(1, 8, 8))
+    a = sample_losers(bundle, ref, ["a handwritten digit three"] * 2, generator=torch.Generator().manual_seed(0), **kw)
+    b = sample_losers(bundle, ref, ["a handwritten digit three"] * 2, generator=torch.Generator().manual_seed(0), **kw)
+    assert a.shape == (2, 1, 8, 8) and torch.equal(a, b) and not a.requires_grad and torch.isfinite(a).all()
+    assert not torch.allclose(a[0], a[1])  # one noise draw per sample
