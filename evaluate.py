@@ -147,6 +147,32 @@ def evaluate_digits_model(bundle, judge, *, n_per_condition: int, num_inference_
     return res
 
 
+def report_digits_run(run_dir, n_per_condition: int = 100, num_inference_steps: int = 20, seed: int = 0) -> dict:
+    """Judge a finished digits run against its base model: writes run_dir/eval.json and returns
+    {"base": metrics, "final": metrics} (same prompts and noise for both)."""
+    import config
+    import data
+    import models
+    import runtime
+    import train
+    run_dir = Path(run_dir)
+    cfg = config.resolve({k: v for k, v in json.loads((run_dir / "config.json").read_text()).items()})
+    judge = DigitsJudge.from_splits(data.load_digits_splits(seed=DIGIT_SPLIT_SEED))
+    base_dir = train.ensure_digits_base(cfg, runtime.Dist())
+    res = {"judge_real_accuracy": judge.real_accuracy}
+    for name, path in (("base", base_dir), ("final", run_dir / "final")):
+        res[name] = evaluate_digits_model(models.build_model("digits", str(path)), judge, seed=seed,
+                                          n_per_condition=n_per_condition, num_inference_steps=num_inference_steps)
+    (run_dir / "eval.json").write_text(json.dumps(res, indent=1))
+    rows = ["condition              metric      base    final"]
+    for key in res["final"]:
+        rows.append(f"{key.split('/')[0]:<22} {key.split('/')[1]:<10} {res['base'][key]:7.3f}  {res['final'][key]:7.3f}")
+    print(f"judge (accuracy {judge.real_accuracy:.3f} on real held-out digits) on {n_per_condition} "
+          f"generated digits per condition; id/ood = training/held-out caption templates, "
+          f"cfg/nocfg = guidance 3 / none:\n" + "\n".join(rows))
+    return res
+
+
 # ----------------------------------------------------------------------------- the digits table
 
 # name -> train.run overrides (method presets live in config.METHOD_PRESETS). Every method
@@ -451,6 +477,8 @@ def main(argv=None) -> None:
     g.add_argument("--scheduler", choices=["ddim", "saved"], default="ddim", help="sampler: DDIM or the checkpoint's own")
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:1 ...")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    r = sub.add_parser("report", help="judge a finished digits run against its base model")
+    r.add_argument("run_dir", help="output dir of a digits train.py run")
     s = sub.add_parser("score", help="score a `generate` output with local scorer weights")
     s.add_argument("--generated", required=True, help="output dir of `generate`")
     s.add_argument("--clip", help="local CLIP dir for CLIP score (e.g. openai/clip-vit-large-patch14)")
@@ -467,6 +495,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.cmd == "table":
         cmd_table(args)
+    elif args.cmd == "report":
+        report_digits_run(args.run_dir)
     elif args.cmd == "generate":
         from scorers import load_prompts
         prompts = load_prompts(args.prompts, args.column, args.limit)

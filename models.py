@@ -25,12 +25,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import diffusers
 from diffusers import (AutoencoderKL, DDPMScheduler, MotionAdapter, PNDMScheduler,
                        UNet2DConditionModel, UNetMotionModel)
+
+# Loading/saving progress bars of the libraries would drown the training log.
+diffusers.utils.logging.disable_progress_bar()
+transformers.utils.logging.disable_progress_bar()
 
 FAMILIES = ("digits", "sd15", "animatediff")
 SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"

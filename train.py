@@ -18,6 +18,7 @@ Infrastructure (checkpoint files, logging, samples) lives in runtime.py.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -132,7 +133,10 @@ def pair_noise(seed: int, step: int, indices: torch.Tensor, shape: tuple, num_ti
 def latent_shape(bundle: models.Bundle, cfg: Config) -> tuple:
     if bundle.family == "digits":
         return (1, 8, 8)
-    c, s = bundle.unet.config.in_channels, cfg.resolution // 8
+    down = 2 ** (len(bundle.vae.config.block_out_channels) - 1)  # 8 for SD-1.5's VAE
+    if cfg.resolution % down:
+        raise ValueError(f"resolution {cfg.resolution} must be a multiple of the VAE's factor {down}")
+    c, s = bundle.unet.config.in_channels, cfg.resolution // down
     return (c, cfg.num_frames, s, s) if bundle.num_frames else (c, s, s)
 
 
@@ -211,6 +215,8 @@ def train(cfg: Config, ctx: runtime.Dist) -> Path:
             runtime.write_json(out / "config.json", config_mod.to_dict(cfg))
         if pool is not None:
             pool.add(bundle.trainable_state_dict(), 0)  # checkpoint 0 = the initial model
+        if cfg.sample_every and ctx.rank == 0:
+            runtime.save_samples(cfg, bundle, out, 0, shape)  # the starting point, for comparison
     ctx.barrier()
     loaded_ref = None  # which pool entry the reference holds now
 
@@ -352,7 +358,12 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"done: {out}")
+        cfg = json.loads((out / "config.json").read_text())
+        if cfg["model"] == "digits" and (out / "final").exists():
+            import evaluate  # the independent judge: how well the aligned model follows prompts
+            evaluate.report_digits_run(out)
+        print(f"done: {out} (samples/, metrics.jsonl, checkpoints/, final/"
+              f"{', eval.json' if (out / 'eval.json').exists() else ''})")
     return 0
 
 
