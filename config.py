@@ -31,6 +31,7 @@ class Config:
     model: str = _f("digits", "model family: digits | sd15 | animatediff")
     model_path: str = _f("", "local dir or hub id (sd15/animatediff); digits: '' = the cached base")
     motion_adapter_path: str = _f("", "animatediff: local dir of the MotionAdapter")
+    local_files_only: bool = _f(True, "never reach a model hub (set false to let diffusers download)")
     data: str = _f("digits", "digits | pickapic | imagefolder | videofolder")
     data_path: str = _f("", "local dataset directory (not used for digits)")
     # ---- the objective
@@ -71,6 +72,7 @@ class Config:
     seed: int = _f(0, "seed for init, data order, noise and replay choices")
     out_dir: str = _f("runs/digits_sspo", "output directory")
     resume: bool = _f(False, "continue from out_dir/checkpoints/latest")
+    overwrite: bool = _f(False, "a fresh run may clear an out_dir that holds an earlier run")
     keep_checkpoints: int = _f(0, "training-state checkpoints to keep (0 = all)")
     log_every: int = _f(10, "updates between log lines / metrics.jsonl rows")
     sample_every: int = _f(100, "updates between sample grids (0 = only at the end)")
@@ -94,6 +96,7 @@ LOSS_OF = {"sft": "sft", "dpo": "dpo", "dpo_cm": "dpo_cm", "sdpo": "sdpo",
            "sspo": "sspo", "sspo_r": "sspo", "spin": "sspo"}
 DATA_MODE_OF = {"sft": "winners", "sspo": "winners", "spin": "winners", "sspo_r": "random",
                 "dpo": "pairs", "dpo_cm": "pairs", "sdpo": "pairs"}
+DATA_OF_MODEL = {"digits": ("digits",), "sd15": ("pickapic", "imagefolder"), "animatediff": ("videofolder",)}
 CHOICES = {
     "method": tuple(METHOD_PRESETS), "ssr": ("sign", "indicator", "none"),
     "replay": ("uniform", "initial", "last"), "model": ("digits", "sd15", "animatediff"),
@@ -203,8 +206,20 @@ def validate(cfg: Config) -> None:
             raise ValueError(f"config key {key!r} must be >= 1, got {getattr(cfg, key)}")
     if not 0.0 <= cfg.cfg_drop < 1.0:
         raise ValueError(f"config key 'cfg_drop' must be in [0, 1), got {cfg.cfg_drop}")
-    if cfg.model == "digits" and cfg.data != "digits":
-        raise ValueError("model 'digits' trains on data 'digits' only")
+    for key in ("beta", "lr", "resolution", "num_frames", "num_sample_prompts"):
+        if not getattr(cfg, key) > 0:
+            raise ValueError(f"config key {key!r} must be > 0, got {getattr(cfg, key)}")
+    for key in ("tau", "eps_clip", "warmup_steps", "keep_checkpoints", "weight_decay", "num_workers"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"config key {key!r} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.data not in DATA_OF_MODEL[cfg.model]:
+        raise ValueError(f"model {cfg.model!r} trains on data {DATA_OF_MODEL[cfg.model]}, got {cfg.data!r}")
+    try:
+        classes = [int(c) for c in cfg.digits_classes.split(",") if c.strip()]
+    except ValueError:
+        raise ValueError(f"config key 'digits_classes' must be comma-separated digits, got {cfg.digits_classes!r}") from None
+    if any(not 0 <= c <= 9 for c in classes):
+        raise ValueError(f"config key 'digits_classes' must hold digits 0-9, got {cfg.digits_classes!r}")
     if cfg.data != "digits" and not cfg.data_path:
         raise ValueError(f"data {cfg.data!r} needs --data_path=<local directory>")
 

@@ -5,7 +5,7 @@
     python evaluate.py score --generated DIR [--clip DIR] [--pickscore DIR] [--aesthetic-head FILE] ...
 
 The digits judge is independent of the training code: a scikit-learn classifier
-(standardized pixels -> PCA(32) -> RBF SVC, probabilities calibrated with 5-fold CV, sklearn
+(pixels -> PCA(32) -> RBF SVC, probabilities calibrated with 5-fold CV, sklearn
 default hyperparameters, never tuned) fitted on the real digits of the pretrain + align splits.
 Its feature space for the Frechet distance is that PCA projection, the space its SVC reads.
 Metrics on N generated digits with prompted labels y (paper Table 1, digits edition):
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,12 +48,14 @@ class DigitsJudge:
         from sklearn.calibration import CalibratedClassifierCV
         from sklearn.decomposition import PCA
         from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
         from sklearn.svm import SVC
         y_train = np.asarray(y_train)
         if set(np.unique(y_train)) != set(range(10)):
             raise ValueError(f"judge training labels must cover digits 0..9, got {sorted(set(y_train))}")
-        self.clf = make_pipeline(StandardScaler(), PCA(n_components, random_state=0),
+        # Raw pixels (all already in [-1,1]), not per-pixel standardisation: border pixels are
+        # constant in real digits, and dividing by their ~0 spread turns any faint value a
+        # generator puts there into a huge feature that decides the class on its own.
+        self.clf = make_pipeline(PCA(n_components, random_state=0),
                                  CalibratedClassifierCV(SVC(), ensemble=False))
         self.clf.fit(_flat(x_train), y_train)
         self.ref_stats = gaussian_stats(self.features(x_ref))  # real eval digits
@@ -89,35 +92,24 @@ class DigitsJudge:
 def generate_digits(bundle, prompts, *, guidance_scale: float = 3.0, num_inference_steps: int = 20,
                     seed: int = 0, batch_size: int = 64) -> torch.Tensor:
     """Sample digits (N,1,8,8) in [-1,1] with DDIM (eta 0) + classifier-free guidance (off when
-    guidance_scale <= 1), exactly as StableDiffusionPipeline(output_type="latent") would in pixel
-    space: same noise draw, same "" unconditional prompt. One generator seeded by `seed` draws
-    all noise, so every method is judged on the same noise (common random numbers). Small
-    batches: on CPU this UNet's cost per sample grows with batch beyond ~100."""
-    from diffusers import DDIMScheduler
-    from models import encode_prompts
+    guidance_scale <= 1): replay.sample_losers run by the model itself, which equals
+    StableDiffusionPipeline(output_type="latent") in pixel space. One generator seeded by `seed`
+    draws all initial noise, so every method is judged on the same noise (common random
+    numbers). Small batches: on CPU this UNet's cost per sample grows with batch beyond ~100."""
+    from models import unet_forward
+    from replay import sample_losers
     unet = bundle.unet
     was_training = unet.training
     unet.eval()
-    scheduler = DDIMScheduler.from_config(bundle.scheduler_config)
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     generator = torch.Generator().manual_seed(seed)
-    cfg = guidance_scale > 1
+    model = lambda x, t, emb: unet_forward(bundle, unet, x, t, emb)  # noqa: E731
     out = []
     for i in range(0, len(prompts), batch_size):
         chunk = list(prompts[i:i + batch_size])
-        emb = encode_prompts(bundle, chunk)  # (B,77,D)
-        if cfg:
-            emb = torch.cat([encode_prompts(bundle, [""] * len(chunk)), emb])  # (2B,77,D), uncond first
-        x = torch.randn((len(chunk), *shape), generator=generator) * scheduler.init_noise_sigma  # (B,1,8,8)
-        scheduler.set_timesteps(num_inference_steps)
-        for t in scheduler.timesteps:
-            inp = scheduler.scale_model_input(torch.cat([x, x]) if cfg else x, t)
-            pred = unet(inp, t, encoder_hidden_states=emb).sample
-            if cfg:
-                uncond, cond = pred.chunk(2)  # (2B,...) -> (B,...), (B,...)
-                pred = uncond + guidance_scale * (cond - uncond)
-            x = scheduler.step(pred, t, x, eta=0.0, generator=generator).prev_sample
-        out.append(x.clamp(-1, 1))
+        z = torch.randn((len(chunk), *shape), generator=generator)  # (B,1,8,8)
+        out.append(sample_losers(bundle, model, chunk, num_inference_steps=num_inference_steps,
+                                 guidance_scale=guidance_scale, latent_shape=shape, latents=z).clamp(-1, 1))
     unet.train(was_training)
     return torch.cat(out)
 
@@ -194,8 +186,10 @@ METHODS = {
 SIZES = {
     # train: extra train.run overrides (None = the digits preset's value). save_every is also the
     # replay-pool snapshot interval, so the full table keeps the preset's.
-    "full": dict(seeds=3, train={"max_steps": 300}, n_final=200, n_curve=100, inference_steps=20,
-                 curve_inference_steps=10, curve_points=7),
+    # Sized to finish well under an hour on 2 CPU cores with --jobs 2 (batch 16 instead of the
+    # main job's 32; every method gets the same updates and batch).
+    "full": dict(seeds=3, train={"max_steps": 300, "batch_size": 16}, n_final=100, n_curve=50,
+                 inference_steps=20, curve_inference_steps=10, curve_points=6),
     # CI smoke test: numbers are meaningless (small base, few updates).
     "quick": dict(seeds=2, train={"max_steps": 10, "save_every": 5, "batch_size": 8, "loser_steps": 3,
                                   "digits_base_steps": 100}, n_final=40, n_curve=20, inference_steps=5,
@@ -231,17 +225,51 @@ def _ssr_curve(run_dir: Path) -> list:
     return [(r["step"], r["ssr_rate"]) for r in rows if r.get("ssr_rate") is not None]
 
 
-def run_table(out: Path, size: dict, methods=None, keep_checkpoints: bool = False) -> dict:
-    """Train every method for every seed with train.run, judge the final models and the
-    checkpoints (learning curves). Generation seed = training seed: all methods see the same noise."""
-    import shutil
-    import config
+def _judge() -> "DigitsJudge":
     import data
+    return DigitsJudge.from_splits(data.load_digits_splits(seed=DIGIT_SPLIT_SEED))
+
+
+def _run_one(name: str, seed: int, out: Path, size: dict, common: dict, base_curve: dict,
+             keep_checkpoints: bool, threads: int = 0) -> dict:
+    """Train one (method, seed) with train.run and judge its final model and checkpoints."""
+    import shutil
+    import models
+    import train
+    if threads:
+        torch.set_num_threads(threads)
+    judge = _judge()  # deterministic fit: every worker process has the same judge
+    run_dir = out / "runs" / name.replace(" ", "_").replace("=", "-") / f"seed{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
+    t0 = time.time()
+    run_dir = Path(train.run({**common, **METHODS[name], "seed": seed, "out_dir": str(run_dir),
+                              "sample_every": 0}))
+    train_s = time.time() - t0
+    bundle = models.build_model("digits", path=str(run_dir / "final"))
+    final = evaluate_digits_model(bundle, judge, n_per_condition=size["n_final"],
+                                  num_inference_steps=size["inference_steps"], seed=seed)
+    row = {"seed": seed, "train_seconds": train_s, "final": final,
+           "curve": _curve(bundle, run_dir, judge, size, seed, base_curve), "ssr": _ssr_curve(run_dir)}
+    if not keep_checkpoints:  # ~12 MB each (weights + optimizer); final/ and metrics.jsonl stay
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    print(f"{name} seed {seed}: {train_s:.0f}s train, " +
+          ", ".join(f"{k}={v:.3f}" for k, v in final.items() if k.endswith("accuracy")), flush=True)
+    return row
+
+
+def run_table(out: Path, size: dict, methods=None, keep_checkpoints: bool = False, jobs: int = 1) -> dict:
+    """Train every method for every seed with train.run, judge the final models and the
+    checkpoints (learning curves). Generation seed = training seed: all methods see the same noise.
+    jobs > 1 runs (method, seed) pairs in that many worker processes with one torch thread each
+    (on a small CPU, two single-thread runs side by side beat one two-thread run)."""
+    import concurrent.futures
+    import multiprocessing
+    import config
     import models
     import runtime
     import train
     out.mkdir(parents=True, exist_ok=True)
-    judge = DigitsJudge.from_splits(data.load_digits_splits(seed=DIGIT_SPLIT_SEED))
+    judge = _judge()
     print(f"judge accuracy on real eval digits: {judge.real_accuracy:.4f}", flush=True)
     common = {k: v for k, v in size["train"].items() if v is not None}
     base_dir = train.ensure_digits_base(config.resolve(common), runtime.setup_distributed())
@@ -254,28 +282,21 @@ def run_table(out: Path, size: dict, methods=None, keep_checkpoints: bool = Fals
                                                  num_inference_steps=size["curve_inference_steps"],
                                                  conditions=CURVE_CONDITIONS)
     results = {"size": size, "judge_accuracy": judge.real_accuracy, "base_model": str(base_dir), "runs": {}}
-    for name in methods or METHODS:
+    names = list(methods or METHODS)
+    todo = [(n, s) for n in names if METHODS[n] is not None for s in range(size["seeds"])]
+    args = {key: (key[0], key[1], out, size, common, base_curve[key[1]], keep_checkpoints) for key in todo}
+    if jobs > 1:
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+            futures = {key: pool.submit(_run_one, *a, threads=1) for key, a in args.items()}
+            done = {key: f.result() for key, f in futures.items()}
+    else:
+        done = {key: _run_one(*a) for key, a in args.items()}
+    for name in names:  # the table's order, whatever order the runs finished in
         for seed in range(size["seeds"]):
-            if METHODS[name] is None:  # the base: no updates
-                results["runs"].setdefault(name, []).append(
-                    {"seed": seed, "train_seconds": 0.0, "final": base_final[seed], "curve": [], "ssr": []})
-                continue
-            run_dir = out / "runs" / name.replace(" ", "_").replace("=", "-") / f"seed{seed}"
-            shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
-            t0 = time.time()
-            run_dir = Path(train.run({**common, **METHODS[name], "seed": seed, "out_dir": str(run_dir),
-                                      "sample_every": 0}))
-            train_s = time.time() - t0
-            bundle = models.build_model("digits", path=str(run_dir / "final"))
-            final = evaluate_digits_model(bundle, judge, n_per_condition=size["n_final"],
-                                          num_inference_steps=size["inference_steps"], seed=seed)
-            results["runs"].setdefault(name, []).append({
-                "seed": seed, "train_seconds": train_s, "final": final,
-                "curve": _curve(bundle, run_dir, judge, size, seed, base_curve[seed]), "ssr": _ssr_curve(run_dir)})
-            if not keep_checkpoints:  # ~12 MB each (weights + optimizer); final/ and metrics.jsonl stay
-                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-            print(f"{name} seed {seed}: {train_s:.0f}s train, " +
-                  ", ".join(f"{k}={v:.3f}" for k, v in final.items() if k.endswith("accuracy")), flush=True)
+            results["runs"].setdefault(name, []).append(
+                done[(name, seed)] if METHODS[name] is not None else
+                {"seed": seed, "train_seconds": 0.0, "final": base_final[seed], "curve": [], "ssr": []})
     return results
 
 
@@ -355,6 +376,18 @@ def plot_curves(results: dict, out: Path) -> list[Path]:
     return paths
 
 
+def update_readme(marker: str, text: str, readme: Path = Path(__file__).resolve().parent / "README.md") -> None:
+    """Replace the block between <!-- results:MARKER --> and <!-- /results:MARKER --> in the
+    README with generated text, so the README's numbers always come from a command."""
+    src = readme.read_text()
+    head, tail = f"<!-- results:{marker} -->", f"<!-- /results:{marker} -->"
+    if head not in src or tail not in src:
+        raise ValueError(f"{readme} lacks the markers {head} ... {tail}")
+    before, rest = src.split(head, 1)
+    after = rest.split(tail, 1)[1]
+    readme.write_text(f"{before}{head}\n{text.strip()}\n{tail}{after}")
+
+
 def cmd_table(args) -> None:
     import copy
     size = copy.deepcopy(SIZES["quick" if args.quick else "full"])
@@ -365,13 +398,15 @@ def cmd_table(args) -> None:
             size["train"][key] = value
     out = Path(args.out)
     t0 = time.time()
-    results = run_table(out, size, args.methods, args.keep_checkpoints)
+    results = run_table(out, size, args.methods, args.keep_checkpoints, args.jobs)
     results["date"] = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     results["seconds"] = time.time() - t0
     results["summary"] = summary = summarize(results)
     (out / "table.json").write_text(json.dumps(results, indent=1))
     write_table_md(results, summary, out / "table.md", "python evaluate.py " + " ".join(sys.argv[1:]))
     plot_curves(results, out)
+    if args.readme:
+        update_readme("table", (out / "table.md").read_text().replace("# Digits results\n", "", 1))
     print((out / "table.md").read_text())
     print(f"wrote {out / 'table.md'}, table.json, curve_*.png, ssr_rate.png in {results['seconds'] / 60:.1f} min")
 
@@ -457,7 +492,10 @@ def main(argv=None) -> None:
     t.add_argument("--save-every", type=int, help="checkpoint + replay-pool snapshot interval (default: the preset's)")
     t.add_argument("--methods", nargs="+", choices=list(METHODS), help="subset of methods (default all)")
     t.add_argument("--keep-checkpoints", action="store_true", help="keep runs/*/checkpoints (deleted after the curves)")
+    t.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
+                   help="(method, seed) runs in parallel worker processes, one torch thread each")
     t.add_argument("--out", default="results", help="output folder")
+    t.add_argument("--readme", action="store_true", help="also put table.md into README.md")
     g = sub.add_parser("generate", help="generate images/videos from a trained checkpoint")
     g.add_argument("--family", choices=["sd15", "animatediff"], default="sd15")
     g.add_argument("--checkpoint", required=True, help="pipeline dir (model_index.json) or save_model dir")

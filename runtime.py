@@ -154,7 +154,20 @@ def load_trainable(bundle, weights: dict) -> None:
             params[k].copy_(weights[k].to(params[k].device, params[k].dtype))
 
 
-def load_latest(out: Path, bundle, opt, lr_sched, scaler, pool) -> int | None:
+# Keys whose change breaks "a resumed run equals an uninterrupted one" (max_steps may grow).
+TRAJECTORY_KEYS = ("method", "ssr", "replay", "model", "model_path", "data", "data_path", "beta",
+                   "tau", "eps_clip", "save_every", "loser_steps", "loser_guidance", "batch_size",
+                   "grad_accum", "lr", "warmup_steps", "seed", "lora_rank", "mixed_precision", "cfg_drop")
+
+
+def check_resume_config(saved: dict, now: dict) -> None:
+    diff = {k: (saved.get(k), now.get(k)) for k in TRAJECTORY_KEYS if saved.get(k) != now.get(k)}
+    if diff:
+        raise ValueError("--resume with a config that changes the run: " + ", ".join(
+            f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()) + "; use a new --out_dir instead")
+
+
+def load_latest(out: Path, bundle, opt, lr_sched, scaler, pool, cfg) -> int | None:
     """Restore everything from out/checkpoints/latest; returns its step, or None if none exists."""
     step = latest_step(out)
     if step is None:
@@ -163,6 +176,7 @@ def load_latest(out: Path, bundle, opt, lr_sched, scaler, pool) -> int | None:
     d = Path(out) / "checkpoints" / f"step_{step:06d}"
     load_trainable(bundle, load_file(str(d / "trainable.safetensors")))
     state = torch.load(d / "state.pt", map_location="cpu", weights_only=False)
+    check_resume_config(state["config"], config_mod.to_dict(cfg))
     opt.load_state_dict(state["optimizer"])
     lr_sched.load_state_dict(state["lr_scheduler"])
     scaler.load_state_dict(state["scaler"])
@@ -225,7 +239,8 @@ class Logger:
 
 
 class StopOnSignal:
-    """SIGTERM/SIGINT set a flag that the loop checks after each update (then saves and exits)."""
+    """SIGTERM sets a flag that the loop checks between micro-steps and after each update (then
+    saves and exits). Ctrl-C (SIGINT) still interrupts at once, without saving."""
 
     def __init__(self):
         self.requested = False

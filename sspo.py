@@ -119,7 +119,8 @@ def per_sample_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error over every non-batch dim, in float32.
 
     pred, target: (B,C,H,W) images or (B,C,F,H,W) videos (any trailing dims). Returns (B,).
-    This is ``||eps - eps_theta(x_t, t)||^2`` of [SSPO] eq. 2 divided by the number of values.
+    For an epsilon target this is ``||eps - eps_theta(x_t, t)||^2`` of [SSPO] eq. 2 divided by
+    the number of values (for a v target, the same for v).
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
@@ -146,8 +147,9 @@ def _preference_metrics(inside: torch.Tensor, model_err_w: torch.Tensor, model_e
                         ref_err_w: torch.Tensor, ref_err_l: torch.Tensor, beta: float) -> dict:
     """Implicit accuracy and implicit rewards, as in the Diffusion-DPO release.
 
-    reward_w = -beta/2 (m_w - r_w), reward_l = -beta/2 (m_l - r_l); the reward margin is the
-    mean ``inside`` (= reward_w - reward_l for DPO). Implicit accuracy = fraction inside > 0.
+    reward_w = -beta/2 (m_w - r_w), reward_l = -beta/2 (m_l - r_l); "reward_margin" is the
+    mean ``inside``: reward_w - reward_l for DPO and for SSPO pairs in DPO mode, but
+    reward_w + reward_l for SSPO pairs in SFT mode (s = +1). Implicit accuracy = fraction inside > 0.
     """
     with torch.no_grad():
         return {
@@ -256,22 +258,31 @@ def importance_lambda(t: torch.Tensor, schedule: dict) -> torch.Tensor:
     return lam.to(t.device)[t]
 
 
-def importance_log_weight(err: torch.Tensor, t: torch.Tensor, schedule: dict) -> torch.Tensor:
+def importance_log_weight(err: torch.Tensor, t: torch.Tensor, schedule: dict,
+                          prediction_type: str = "epsilon") -> torch.Tensor:
     """log w_t for one sample, w_t = p_theta(x_{t-1}|x_t) / q(x_{t-1}|x_t,x0) (project's [SDPO] reading).
 
     E_q[log w_t] = -KL(q || p_theta) = -lambda_t ||eps - eps_theta||^2; with the per-dimension
-    mean error ``err`` this gives log_w = -lambda_t * err (<= 0, so w in (0, 1]).
-    err: (B,) per-sample error of an epsilon-prediction policy; t: (B,) long. Returns (B,)
-    float32, detached: importance weights never carry gradient.
+    mean error ``err`` this gives log_w = -lambda_t * err (<= 0, so w in (0, 1]). For a
+    v-prediction model ``err`` is a v error, and eps - eps_theta = sqrt(abar_t) (v - v_theta),
+    so the eps error is abar_t * err.
+    err: (B,) per-sample error; t: (B,) long. Returns (B,) float32, detached: importance
+    weights never carry gradient.
     """
     with torch.no_grad():
-        return -importance_lambda(t, schedule) * err.detach().float()
+        err = err.detach().float()
+        if prediction_type == "v_prediction":
+            err = err * schedule["alphas_cumprod"].float().to(t.device)[t]
+        elif prediction_type != "epsilon":
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+        return -importance_lambda(t, schedule) * err
 
 
 def pair_log_weight(model_err_w: torch.Tensor, model_err_l: torch.Tensor, t: torch.Tensor,
-                    schedule: dict) -> torch.Tensor:
+                    schedule: dict, prediction_type: str = "epsilon") -> torch.Tensor:
     """log of a pair's weight w_w * w_l (both samples share t). (B,) float32, detached."""
-    return importance_log_weight(model_err_w, t, schedule) + importance_log_weight(model_err_l, t, schedule)
+    return (importance_log_weight(model_err_w, t, schedule, prediction_type)
+            + importance_log_weight(model_err_l, t, schedule, prediction_type))
 
 
 def _clipped_weights(log_weight: torch.Tensor, tau: float, eps_clip: float):
@@ -312,11 +323,13 @@ def sdpo_loss(model_err_w: torch.Tensor, model_err_l: torch.Tensor, ref_err_w: t
     """SDPO, this project's reading of [SDPO]: importance-weighted Diffusion-DPO.
 
         w~   = clip(w, 1 - eps_clip, 1 + eps_clip) on pairs with w >= tau (others masked)
-        loss = w~ / mean_{unmasked}(w~) * dpo_loss    (self-normalised: weights average 1)
+        loss = w~ / mean_{unmasked}(w~) * dpo_loss    (self-normalised over the kept pairs)
 
     Identities: all weights 1 gives Diffusion-DPO; tau = 0 and eps_clip = inf gives plain
-    self-normalised importance weighting. Masked pairs: zero loss, zero gradient. The
-    normalisation is over the local batch (under DDP, each process's micro-batch).
+    self-normalised importance weighting. Masked pairs: zero loss, zero gradient. The weights
+    average 1 over the kept pairs of the local batch (under DDP, each process's micro-batch); a
+    caller's ``.mean()`` over all B pairs then scales the loss by the kept fraction, as masking
+    in DPO-C&M does.
     Args and returns as :func:`dpo_cm_loss`.
     """
     base, metrics = dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta)

@@ -48,7 +48,7 @@ def build_dataset(cfg: Config):
     mode = DATA_MODE_OF[cfg.method]
     common = dict(mode=mode, cfg_drop=cfg.cfg_drop, seed=cfg.seed)
     if cfg.data == "digits":
-        classes = [int(c) for c in cfg.digits_classes.split(",") if c.strip()] or None
+        classes = [int(c) for c in cfg.digits_classes.split(",") if c.strip()] or None  # validated
         corrupt = cfg.digits_corrupt if cfg.data_split == "pretrain" else 0.0
         return data.DigitsDataset(cfg.data_split, corrupt_fraction=corrupt,
                                   classes=classes if cfg.data_split == "align" else None, **common)
@@ -97,7 +97,8 @@ def ensure_digits_base(cfg: Config, ctx: runtime.Dist) -> Path:
         method="sft", init="scratch", data_split="pretrain", max_steps=cfg.digits_base_steps,
         batch_size=64, lr=1e-3, warmup_steps=50, cfg_drop=0.1, seed=DIGITS_BASE_SEED,
         digits_corrupt=cfg.digits_corrupt, save_every=cfg.digits_base_steps, log_every=100,
-        sample_every=0, out_dir=str(path) + ".run", cache_dir=cfg.cache_dir, keep_checkpoints=1)
+        sample_every=0, out_dir=str(path) + ".run", cache_dir=cfg.cache_dir, keep_checkpoints=1,
+        overwrite=True)
     run_dir = train(base_cfg, ctx)
     if ctx.rank == 0:
         os.replace(run_dir / "final", path)  # atomic: the cache entry appears complete or not at all
@@ -108,13 +109,38 @@ def ensure_digits_base(cfg: Config, ctx: runtime.Dist) -> Path:
 
 def build_bundle(cfg: Config, ctx: runtime.Dist) -> models.Bundle:
     if cfg.model == "digits":
-        path = None if cfg.init == "scratch" else str(ensure_digits_base(cfg, ctx))
+        path = None if cfg.init == "scratch" else (cfg.model_path or str(ensure_digits_base(cfg, ctx)))
         return models.build_model("digits", path, lora_rank=cfg.lora_rank,
                                   gradient_checkpointing=cfg.gradient_checkpointing)
     return models.build_model(cfg.model, cfg.model_path or None, lora_rank=cfg.lora_rank,
                               gradient_checkpointing=cfg.gradient_checkpointing,
+                              local_files_only=cfg.local_files_only,
                               num_frames=cfg.num_frames,
                               motion_adapter_path=cfg.motion_adapter_path or None)
+
+
+def prepare_out_dir(cfg: Config, ctx: runtime.Dist) -> None:
+    """A fresh run never mixes with an old one in the same directory: refuse, or clear it when
+    ``overwrite`` is set (the digits preset does, so the README's command can be re-run)."""
+    out = Path(cfg.out_dir)
+    if cfg.resume or not (out / "checkpoints").exists() and not (out / "final").exists():
+        return
+    if not cfg.overwrite:
+        raise ValueError(f"out_dir {out} already holds a run; pass --resume to continue it, "
+                         f"--overwrite to start over, or another --out_dir")
+    if ctx.rank == 0:
+        for name in ("checkpoints", "final", "samples", "replay", "metrics.jsonl", "eval.json"):
+            p = out / name
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    ctx.barrier()
+
+
+def _nonfinite_message(what: str, step: int, cfg: Config, out: Path) -> str:
+    last = runtime.latest_step(out)
+    where = f"step {last}" if last is not None else "none (no checkpoint yet)"
+    return (f"non-finite {what} at update {step} ({cfg.method}, lr {cfg.lr}, beta {cfg.beta}); "
+            f"stopping. The last good checkpoint is {where} in {out / 'checkpoints'}; "
+            f"try a lower lr, mixed_precision=no, or check the data.")
 
 
 def pair_noise(seed: int, step: int, indices: torch.Tensor, shape: tuple, num_timesteps: int):
@@ -162,7 +188,9 @@ def train(cfg: Config, ctx: runtime.Dist) -> Path:
     loss_kind = LOSS_OF[cfg.method]
     preference = loss_kind != "sft"
 
+    prepare_out_dir(cfg, ctx)
     bundle = build_bundle(cfg, ctx)
+    torch.manual_seed(cfg.seed)  # building a missing digits base consumes the RNG: reseed
     for m in (bundle.unet, bundle.text_encoder, bundle.vae):
         if m is not None:
             m.to(device)
@@ -201,11 +229,11 @@ def train(cfg: Config, ctx: runtime.Dist) -> Path:
     # holds checkpoint 0, the fixed initial reference; SFT needs no reference at all.
     pool = replay.CheckpointPool(strategy=cfg.replay if loss_kind == "sspo" else "initial",
                                  seed=cfg.seed, storage=cfg.pool_storage,
-                                 directory=str(out / "replay")) if preference else None
+                                 directory=str((out / "replay").resolve())) if preference else None
 
     step = 0
     logger = runtime.Logger(cfg, ctx, out)
-    resumed = runtime.load_latest(out, bundle, opt, lr_sched, scaler, pool) if cfg.resume else None
+    resumed = runtime.load_latest(out, bundle, opt, lr_sched, scaler, pool, cfg) if cfg.resume else None
     if resumed is not None:
         step = resumed
         logger.info(f"resumed from step {step}")
@@ -236,55 +264,69 @@ def train(cfg: Config, ctx: runtime.Dist) -> Path:
                 f"({sum(p.numel() for p in params) / 1e6:.2f}M params)")
     stop = runtime.StopOnSignal()
     bundle.unet.train()
-    while step < cfg.max_steps:
-        t0 = time.perf_counter()
-        ref_idx = pool.choose(step) if preference else None
-        if preference and ref_idx != loaded_ref:
-            reference.load(pool.get(ref_idx))  # in place: one reference module, or a LoRA adapter
-            loaded_ref = ref_idx
-        sums: dict[str, torch.Tensor] = {}
-        for micro in range(cfg.grad_accum):
-            batch = next(stream)
-            while not batch["prompt"]:  # every item of this batch was unreadable (counted)
+    try:
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            ref_idx = pool.choose(step) if preference else None
+            if preference and ref_idx != loaded_ref:
+                reference.load(pool.get(ref_idx))  # in place: one reference module, or a LoRA adapter
+                loaded_ref = ref_idx
+            sums: dict[str, torch.Tensor] = {}
+            stopping = False
+            for micro in range(cfg.grad_accum):
+                # A preemption (SIGTERM) is honoured between micro-steps, not only after a long
+                # accumulated update: the partial gradient is dropped and step `step` is saved.
+                if micro and ctx.any_flag(stop.requested):
+                    stopping = True
+                    break
                 batch = next(stream)
-            sync = micro == cfg.grad_accum - 1
-            with (contextlib.nullcontext() if sync or ctx.world == 1 else policy.no_sync()):
-                loss, metrics = training_step(cfg, bundle, policy, reference, batch, step, shape,
-                                              abar, schedule, prediction_type, loss_kind, autocast,
-                                              device)
-                scaler.scale(loss / cfg.grad_accum).backward()
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v.detach() / cfg.grad_accum
-        if not ctx.all_finite(sums["loss"]):
-            last = runtime.latest_step(out)
-            raise FloatingPointError(
-                f"non-finite loss at update {step} ({cfg.method}, lr {cfg.lr}, beta {cfg.beta}); "
-                f"stopping. The last good checkpoint is "
-                f"{'step ' + str(last) if last is not None else 'none (no checkpoint yet)'} in {out / 'checkpoints'}; "
-                f"try a lower lr, mixed_precision=no, or check the data.")
-        if cfg.max_grad_norm > 0:
+                while not batch["prompt"]:  # every item of this batch was unreadable (counted)
+                    batch = next(stream)
+                sync = micro == cfg.grad_accum - 1
+                with (contextlib.nullcontext() if sync or ctx.world == 1 else policy.no_sync()):
+                    loss, metrics = training_step(cfg, bundle, policy, reference, batch, step, shape,
+                                                  abar, schedule, prediction_type, loss_kind, autocast,
+                                                  device)
+                    scaler.scale(loss / cfg.grad_accum).backward()
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach() / cfg.grad_accum
+            if stopping:
+                opt.zero_grad(set_to_none=True)
+                runtime.save_checkpoint(out, step, bundle, opt, lr_sched, scaler, pool, cfg, ctx)
+                logger.info(f"signal received: saved step {step}, exiting cleanly")
+                break
+            if not ctx.all_finite(sums["loss"]):
+                raise FloatingPointError(_nonfinite_message("loss", step, cfg, out))
             scaler.unscale_(opt)
-            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).detach()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        lr_sched.step()
-        step += 1
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            # fp16's GradScaler skips steps with inf/NaN gradients by design; otherwise a
+            # non-finite gradient would poison the weights, the replay pool and the next checkpoint.
+            if not scaler.is_enabled() and not ctx.all_finite(grad_norm):
+                raise FloatingPointError(_nonfinite_message("gradient", step, cfg, out))
+            sums["grad_norm"] = grad_norm.detach()
+            lr = lr_sched.get_last_lr()[0]  # the rate this update uses
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            lr_sched.step()
+            step += 1
 
-        if preference:
-            sums["ref_checkpoint"] = torch.tensor(float(ref_idx))
-        logger.step(step, sums, lr_sched.get_last_lr()[0], time.perf_counter() - t0)
-        stopping = ctx.any_flag(stop.requested)
-        if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
-            if step % cfg.save_every == 0 and loss_kind == "sspo":
-                pool.add(bundle.trainable_state_dict(), step)
-            runtime.save_checkpoint(out, step, bundle, opt, lr_sched, scaler, pool, cfg, ctx)
-        if cfg.sample_every and step % cfg.sample_every == 0 and ctx.rank == 0:
-            runtime.save_samples(cfg, bundle, out, step, shape)
-        if stopping:
-            logger.info(f"signal received: saved step {step}, exiting cleanly")
-            break
-    stop.restore()
+            if preference:
+                sums["ref_checkpoint"] = torch.tensor(float(ref_idx))
+            logger.step(step, sums, lr, time.perf_counter() - t0)
+            stopping = ctx.any_flag(stop.requested)
+            if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
+                if step % cfg.save_every == 0 and loss_kind == "sspo":
+                    pool.add(bundle.trainable_state_dict(), step)
+                runtime.save_checkpoint(out, step, bundle, opt, lr_sched, scaler, pool, cfg, ctx)
+            if cfg.sample_every and step % cfg.sample_every == 0 and ctx.rank == 0:
+                runtime.save_samples(cfg, bundle, out, step, shape)
+            if stopping:
+                logger.info(f"signal received: saved step {step}, exiting cleanly")
+                break
+    finally:
+        stop.restore()
     if step >= cfg.max_steps and ctx.rank == 0:
         final = out / "final"
         tmp = out / "final.tmp"
@@ -304,7 +346,9 @@ def training_step(cfg, bundle, policy, reference, batch, step, shape, abar, sche
     """Loss of one micro-batch; returns (scalar loss, metrics of detached 0-d tensors)."""
     prompts = batch["prompt"]
     with torch.no_grad(), autocast():
-        x0_w = models.encode_pixels(bundle, batch["x0_w"].to(device))  # (B,*shape)
+        # float32 from here on: under bf16 autocast the VAE returns bf16 latents, and a bf16
+        # schedule rounds abar_t to 1 at small t (no noise added at all).
+        x0_w = models.encode_pixels(bundle, batch["x0_w"].to(device)).float()  # (B,*shape)
         text = models.encode_prompts(bundle, prompts)  # (B,77,D)
     t, eps, z_T = (v.to(device) for v in pair_noise(cfg.seed, step, batch["index"], shape,
                                                       abar.numel()))
@@ -319,7 +363,7 @@ def training_step(cfg, bundle, policy, reference, batch, step, shape, abar, sche
         else:  # a preference pair from the data set
             with torch.no_grad(), autocast():
                 x0_l = models.encode_pixels(bundle, batch["x0_l"].to(device))
-        x0 = torch.cat([x0_w, x0_l.to(x0_w.dtype)])  # [winners; losers]: (2B,*shape)
+        x0 = torch.cat([x0_w, x0_l.float()])  # [winners; losers]: (2B,*shape)
         t2, eps2, text2 = torch.cat([t, t]), torch.cat([eps, eps]), torch.cat([text, text])
     x_t = sspo.q_sample(x0, t2, eps2, abar)
     target = sspo.training_target(x0, eps2, t2, abar, prediction_type)
@@ -339,7 +383,7 @@ def training_step(cfg, bundle, policy, reference, batch, step, shape, abar, sche
         elif loss_kind == "sspo":
             losses, metrics = sspo.sspo_loss(m_w, m_l, r_w, r_l, beta=cfg.beta, ssr=cfg.ssr)
         else:
-            log_w = sspo.pair_log_weight(m_w, m_l, t, schedule)
+            log_w = sspo.pair_log_weight(m_w, m_l, t, schedule, prediction_type)
             fn = sspo.dpo_cm_loss if loss_kind == "dpo_cm" else sspo.sdpo_loss
             losses, metrics = fn(m_w, m_l, r_w, r_l, log_w, beta=cfg.beta, tau=cfg.tau,
                                  eps_clip=cfg.eps_clip)

@@ -2,6 +2,7 @@
 digit sampling against diffusers' StableDiffusionPipeline, every CLIP-based scorer end to end
 on a tiny random-weight CLIP saved in the real layout, prompt files, generate/score CLI."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -390,3 +391,23 @@ def test_lora_on_top_of_base_changes_the_output(tiny_sd, tmp_path):
         manifest = json.loads(evaluate.generate(pipe, ["a cat"], tmp_path / name, num_inference_steps=2).read_text())
         outs[name] = np.asarray(Image.open(tmp_path / name / manifest["items"][0]["file"]), dtype=float)
     assert np.abs(outs["base"] - outs["lora"]).mean() > 1.0
+
+
+def test_quick_table_end_to_end(tmp_path):
+    """`python evaluate.py table --quick` (CI size): every method x seed trained and judged,
+    table.md / table.json / plots written. Its numbers are meaningless at this size."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "evaluate.py"), "table", "--quick", "--jobs", "2",
+                        "--out", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "table.json").read_text())
+    assert list(res["runs"]) == list(evaluate.METHODS)
+    assert all(len(runs) == res["size"]["seeds"] for runs in res["runs"].values())
+    md = (tmp_path / "table.md").read_text()
+    assert all(f"| {name} |" in md for name in evaluate.METHODS)
+    for png in ("curve_accuracy.png", "curve_confidence.png", "curve_frechet.png", "ssr_rate.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+    sspo = res["runs"]["sspo"][0]
+    assert sspo["ssr"] and all(0 <= v <= 1 for _, v in sspo["ssr"])

@@ -80,8 +80,13 @@ def test_every_method_trains_only_trainable_weights(method, extra, cache, tmp_pa
         assert torch.equal(p, q)  # the frozen text encoder is untouched
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(map(lambda r: r["loss"] == r["loss"], rows))
-    if method in ("sspo", "sspo_r", "spin"):
+    if method == "spin" or extra.get("ssr") == "none":
+        assert all(r["ssr_rate"] == 0.0 for r in rows)  # no SSR: always DPO mode
+    elif method in ("sspo", "sspo_r"):
         assert all(0.0 <= r["ssr_rate"] <= 1.0 for r in rows)
+    if method in ("spin", "sspo") and not extra:  # the reference follows the replay strategy
+        refs = [r["ref_checkpoint"] for r in rows]
+        assert refs[0] == 0.0 and (method != "spin" or refs[2:] == [1.0, 1.0])
     assert (out / "samples").is_dir() and any((out / "samples").iterdir())
 
 
@@ -249,3 +254,31 @@ def test_real_code_paths_under_torchrun(family, method, extra, tmp_path):
     if family == "animatediff":
         assert all("motion_modules" in k for k in w1) and (out / "samples" / "step_000002.gif").exists()
     assert (out / "final" / "model_index.json").exists()
+
+
+def test_fresh_run_refuses_an_existing_run_and_resume_refuses_a_changed_config(cache, tmp_path):
+    args = {**FAST, "cache_dir": cache, "method": "sft", "max_steps": 2, "out_dir": str(tmp_path)}
+    train.run(args)
+    with pytest.raises(ValueError, match="already holds a run.*--resume.*--overwrite"):
+        train.run(args)
+    with pytest.raises(ValueError, match=r"--resume with a config that changes the run: lr: 0.001 -> 0.002"):
+        train.run({**args, "resume": True, "lr": 2e-3, "max_steps": 3})
+    train.run({**args, "overwrite": True})  # starts over
+    rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2  # the old run's log was cleared, not appended to
+
+
+def test_bf16_autocast_builds_x_t_in_float32(cache, tmp_path, monkeypatch):
+    seen = []
+    real = sspo.q_sample
+
+    def spy(x0, t, eps, abar):
+        seen.append((x0.dtype, eps.dtype))
+        return real(x0, t, eps, abar)
+
+    monkeypatch.setattr(sspo, "q_sample", spy)
+    train.run({**FAST, "cache_dir": cache, "method": "sspo", "max_steps": 2, "mixed_precision": "bf16",
+               "out_dir": str(tmp_path)})
+    assert seen and all(d == (torch.float32, torch.float32) for d in seen)
+    w = _weights(tmp_path, 2)
+    assert all(torch.isfinite(v).all() for v in w.values())

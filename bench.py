@@ -1,0 +1,499 @@
+"""Speed and memory of SSPO against its baselines, measured side by side (issue 7).
+
+    python bench.py                      # digits + SD-1.5-shaped UNet -> results/bench.{md,json}
+    python bench.py --quick              # digits only, few repeats (CI, < 2 minutes on 2 cores)
+    python bench.py --model sd15 --sd15-full-ft   # also time/measure full fine-tuning of SD-1.5
+
+What is timed is the real code path: ``train.training_step`` (encode prompts, per-pair noise,
+loser generation via ``replay.sample_losers``, one reference forward on 2B, one policy forward on
+2B, the loss from ``sspo.py``) followed by backward, gradient clipping and an AdamW step, as in
+``train.train``'s loop with ``grad_accum=1``. "SSPO without generation" is the same call with
+``replay.sample_losers`` replaced by a lookup of the batch's given losers, so that it sees the
+very inputs Diffusion-DPO sees and differs from it only in the loss (eq. 8-9 vs eq. 5).
+All methods of one model run in one process, round-robin (A B C A B C ...) so that drift in the
+machine's load hits every method alike; we report the median and the interquartile range.
+
+Peak memory needs a fresh process per method (``--_child``): on CUDA it reports
+``torch.cuda.max_memory_allocated``; on CPU the peak resident set (``ru_maxrss``) and the RSS
+right after imports, whose difference ("above baseline") is what ratios compare, because the
+~0.5 GB of imported libraries is the same for every method. Replay snapshots in such a child are
+stored on disk (``pool_storage="disk"``, the SD-1.5 preset's choice): with ``memory`` storage
+they would sit in host RAM and count in RSS although, on a GPU, they never count in device
+memory; the host RAM they would take is reported as its own column.
+
+The SD-1.5-shaped UNet is the real configuration (859.5M parameters, random weights) with a
+small random CLIP text encoder (hidden 768) and no VAE: everything runs in latent space, since
+encoding the winners is the same work for every method. On CPU its latents are 16x16 and loser
+generation uses 2 DDIM steps (the per-step cost is reported, so the preset's 20 steps follow);
+on CUDA it runs the real size (64x64 latents, bf16 autocast, gradient checkpointing, 20 steps).
+Full fine-tuning of it is timed on CPU only with --sd15-full-ft (AdamW over 860M parameters
+needs ~18 GB of RAM and minutes per update on 2 cores); its checkpoint swap is always timed.
+
+Knobs of loser generation: ``loser_steps`` (linear: one UNet call per DDIM step),
+``loser_guidance`` (> 1 runs the UNet on 2B instead of B per step) and how often losers are
+regenerated (train.py: every update; the "every 4th update" row is what reusing them would
+save, derived from the measured per-step cost, not a train.py option). The full SSPO step swaps
+the reference on every update, RCR's worst case (train.py skips the copy when the same
+checkpoint is drawn again).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent
+METHODS = ("sft", "dpo", "sspo_nogen", "sspo")  # optimizer steps; "sspo" includes generation + swap
+LOSS_KIND = {"sft": "sft", "dpo": "dpo", "sspo_nogen": "sspo", "sspo": "sspo"}
+# The SD-1.5 UNet of the release (REAL_CONFIGS.md); diffusers' default differs in cross_attention_dim.
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8,
+                 cross_attention_dim=768, norm_num_groups=32,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+
+
+def profile(model: str, cuda: bool, quick: bool) -> dict:
+    """Benchmark settings per model. Knobs follow configs/digits.py and configs/sd15_pickapic.py
+    (beta, guidance, pool storage); sizes and repeats are cut where 2 CPU cores demand it."""
+    if model == "digits":
+        p = dict(latent=8, channels=1, batch=32, loser_steps=10, preset_loser_steps=10,
+                 guidance=3.0, beta=500.0, lora_rank=4, storage="memory", grad_ckpt=False,
+                 bf16=False, full_ft=True, warmup=1, repeats=6, child_steps=3)
+        if quick:  # a smaller batch: CI needs the table, not tight error bars
+            p.update(batch=8, warmup=1, repeats=3, child_steps=2)
+        return p
+    p = dict(latent=16, channels=4, batch=1, loser_steps=2, preset_loser_steps=20, guidance=7.5,
+             beta=5000.0, lora_rank=8, storage="disk", grad_ckpt=False, bf16=False,
+             full_ft=False, warmup=1, repeats=2, child_steps=1)
+    if cuda:  # the real size and the preset's precision / checkpointing / sampling steps
+        p.update(latent=64, loser_steps=20, grad_ckpt=True, bf16=True, full_ft=True,
+                 warmup=2, repeats=10, child_steps=2)
+    if quick:
+        p.update(latent=8, repeats=2)
+    return p
+
+
+# ----------------------------------------------------------------------------- statistics, timing
+
+def summarize(samples_ms: list[float]) -> dict:
+    """Median and interquartile range (numpy's linear-interpolation quartiles)."""
+    q1, med, q3 = np.percentile(np.asarray(samples_ms, dtype=float), [25, 50, 75])
+    return {"median_ms": float(med), "q1_ms": float(q1), "q3_ms": float(q3),
+            "iqr_ms": float(q3 - q1), "n": len(samples_ms)}
+
+
+def measure(fns: dict, warmup: int, repeats: int, sync=lambda: None, log=print) -> dict:
+    """Time each zero-argument callable ``repeats`` times after ``warmup`` untimed calls,
+    round-robin over the callables. ``sync`` waits for queued device work (CUDA is async).
+    Returns {name: [ms, ...]}."""
+    times = {name: [] for name in fns}
+    for r in range(warmup + repeats):
+        line = []
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            ms = (time.perf_counter() - t0) * 1e3
+            if r >= warmup:
+                times[name].append(ms)
+            line.append(f"{name} {ms:.1f}")
+        tag = "warm-up" if r < warmup else f"repeat {r - warmup + 1}/{repeats}"
+        log(f"  {tag}: " + ", ".join(line) + " ms")
+    return times
+
+
+# ----------------------------------------------------------------------------- the model under test
+
+def build_bundle(model: str, lora_rank: int, grad_ckpt: bool):
+    # Project modules import lazily: the memory child that only allocates a tensor (tests) and
+    # the CLI's --help stay fast.
+    import models
+    if model == "digits":
+        return models.build_model("digits", None, lora_rank=lora_rank, gradient_checkpointing=grad_ckpt)
+    from diffusers import UNet2DConditionModel
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**SD15_UNET)
+        text_encoder = models._tiny_text_encoder(768).requires_grad_(False).eval()
+    # The same steps as models.build_model (which only loads sd15 from a directory; writing
+    # 3.4 GB of random weights to disk to load them back would measure nothing of interest).
+    unet.requires_grad_(False)
+    if lora_rank > 0:
+        from peft import LoraConfig
+        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
+                                    target_modules=models.LORA_TARGETS), adapter_name="default")
+    bundle = models.Bundle(family="sd15", unet=unet, text_encoder=text_encoder,
+                           tokenizer=models.load_digits_tokenizer(), vae=None,
+                           scheduler_config=dict(models.SD15_SCHEDULER), lora=lora_rank > 0,
+                           num_frames=0)
+    for p in bundle.trainable_parameters():
+        p.requires_grad_(True)
+    if grad_ckpt:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    return bundle
+
+
+class Harness:
+    """One model in one mode (full FT or LoRA) with a reference, replay pools, an optimizer
+    and one fixed batch: every method runs on the same weights, batch and noise."""
+
+    def __init__(self, model: str, lora: bool, p: dict, device: torch.device,
+                 reference: bool = True, storages: tuple = (), pool_dir: str | None = None):
+        import config, replay, sspo
+        self.p, self.device = p, device
+        self.bundle = build_bundle(model, p["lora_rank"] if lora else 0, p["grad_ckpt"])
+        self.bundle.unet.to(device)
+        self.bundle.text_encoder.to(device)
+        self.cfg = config.Config(method="sspo", beta=p["beta"], loser_steps=p["loser_steps"],
+                                 loser_guidance=p["guidance"], batch_size=p["batch"])
+        sc = self.bundle.scheduler_config
+        self.schedule = sspo.make_schedule(sc["num_train_timesteps"], sc["beta_start"],
+                                           sc["beta_end"], sc["beta_schedule"])
+        self.abar = self.schedule["alphas_cumprod"].to(device)
+        self.shape = (p["channels"], p["latent"], p["latent"])
+        B = p["batch"]
+        g = torch.Generator().manual_seed(0)
+        names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+        self.batch = {"prompt": [f"a handwritten digit {names[i % 10]}" for i in range(B)],
+                      "x0_w": torch.randn(B, *self.shape, generator=g),
+                      "x0_l": torch.randn(B, *self.shape, generator=g),
+                      "index": torch.arange(B)}
+        self.autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+                         if p["bf16"] else contextlib.nullcontext)
+        self.reference = replay.Reference(self.bundle) if reference else None
+        # Replay pools: checkpoint 0 (the initial model) in each storage asked for.
+        self.pools = {}
+        for s in storages:
+            self.pools[s] = replay.CheckpointPool("uniform", seed=0, storage=s,
+                                                  directory=os.path.join(pool_dir or ".", s))
+            self.pools[s].add(self.bundle.trainable_state_dict(), 0)
+        if self.reference is not None and self.pools:
+            self.reference.load(self.pools[p["storage"]].get(0))
+        self.opt = None  # built on the first step (a swap-only harness needs no Adam state)
+
+    def snapshot_mb(self, dtype_bytes: int = 4) -> float:
+        """Host RAM one snapshot takes with pool_storage memory (4 B) or memory_bf16 (2 B)."""
+        return sum(p.numel() for p in self.bundle.trainable_parameters()) * dtype_bytes / 2**20
+
+    def swap(self, storage: str, step: int = 0) -> None:
+        """Random Checkpoint Replay's swap: pick a checkpoint, copy it into the reference."""
+        pool = self.pools[storage]
+        self.reference.load(pool.get(pool.choose(step)))
+
+    def generate(self, guidance: float) -> torch.Tensor:
+        """Loser generation alone, called exactly as training_step calls it."""
+        import replay
+        z = torch.randn(self.p["batch"], *self.shape, generator=torch.Generator().manual_seed(1))
+        with self.autocast():
+            return replay.sample_losers(self.bundle, self.reference, self.batch["prompt"],
+                                        latents=z.to(self.device), latent_shape=self.shape,
+                                        num_inference_steps=self.p["loser_steps"],
+                                        guidance_scale=guidance)
+
+    @contextlib.contextmanager
+    def _losers_given(self):
+        """SSPO with the batch's losers instead of generated ones (restored afterwards)."""
+        import replay
+        original = replay.sample_losers
+        replay.sample_losers = lambda *a, **k: self.batch["x0_l"].to(self.device)
+        try:
+            yield
+        finally:
+            replay.sample_losers = original
+
+    def step(self, method: str, step: int = 0) -> None:
+        """One optimizer update, as train.train's loop body does it (grad_accum 1, no DDP)."""
+        import train
+        params = self.bundle.trainable_parameters()
+        if self.opt is None:
+            self.opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
+                                         betas=(self.cfg.adam_beta1, self.cfg.adam_beta2))
+        if method == "sspo":  # worst case of RCR: a different checkpoint every update
+            self.swap(self.p["storage"], step)
+        ctx = self._losers_given() if method == "sspo_nogen" else contextlib.nullcontext()
+        with ctx:
+            loss, _ = train.training_step(self.cfg, self.bundle, self.bundle.unet, self.reference,
+                                          self.batch, step, self.shape, self.abar, self.schedule,
+                                          "epsilon", LOSS_KIND[method], self.autocast, self.device)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------- peak memory (child)
+
+def rss_mb() -> float:
+    """Current resident set size (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return 0.0
+
+
+def peak_rss_mb() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return ru / 2**20 if sys.platform == "darwin" else ru / 1024  # bytes on macOS, KiB on Linux
+
+
+def child_main(spec: dict) -> dict:
+    """Run in a fresh process: build one method's setup, run a few updates, report the peak."""
+    device = torch.device(spec["device"])
+    if spec["kind"] != "alloc":  # libraries count in the baseline, not in a method's memory
+        import config, models, replay, sspo, train  # noqa: F401
+    baseline = rss_mb()
+    if spec["kind"] == "alloc":  # for the tests: the report must see a large allocation
+        x = torch.ones(int(spec["mb"] * 2**20 // 4))
+        del x
+    else:
+        method, p = spec["method"], spec["p"]
+        with tempfile.TemporaryDirectory() as tmp:
+            h = Harness(spec["model"], spec["mode"] == "lora", dict(p, storage="disk"), device,
+                        reference=method != "sft", storages=() if method == "sft" else ("disk",),
+                        pool_dir=tmp)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            for i in range(p["child_steps"]):
+                h.step(method, i)
+                if i == 0 and method == "sspo":  # a second checkpoint so that replay swaps
+                    h.pools["disk"].add(h.bundle.trainable_state_dict(), 1)
+    out = {"baseline_mb": baseline, "peak_mb": peak_rss_mb(), "device": "cpu-rss"}
+    if device.type == "cuda":
+        out.update(baseline_mb=0.0, peak_mb=torch.cuda.max_memory_allocated(device) / 2**20,
+                   device="cuda-max-allocated")
+    out["above_baseline_mb"] = out["peak_mb"] - out["baseline_mb"]
+    return out
+
+
+def run_child(spec: dict) -> dict:
+    """``python bench.py --_child=<json>`` in a fresh interpreter; its last stdout line is JSON."""
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_child", json.dumps(spec)],
+                       capture_output=True, text=True, cwd=str(ROOT))
+    if r.returncode != 0:
+        raise RuntimeError(f"memory child {spec.get('method', spec['kind'])} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- one model, all methods
+
+def bench_model(model: str, p: dict, device: torch.device, log=print) -> tuple[list, list, dict]:
+    """Peak memory (fresh child per method), then timings in this process. Returns
+    (timing rows, memory rows, extra facts such as snapshot sizes)."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    modes = ("ft", "lora") if p["full_ft"] else ("lora",)
+    timings, memory, extra = [], [], {}
+    # Memory first, while this process holds no model (an SD-1.5 child alone needs GBs of RAM).
+    for mode in modes:
+        for method in ("sft", "dpo", "sspo"):
+            r = run_child({"kind": "method", "model": model, "mode": mode, "method": method,
+                           "p": p, "device": str(device)})
+            memory.append(dict(model=model, mode=mode, method=method, **r))
+            log(f"[{model}/{mode}] memory {method}: peak {r['peak_mb']:.0f} MB "
+                f"({r['above_baseline_mb']:.0f} above baseline)")
+    other = "disk" if p["storage"] != "disk" else "memory_bf16"
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ("ft", "lora"):  # full-FT swaps are timed even where full-FT steps are not
+            h = Harness(model, mode == "lora", p, device, storages=(p["storage"], other),
+                        pool_dir=os.path.join(tmp, mode))
+            extra[f"snapshot_mb_{mode}"] = {"memory": h.snapshot_mb(4), "memory_bf16": h.snapshot_mb(2)}
+            fns = {}
+            if mode in modes:
+                fns = {m: (lambda m=m: h.step(m)) for m in METHODS}
+                fns["gen_cfg"] = lambda: h.generate(p["guidance"])
+                fns["gen_nocfg"] = lambda: h.generate(1.0)  # guidance 1 = conditional pass only
+            for s in (p["storage"], other):
+                fns[f"swap_{s}"] = lambda s=s: h.swap(s)
+            log(f"[{model}/{mode}] timing {', '.join(fns)}")
+            for name, ms in measure(fns, p["warmup"], p["repeats"], sync, log).items():
+                row = dict(model=model, mode=mode, measure=name, **summarize(ms))
+                timings.append(row)
+                log(f"[{model}/{mode}] {name}: median {row['median_ms']:.1f} ms, IQR {row['iqr_ms']:.1f}")
+            del h, fns
+            gc.collect()
+    return timings, memory, extra
+
+
+def ratio_rows(timings: list, memory: list, profiles: dict) -> list:
+    """The ratios of the issue, each with its target (or None: reported only)."""
+    T = {(r["model"], r["mode"], r["measure"]): r["median_ms"] for r in timings}
+    M = {(r["model"], r["mode"], r["method"]): r["above_baseline_mb"] for r in memory}
+    rows = []
+
+    def add(model, mode, name, num, den, target=None, note=""):
+        if num is None or den is None or den <= 0:
+            return
+        v = num / den
+        met = None if target is None else v <= target
+        rows.append(dict(model=model, mode=mode, ratio=name, value=v, target=target, met=met,
+                         over_pp=None if met in (None, True) else 100 * (v - target), note=note))
+
+    for model, p in profiles.items():
+        for mode in ("ft", "lora"):
+            t = lambda k: T.get((model, mode, k))
+            swap = t(f"swap_{p['storage']}")
+            add(model, mode, "SSPO step w/o generation / DPO step", t("sspo_nogen"), t("dpo"), 1.05)
+            add(model, mode, "full SSPO step / DPO step", t("sspo"), t("dpo"))
+            add(model, mode, f"swap ({p['storage']}) / full SSPO step", swap, t("sspo"),
+                0.02 if mode == "lora" else None)
+            add(model, mode, f"swap ({p['storage']}) / SSPO step w/o generation", swap, t("sspo_nogen"))
+            add(model, mode, f"generation ({p['loser_steps']} DDIM steps, CFG) / full SSPO step",
+                t("gen_cfg"), t("sspo"))
+            add(model, mode, "generation without CFG / with CFG", t("gen_nocfg"), t("gen_cfg"))
+            if t("gen_cfg") and t("sspo_nogen"):
+                # Derived, not measured: generation is linear in DDIM steps (one UNet call each).
+                per_call = t("gen_cfg") / p["loser_steps"]
+                rest = t("sspo_nogen") + (swap or 0)
+                n = p["preset_loser_steps"]
+                add(model, mode, f"generation share at the preset's {n} steps (derived)",
+                    per_call * n, per_call * n + rest, note=f"{per_call:.1f} ms per CFG step")
+                add(model, mode, "generation share if regenerated every 4th update (derived)",
+                    per_call * n / 4, per_call * n / 4 + rest)
+            m = lambda meth: M.get((model, mode, meth))
+            if mode == "ft":
+                add(model, mode, "SSPO memory / DPO memory", m("sspo"), m("dpo"), 1.05)
+            else:
+                add(model, mode, "SSPO memory / SFT memory", m("sspo"), m("sft"), 1.10)
+                add(model, mode, "SSPO memory / DPO memory", m("sspo"), m("dpo"))
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+def machine_info(device: torch.device) -> dict:
+    import diffusers, peft, transformers
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "ram_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "device": str(device), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "python": platform.python_version(),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+MEASURE_TEXT = {"sft": "SFT step", "dpo": "Diffusion-DPO step", "sspo_nogen": "SSPO step, losers given",
+                "sspo": "SSPO step, full (swap + generation)", "gen_cfg": "loser generation, CFG",
+                "gen_nocfg": "loser generation, no CFG"}
+
+
+def write_markdown(res: dict, path: Path) -> None:
+    m = res["machine"]
+    L = ["# SSPO benchmark", "",
+         f"`{res['command']}` on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads, "
+         f"{m['ram_gb']} GB RAM{', GPU ' + m['gpu'] if 'gpu' in m else ''}), device `{m['device']}`, "
+         f"torch {m['torch']}, diffusers {m['diffusers']}, transformers {m['transformers']}, "
+         f"peft {m['peft']}, Python {m['python']}; {m['date']}; load average at start "
+         f"{m['loadavg_start']}, at end {m.get('loadavg_end')}; {res['runtime_s']:.0f} s in all.", "",
+         "## Settings", "",
+         "| model | latent | batch (pairs) | loser steps (preset) | guidance | beta | LoRA rank | "
+         "grad. ckpt | bf16 | pool storage | warm-up + repeats |", "|" + "---|" * 11]
+    for model, p in res["profiles"].items():
+        L.append(f"| {model} | {p['channels']}x{p['latent']}x{p['latent']} | {p['batch']} | "
+                 f"{p['loser_steps']} ({p['preset_loser_steps']}) | {p['guidance']} | {p['beta']:g} | "
+                 f"{p['lora_rank']} | {p['grad_ckpt']} | {p['bf16']} | {p['storage']} | "
+                 f"{p['warmup']} + {p['repeats']} |")
+    L += ["", "## Time per call (ms)", "", "| model | mode | measurement | median | IQR | q1 - q3 | n |",
+          "|" + "---|" * 7]
+    for r in res["timings"]:
+        what = MEASURE_TEXT.get(r["measure"], r["measure"].replace("swap_", "checkpoint swap, pool "))
+        L.append(f"| {r['model']} | {r['mode']} | {what} | {r['median_ms']:.1f} | {r['iqr_ms']:.1f} | "
+                 f"{r['q1_ms']:.1f} - {r['q3_ms']:.1f} | {r['n']} |")
+    L += ["", f"## Peak memory (MB; {res['memory_note']})", "",
+          "| model | mode | method | peak | baseline | above baseline | host RAM per snapshot, memory / bf16 |",
+          "|" + "---|" * 7]
+    for r in res["memory"]:
+        snap = res["extra"].get(r["model"], {}).get(f"snapshot_mb_{r['mode']}", {})
+        s = f"{snap['memory']:.1f} / {snap['memory_bf16']:.1f}" if snap and r["method"] != "sft" else "-"
+        L.append(f"| {r['model']} | {r['mode']} | {r['method']} | {r['peak_mb']:.0f} | "
+                 f"{r['baseline_mb']:.0f} | {r['above_baseline_mb']:.0f} | {s} |")
+    L += ["", "## Ratios against the targets", "", "| model | mode | ratio | value | target | met |",
+          "|" + "---|" * 6]
+    for r in res["ratios"]:
+        target = "-" if r["target"] is None else f"<= {r['target']:.2f}"
+        met = "reported" if r["met"] is None else "yes" if r["met"] else f"no, {r['over_pp']:.1f} pp over"
+        note = f" ({r['note']})" if r["note"] else ""
+        L.append(f"| {r['model']} | {r['mode']} | {r['ratio']}{note} | {r['value']:.3f} | {target} | {met} |")
+    L += ["", "## Notes", ""] + [f"- {n}" for n in res["notes"]]
+    path.write_text("\n".join(L) + "\n")
+
+
+# The report's notes are this module's docstring, less the usage lines: one text to maintain.
+NOTES = [" ".join(par.split()) for par in __doc__.split("\n\n")[2:]]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Speed and memory of SSPO vs SFT and Diffusion-DPO.")
+    ap.add_argument("--quick", action="store_true", help="digits only, few repeats (CI)")
+    ap.add_argument("--model", default="all", choices=("digits", "sd15", "all"), help="which model(s)")
+    ap.add_argument("--out", default="results", help="directory for bench.md and bench.json")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
+    ap.add_argument("--sd15-full-ft", action="store_true", help="also full fine-tuning of SD-1.5 on CPU")
+    ap.add_argument("--repeats", type=int, help="override timed repeats per measurement")
+    ap.add_argument("--warmup", type=int, help="override untimed warm-up calls")
+    ap.add_argument("--readme", action="store_true", help="also put bench.md into README.md")
+    ap.add_argument("--_child", help=argparse.SUPPRESS)  # internal: one memory measurement
+    args = ap.parse_args(argv)
+    if args._child:
+        print(json.dumps(child_main(json.loads(args._child))))
+        return 0
+    t0 = time.perf_counter()
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    models_ = ["digits"] if args.quick and args.model == "all" else \
+        (["digits", "sd15"] if args.model == "all" else [args.model])
+    profiles = {m: profile(m, device.type == "cuda", args.quick) for m in models_}
+    for p in profiles.values():
+        p.update({k: v for k, v in (("repeats", args.repeats), ("warmup", args.warmup)) if v is not None})
+    if "sd15" in profiles and args.sd15_full_ft:
+        profiles["sd15"]["full_ft"] = True
+    res = {"command": "python bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "machine": machine_info(device), "profiles": profiles, "timings": [], "memory": [],
+           "extra": {}, "notes": NOTES,
+           "memory_note": "CUDA max_memory_allocated" if device.type == "cuda" else "CPU peak RSS"}
+    print(f"bench: {models_} on {device}", flush=True)
+    for m in models_:
+        timings, memory, extra = bench_model(m, profiles[m], device, log=lambda s: print(s, flush=True))
+        res["timings"] += timings
+        res["memory"] += memory
+        res["extra"][m] = extra
+    res["ratios"] = ratio_rows(res["timings"], res["memory"], profiles)
+    res["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    res["runtime_s"] = time.perf_counter() - t0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(res, indent=2))
+    write_markdown(res, out / "bench.md")
+    if args.readme:
+        from evaluate import update_readme
+        update_readme("bench", (out / "bench.md").read_text().split("\n", 1)[1])  # without its title
+    for r in res["ratios"]:
+        print(f"{r['model']}/{r['mode']} {r['ratio']}: {r['value']:.3f}"
+              + ("" if r["target"] is None else f" (target <= {r['target']}: {'met' if r['met'] else 'MISSED'})"))
+    print(f"wrote {out / 'bench.md'} and {out / 'bench.json'} in {res['runtime_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
