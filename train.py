@@ -80,10 +80,6 @@ class _Indexed(torch.utils.data.Dataset):
         return None if item is None else {**item, "index": i}
 
 
-def _collate(items):
-    return data.collate(items)  # "index" ints are stacked into a (B,) long tensor
-
-
 def ensure_digits_base(cfg: Config, ctx: runtime.Dist) -> Path:
     """The misaligned digits base (DESIGN.md): SFT from scratch on the pretrain split with a
     fraction of wrong captions, cached under cache_dir and rebuilt only if missing."""
@@ -205,8 +201,8 @@ def train(cfg: Config, ctx: runtime.Dist) -> Path:
     sampler = data.ResumableDistributedSampler(dataset, num_replicas=ctx.world, rank=ctx.rank,
                                                shuffle=True, seed=cfg.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
-                                         collate_fn=_collate, drop_last=True,
-                                         num_workers=cfg.num_workers)
+                                         collate_fn=data.collate, drop_last=True,
+                                         num_workers=cfg.num_workers)  # "index" -> (B,) long
     batches_per_epoch = sampler.num_samples // cfg.batch_size
     if batches_per_epoch < 1:
         raise ValueError(f"dataset of {len(dataset)} items is smaller than one global batch "

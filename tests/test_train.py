@@ -257,7 +257,8 @@ def test_real_code_paths_under_torchrun(family, method, extra, tmp_path):
 
 
 def test_fresh_run_refuses_an_existing_run_and_resume_refuses_a_changed_config(cache, tmp_path):
-    args = {**FAST, "cache_dir": cache, "method": "sft", "max_steps": 2, "out_dir": str(tmp_path)}
+    args = {**FAST, "cache_dir": cache, "method": "sft", "max_steps": 2, "out_dir": str(tmp_path),
+            "overwrite": False}  # the digits preset sets overwrite=True for the README command
     train.run(args)
     with pytest.raises(ValueError, match="already holds a run.*--resume.*--overwrite"):
         train.run(args)
