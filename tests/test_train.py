@@ -283,3 +283,15 @@ def test_bf16_autocast_builds_x_t_in_float32(cache, tmp_path, monkeypatch):
     assert seen and all(d == (torch.float32, torch.float32) for d in seen)
     w = _weights(tmp_path, 2)
     assert all(torch.isfinite(v).all() for v in w.values())
+
+
+def test_main_command_writes_samples_metrics_and_judged_eval(cache, tmp_path, capsys):
+    """`python train.py ...` as the README runs it: exit 0, and the judge's base-vs-final report."""
+    argv = [f"--{k}={v}" for k, v in {**FAST, "cache_dir": cache, "max_steps": 2, "sample_every": 2,
+                                       "out_dir": tmp_path}.items()]
+    assert train.main(argv) == 0
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert set(res) == {"judge_real_accuracy", "base", "final"} and res["judge_real_accuracy"] > 0.95
+    assert "id_cfg/accuracy" in res["final"] and (tmp_path / "samples" / "step_000002.png").exists()
+    assert "done:" in capsys.readouterr().out
+    assert train.main(["--max_step=3"]) == 2  # a bad key: a clear message, exit code 2
