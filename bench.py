@@ -249,6 +249,16 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
+    """Peak RSS of this process. Linux: VmHWM of /proc/self/status, which starts afresh at exec;
+    ru_maxrss would not, since Linux carries it over from the forked parent (a large pytest
+    process would then hide the child's own peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB -> MB
+    except OSError:
+        pass
     ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return ru / 2**20 if sys.platform == "darwin" else ru / 1024  # bytes on macOS, KiB on Linux
 
