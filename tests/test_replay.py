@@ -9,14 +9,6 @@ import models
 from replay import CheckpointPool, Reference, sample_losers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP
-    spin-waiting made this file ~10x slower; restore the setting for other test files."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _state(seed, keys=("a", "b")):
