@@ -4,11 +4,11 @@
     python bench.py --quick              # digits only, few repeats (CI, < 2 minutes on 2 cores)
     python bench.py --model sd15 --sd15-full-ft   # also time/measure full fine-tuning of SD-1.5
 
-What is timed is the real code path: ``train.training_step`` (encode prompts, per-pair noise,
-loser generation via ``replay.sample_losers``, one reference forward on 2B, one policy forward on
+What is timed is the real code path: ``loop.training_step`` (encode prompts, per-pair noise,
+loser generation via ``sampling.sample``, one reference forward on 2B, one policy forward on
 2B, the loss from ``sspo.py``) followed by backward, gradient clipping and an AdamW step, as in
-``train.train``'s loop with ``grad_accum=1``. "SSPO without generation" is the same call with
-``replay.sample_losers`` replaced by a lookup of the batch's given losers, so that it sees the
+``loop.update`` with ``grad_accum=1``. "SSPO without generation" is the same call with
+``sampling.sample`` replaced by a lookup of the batch's given losers, so that it sees the
 very inputs Diffusion-DPO sees and differs from it only in the loss (eq. 8-9 vs eq. 5).
 All methods of one model run in one process, round-robin (A B C A B C ...) so that drift in the
 machine's load hits every method alike; we report the median and the interquartile range.
@@ -31,9 +31,9 @@ needs ~18 GB of RAM and minutes per update on 2 cores); its checkpoint swap is a
 
 Knobs of loser generation: ``loser_steps`` (linear: one UNet call per DDIM step),
 ``loser_guidance`` (> 1 runs the UNet on 2B instead of B per step) and how often losers are
-regenerated (train.py: every update; the "every 4th update" row is what reusing them would
-save, derived from the measured per-step cost, not a train.py option). The full SSPO step swaps
-the reference on every update, RCR's worst case (train.py skips the copy when the same
+regenerated (loop.py: every update; the "every 4th update" row is what reusing them would
+save, derived from the measured per-step cost, not a config option). The full SSPO step swaps
+the reference on every update, RCR's worst case (loop.py skips the copy when the same
 checkpoint is drawn again).
 """
 from __future__ import annotations
@@ -55,17 +55,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench_harness import Harness
+
 ROOT = Path(__file__).resolve().parent
 METHODS = ("sft", "dpo", "sspo_nogen", "sspo")  # optimizer steps; "sspo" includes generation + swap
-LOSS_KIND = {"sft": "sft", "dpo": "dpo", "sspo_nogen": "sspo", "sspo": "sspo"}
-# The SD-1.5 UNet of the release (REAL_CONFIGS.md); diffusers' default differs in cross_attention_dim.
-SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                 block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8,
-                 cross_attention_dim=768, norm_num_groups=32,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-
-
 def profile(model: str, cuda: bool, quick: bool) -> dict:
     """Benchmark settings per model. Knobs follow configs/digits.py and configs/sd15_pickapic.py
     (beta, guidance, pool storage); sizes and repeats are cut where 2 CPU cores demand it."""
@@ -117,126 +110,6 @@ def measure(fns: dict, warmup: int, repeats: int, sync=lambda: None, log=print) 
     return times
 
 
-# ----------------------------------------------------------------------------- the model under test
-
-def build_bundle(model: str, lora_rank: int, grad_ckpt: bool):
-    # Project modules import lazily: the memory child that only allocates a tensor (tests) and
-    # the CLI's --help stay fast.
-    import models
-    if model == "digits":
-        return models.build_model("digits", None, lora_rank=lora_rank, gradient_checkpointing=grad_ckpt)
-    from diffusers import UNet2DConditionModel
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(**SD15_UNET)
-        text_encoder = models._tiny_text_encoder(768).requires_grad_(False).eval()
-    # The same steps as models.build_model (which only loads sd15 from a directory; writing
-    # 3.4 GB of random weights to disk to load them back would measure nothing of interest).
-    unet.requires_grad_(False)
-    if lora_rank > 0:
-        from peft import LoraConfig
-        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
-                                    target_modules=models.LORA_TARGETS), adapter_name="default")
-    bundle = models.Bundle(family="sd15", unet=unet, text_encoder=text_encoder,
-                           tokenizer=models.load_digits_tokenizer(), vae=None,
-                           scheduler_config=dict(models.SD15_SCHEDULER), lora=lora_rank > 0,
-                           num_frames=0)
-    for p in bundle.trainable_parameters():
-        p.requires_grad_(True)
-    if grad_ckpt:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    return bundle
-
-
-class Harness:
-    """One model in one mode (full FT or LoRA) with a reference, replay pools, an optimizer
-    and one fixed batch: every method runs on the same weights, batch and noise."""
-
-    def __init__(self, model: str, lora: bool, p: dict, device: torch.device,
-                 reference: bool = True, storages: tuple = (), pool_dir: str | None = None):
-        import config, replay, sspo
-        self.p, self.device = p, device
-        self.bundle = build_bundle(model, p["lora_rank"] if lora else 0, p["grad_ckpt"])
-        self.bundle.unet.to(device)
-        self.bundle.text_encoder.to(device)
-        self.cfg = config.Config(method="sspo", beta=p["beta"], loser_steps=p["loser_steps"],
-                                 loser_guidance=p["guidance"], batch_size=p["batch"])
-        sc = self.bundle.scheduler_config
-        self.schedule = sspo.make_schedule(sc["num_train_timesteps"], sc["beta_start"],
-                                           sc["beta_end"], sc["beta_schedule"])
-        self.abar = self.schedule["alphas_cumprod"].to(device)
-        self.shape = (p["channels"], p["latent"], p["latent"])
-        B = p["batch"]
-        g = torch.Generator().manual_seed(0)
-        names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-        self.batch = {"prompt": [f"a handwritten digit {names[i % 10]}" for i in range(B)],
-                      "x0_w": torch.randn(B, *self.shape, generator=g),
-                      "x0_l": torch.randn(B, *self.shape, generator=g),
-                      "index": torch.arange(B)}
-        self.autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16))
-                         if p["bf16"] else contextlib.nullcontext)
-        self.reference = replay.Reference(self.bundle) if reference else None
-        # Replay pools: checkpoint 0 (the initial model) in each storage asked for.
-        self.pools = {}
-        for s in storages:
-            self.pools[s] = replay.CheckpointPool("uniform", seed=0, storage=s,
-                                                  directory=os.path.join(pool_dir or ".", s))
-            self.pools[s].add(self.bundle.trainable_state_dict(), 0)
-        if self.reference is not None and self.pools:
-            self.reference.load(self.pools[p["storage"]].get(0))
-        self.opt = None  # built on the first step (a swap-only harness needs no Adam state)
-
-    def snapshot_mb(self, dtype_bytes: int = 4) -> float:
-        """Host RAM one snapshot takes with pool_storage memory (4 B) or memory_bf16 (2 B)."""
-        return sum(p.numel() for p in self.bundle.trainable_parameters()) * dtype_bytes / 2**20
-
-    def swap(self, storage: str, step: int = 0) -> None:
-        """Random Checkpoint Replay's swap: pick a checkpoint, copy it into the reference."""
-        pool = self.pools[storage]
-        self.reference.load(pool.get(pool.choose(step)))
-
-    def generate(self, guidance: float) -> torch.Tensor:
-        """Loser generation alone, called exactly as training_step calls it."""
-        import replay
-        z = torch.randn(self.p["batch"], *self.shape, generator=torch.Generator().manual_seed(1))
-        with self.autocast():
-            return replay.sample_losers(self.bundle, self.reference, self.batch["prompt"],
-                                        latents=z.to(self.device), latent_shape=self.shape,
-                                        num_inference_steps=self.p["loser_steps"],
-                                        guidance_scale=guidance)
-
-    @contextlib.contextmanager
-    def _losers_given(self):
-        """SSPO with the batch's losers instead of generated ones (restored afterwards)."""
-        import replay
-        original = replay.sample_losers
-        replay.sample_losers = lambda *a, **k: self.batch["x0_l"].to(self.device)
-        try:
-            yield
-        finally:
-            replay.sample_losers = original
-
-    def step(self, method: str, step: int = 0) -> None:
-        """One optimizer update, as train.train's loop body does it (grad_accum 1, no DDP)."""
-        import train
-        params = self.bundle.trainable_parameters()
-        if self.opt is None:
-            self.opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
-                                         betas=(self.cfg.adam_beta1, self.cfg.adam_beta2))
-        if method == "sspo":  # worst case of RCR: a different checkpoint every update
-            self.swap(self.p["storage"], step)
-        ctx = self._losers_given() if method == "sspo_nogen" else contextlib.nullcontext()
-        with ctx:
-            loss, _ = train.training_step(self.cfg, self.bundle, self.bundle.unet, self.reference,
-                                          self.batch, step, self.shape, self.abar, self.schedule,
-                                          "epsilon", LOSS_KIND[method], self.autocast, self.device)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-
-
 # ----------------------------------------------------------------------------- peak memory (child)
 
 def rss_mb() -> float:
@@ -267,7 +140,7 @@ def child_main(spec: dict) -> dict:
     """Run in a fresh process: build one method's setup, run a few updates, report the peak."""
     device = torch.device(spec["device"])
     if spec["kind"] != "alloc":  # libraries count in the baseline, not in a method's memory
-        import config, models, replay, sspo, train  # noqa: F401
+        import config, loop, models, replay, sampling, sspo  # noqa: F401
     baseline = rss_mb()
     if spec["kind"] == "alloc":  # for the tests: the report must see a large allocation
         x = torch.ones(int(spec["mb"] * 2**20 // 4))
@@ -462,7 +335,6 @@ def main(argv=None) -> int:
     ap.add_argument("--sd15-full-ft", action="store_true", help="also full fine-tuning of SD-1.5 on CPU")
     ap.add_argument("--repeats", type=int, help="override timed repeats per measurement")
     ap.add_argument("--warmup", type=int, help="override untimed warm-up calls")
-    ap.add_argument("--readme", action="store_true", help="also put bench.md into README.md")
     ap.add_argument("--_child", help=argparse.SUPPRESS)  # internal: one memory measurement
     args = ap.parse_args(argv)
     if args._child:
@@ -495,9 +367,6 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(res, indent=2))
     write_markdown(res, out / "bench.md")
-    if args.readme:
-        from evaluate import update_readme
-        update_readme("bench", (out / "bench.md").read_text().split("\n", 1)[1])  # without its title
     for r in res["ratios"]:
         print(f"{r['model']}/{r['mode']} {r['ratio']}: {r['value']:.3f}"
               + ("" if r["target"] is None else f" (target <= {r['target']}: {'met' if r['met'] else 'MISSED'})"))

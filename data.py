@@ -1,7 +1,8 @@
-"""Datasets and collation: the embedded digits set, Pick-a-Pic v2 pairs, image and video folders.
+"""Real data sets and collation: Pick-a-Pic v2 pairs and image folders (videos: data_video.py;
+the embedded digits set: digits.py).
 
 Every dataset yields dicts ``{"prompt": str, "x0_w": tensor[, "x0_l": tensor][, "label": int]}``
-with pixels float32 in [-1, 1]: digits ``(1,8,8)``, images ``(3,R,R)``, videos ``(3,F,R,R)``.
+with pixels float32 in [-1, 1]: images ``(3,R,R)``, videos ``(3,F,R,R)``, digits ``(1,8,8)``.
 ``collate`` stacks them into a batch and drops ``None`` items (unreadable files, already logged).
 
 Modes (what a training method consumes):
@@ -24,16 +25,12 @@ bad, a RuntimeError stops the run. Counters are per process (per DataLoader work
 """
 from __future__ import annotations
 
-import csv
 import io
 import itertools
 import json
 import logging
-from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
 
-import av
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -44,30 +41,17 @@ from torch.utils.data import Dataset, DistributedSampler
 
 log = logging.getLogger(__name__)
 
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-# Captions used for pretraining and alignment.
-TRAIN_TEMPLATES = (
-    "a handwritten digit {word}",
-    "the number {word}, written by hand",
-    "a picture of the digit {word}",
-)
-# Never used for training: out-of-distribution prompts for evaluation (cf. HPSv2/Parti in the paper).
-HELDOUT_TEMPLATES = (
-    "a scan of the numeral {word}",
-    "someone wrote {word} on paper",
-)
 MODES = ("winners", "pairs", "random")
-SPLITS = ("pretrain", "align", "eval")
 # Purposes, so that different random choices of one seed are independent streams.
-_CORRUPT, _TEMPLATE, _LOSER, _COIN, _ITEM, _SPLIT = range(6)
+_COIN, _ITEM = 3, 4  # digits.py uses 0, 1, 2 and 5
 _MIN_SEEN = 100  # the bad-item fraction is taken over at least this many fetches
 
 
-def _rng(seed: int, *keys: int) -> np.random.Generator:
+def seeded_rng(seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng([int(seed) % 2**63, *(int(k) for k in keys)])
 
 
-def _check_mode(mode: str) -> None:
+def check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
 
@@ -102,7 +86,7 @@ def _apply_crop(img: Image.Image, plan) -> torch.Tensor:
     return x.permute(2, 0, 1) / 127.5 - 1.0  # (3,R,R)
 
 
-class _Base(Dataset):
+class BaseDataset(Dataset):
     """Seed/epoch bookkeeping, caption drop for CFG, transforms, counting of skipped items."""
 
     def __init__(self, seed: int, cfg_drop: float, max_bad_fraction: float = 0.01,
@@ -120,7 +104,7 @@ class _Base(Dataset):
         self.epoch = int(epoch)
 
     def _item_rng(self, index: int) -> np.random.Generator:
-        return _rng(self.seed, _ITEM, self.epoch, index)
+        return seeded_rng(self.seed, _ITEM, self.epoch, index)
 
     def _prompt(self, text: str, rng: np.random.Generator) -> str:
         # Empty prompt with probability cfg_drop: trains the unconditional branch for CFG.
@@ -143,122 +127,9 @@ class _Base(Dataset):
 
 
 # ---------------------------------------------------------------------------------------------
-# Digits (the embedded default, DESIGN.md)
-
-def digit_caption(label: int, template: str) -> str:
-    """'a handwritten digit {word}' + 7 -> 'a handwritten digit seven'."""
-    if not 0 <= int(label) <= 9:
-        raise ValueError(f"digit label must be 0..9, got {label}")
-    if "{word}" not in template:
-        raise ValueError(f"caption template {template!r} has no '{{word}}' placeholder")
-    return template.format(word=DIGIT_WORDS[int(label)])
-
-
-@lru_cache(maxsize=None)
-def _digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    return d.data.astype(np.float32), d.target.astype(np.int64)  # (1797,64) in 0..16, (1797,)
-
-
-def digits_split_indices(seed: int = 0) -> dict[str, np.ndarray]:
-    """Indices into ``sklearn.datasets.load_digits()`` for each split, sorted.
-
-    Stratified: within every class, a seeded permutation gives 50% pretrain, 25% align and
-    the rest eval, so all splits hold every digit in the same proportions.
-    """
-    _, y = _digits()
-    rng = _rng(seed, _SPLIT)
-    parts = {s: [] for s in SPLITS}
-    for c in range(10):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        n_pre, n_align = round(0.5 * len(idx)), round(0.25 * len(idx))
-        parts["pretrain"].append(idx[:n_pre])
-        parts["align"].append(idx[n_pre:n_pre + n_align])
-        parts["eval"].append(idx[n_pre + n_align:])
-    return {s: np.sort(np.concatenate(p)) for s, p in parts.items()}
-
-
-def load_digits_splits(seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{"pretrain"|"align"|"eval": (x (N,1,8,8) float32 in [-1,1], y (N,) int64)}."""
-    data, target = _digits()
-    out = {}
-    for split, idx in digits_split_indices(seed).items():
-        x = torch.from_numpy(data[idx] / 8.0 - 1.0).float().reshape(-1, 1, 8, 8)  # 0..16 -> [-1,1]
-        out[split] = (x, torch.from_numpy(target[idx].copy()))
-    return out
-
-
-class DigitsDataset(_Base):
-    """Captioned 8x8 digits of one split.
-
-    item: {"prompt": str, "x0_w": (1,8,8), "label": int digit shown in x0_w, ["x0_l": (1,8,8)]}
-
-    corrupt_fraction: exactly round(fraction * N) items (chosen by seed, fixed across epochs)
-        get a caption naming a wrong digit -- this is how the misaligned base is pretrained.
-    classes: keep only these digit classes (e.g. hold classes out of alignment).
-    Losers ("pairs"/"random") are images of the whole split (not only ``classes``) whose digit
-    differs from both the image's and the caption's digit; fixed per item like Pick-a-Pic pairs.
-    The split itself always uses ``split_seed`` so that eval never leaks when ``seed`` changes.
-    """
-
-    def __init__(self, split: str, mode: str = "winners", corrupt_fraction: float = 0.0,
-                 seed: int = 0, classes: Sequence[int] | None = None, cfg_drop: float = 0.0,
-                 templates: Sequence[str] = TRAIN_TEMPLATES, split_seed: int = 0):
-        super().__init__(seed, cfg_drop)
-        splits = load_digits_splits(split_seed)
-        if split not in splits:
-            raise ValueError(f"unknown digits split {split!r}; expected one of {SPLITS}")
-        _check_mode(mode)
-        if not 0.0 <= corrupt_fraction <= 1.0:
-            raise ValueError(f"corrupt_fraction must be in [0,1], got {corrupt_fraction}")
-        if not templates:
-            raise ValueError("templates must hold at least one caption template")
-        for t in templates:
-            digit_caption(0, t)  # validates the placeholder
-        self.mode, self.templates = mode, tuple(templates)
-        self.pool_x, self.pool_y = splits[split]  # (M,1,8,8), (M,) loser candidates
-        keep = torch.ones(len(self.pool_y), dtype=torch.bool)
-        if classes is not None:
-            bad = [c for c in classes if not 0 <= int(c) <= 9]
-            if bad or not len(classes):
-                raise ValueError(f"classes must be a non-empty list of digits 0..9, got {list(classes)}")
-            keep = torch.isin(self.pool_y, torch.tensor([int(c) for c in classes]))
-        self.x, self.y = self.pool_x[keep], self.pool_y[keep]  # (N,1,8,8), (N,)
-        n = len(self.y)
-        y = self.y.numpy()
-
-        rng = _rng(seed, _CORRUPT)
-        self.corrupted = np.zeros(n, dtype=bool)
-        self.corrupted[rng.choice(n, size=int(round(corrupt_fraction * n)), replace=False)] = True
-        # A wrong digit is the true one shifted by 1..9 (mod 10): never equal to the truth.
-        self.caption_labels = np.where(self.corrupted, (y + rng.integers(1, 10, n)) % 10, y)
-        self.template_ids = _rng(seed, _TEMPLATE).integers(len(self.templates), size=n)
-
-        rng, pool_y = _rng(seed, _LOSER), self.pool_y.numpy()
-        self.loser_index = np.array([
-            rng.choice(np.flatnonzero((pool_y != y[i]) & (pool_y != self.caption_labels[i])))
-            for i in range(n)], dtype=np.int64)
-        self.coin = _rng(seed, _COIN).random(n) < 0.5  # SSPOr: True -> the winner image
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int) -> dict:
-        text = digit_caption(self.caption_labels[i], self.templates[self.template_ids[i]])
-        item = {"prompt": self._prompt(text, self._item_rng(i)), "x0_w": self.x[i], "label": int(self.y[i])}
-        j = self.loser_index[i]
-        if self.mode == "pairs":
-            item["x0_l"] = self.pool_x[j]
-        elif self.mode == "random" and not self.coin[i]:
-            item["x0_w"], item["label"] = self.pool_x[j], int(self.pool_y[j])
-        return item
-
-
-# ---------------------------------------------------------------------------------------------
 # Pick-a-Pic v2 (parquet shards, read lazily)
 
-class PickAPicDataset(_Base):
+class PickAPicDataset(BaseDataset):
     """Pick-a-Pic v2 pairs from ``root/{split}-*.parquet`` (the published schema).
 
     Only ``caption`` and ``label_0`` are read up front (column projection); image bytes are read
@@ -275,7 +146,7 @@ class PickAPicDataset(_Base):
                  hflip: bool = False, cfg_drop: float = 0.0, seed: int = 0,
                  max_bad_fraction: float = 0.01, split: str = "train"):
         super().__init__(seed, cfg_drop, max_bad_fraction, resolution, random_crop, hflip)
-        _check_mode(mode)
+        check_mode(mode)
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"Pick-a-Pic root {root} is not a directory")
@@ -312,7 +183,7 @@ class PickAPicDataset(_Base):
         self.winner = np.concatenate(winners)
         if len(self.rows) == 0:
             raise ValueError(f"{root}: no labelled, non-tie pairs in {len(self.files)} shard(s)")
-        self.coin = _rng(seed, _COIN).random(len(self.rows)) < 0.5  # SSPOr: True -> the winner
+        self.coin = seeded_rng(seed, _COIN).random(len(self.rows)) < 0.5  # SSPOr: True -> the winner
         self._open, self._cache_key, self._cache = {}, None, None
         log.info("Pick-a-Pic %s: %d pairs from %d shard(s); dropped %d ties, %d unlabelled; "
                  "%d empty captions", root, len(self.rows), len(self.files), self.num_ties,
@@ -360,9 +231,9 @@ class PickAPicDataset(_Base):
 
 
 # ---------------------------------------------------------------------------------------------
-# Image and video folders
+# Image folders
 
-def _read_metadata(root: Path) -> list[tuple[str, str]]:
+def read_metadata(root: Path) -> list[tuple[str, str]]:
     """root/metadata.jsonl: one {"file_name": str, "text": str} per line -> [(file, text)]."""
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory")
@@ -387,24 +258,7 @@ def _read_metadata(root: Path) -> list[tuple[str, str]]:
     return entries
 
 
-def _read_magictime_csv(path: Path) -> list[tuple[str, str]]:
-    """MagicTime / ChronoMagic caption CSV: columns `videoid`, `name` (caption); the video is
-    `{videoid}.mp4` next to the other videos."""
-    if not path.is_file():
-        raise FileNotFoundError(f"caption file {path} not found")
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in ("videoid", "name") if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; expected MagicTime columns "
-                             f"'videoid' and 'name', found {reader.fieldnames}")
-        entries = [(f"{r['videoid']}.mp4", r["name"]) for r in reader]
-    if not entries:
-        raise ValueError(f"{path}: no rows")
-    return entries
-
-
-class ImageFolderDataset(_Base):
+class ImageFolderDataset(BaseDataset):
     """Captioned images: ``root/metadata.jsonl`` lines {"file_name", "text"}, paths relative to root.
 
     item: {"prompt": str, "x0_w": (3,R,R)}, or None if the file is missing/unreadable.
@@ -414,7 +268,7 @@ class ImageFolderDataset(_Base):
                  cfg_drop: float = 0.0, seed: int = 0, max_bad_fraction: float = 0.01):
         super().__init__(seed, cfg_drop, max_bad_fraction, resolution, random_crop, hflip)
         self.root = Path(root)
-        self.entries = _read_metadata(self.root)
+        self.entries = read_metadata(self.root)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -430,76 +284,6 @@ class ImageFolderDataset(_Base):
         except Exception as e:  # missing file or any of PIL's error types
             return self._skip(str(path), f"unreadable image ({type(e).__name__}: {e})")
         return {"prompt": prompt, "x0_w": self._transform([img], rng)[0]}  # (3,R,R)
-
-
-class _ShortVideo(Exception):
-    pass
-
-
-def _decode_frames(path: Path, num_frames: int, total: int | None = None) -> list[Image.Image]:
-    """F frames spread uniformly over the whole clip (first and last included)."""
-    if total is None:
-        with av.open(str(path)) as c:
-            stream = c.streams.video[0]
-            # Container metadata may lack a frame count; counting packets avoids decoding.
-            total = stream.frames or sum(1 for p in c.demux(stream) if p.size)
-    if total < num_frames:
-        raise _ShortVideo(f"has {total} frames, expected at least num_frames={num_frames}")
-    want = np.linspace(0, total - 1, num_frames).round().astype(int)  # (F,)
-    kept, decoded = {}, 0
-    with av.open(str(path)) as c:
-        for decoded, frame in enumerate(c.decode(video=0), 1):
-            if decoded - 1 in want:
-                kept[decoded - 1] = frame.to_image()
-            if decoded - 1 >= want[-1]:
-                break
-    if decoded - 1 < want[-1]:  # the container overstated its length: retry with the real one
-        return _decode_frames(path, num_frames, decoded)
-    return [kept[k] for k in want]
-
-
-class VideoFolderDataset(_Base):
-    """Captioned videos decoded with PyAV (MagicTime-style text-to-video data).
-
-    Captions: ``root/metadata.jsonl`` ({"file_name", "text"}) by default, or a MagicTime CSV
-    (``captions=path``, columns videoid,name; videos at ``root/{videoid}.mp4``).
-    ``num_frames`` frames are sampled uniformly over the whole clip ("dynamic frame extraction")
-    and all get the same resize/crop/flip. A clip with fewer frames is skipped and counted.
-
-    item: {"prompt": str, "x0_w": (3,F,R,R)}, or None if the video is unreadable or too short.
-    """
-
-    def __init__(self, root, num_frames: int = 16, resolution: int = 256, random_crop: bool = False,
-                 hflip: bool = False, cfg_drop: float = 0.0, seed: int = 0,
-                 max_bad_fraction: float = 0.01, captions: str | Path | None = None):
-        super().__init__(seed, cfg_drop, max_bad_fraction, resolution, random_crop, hflip)
-        self.root = Path(root)
-        if captions is None:
-            self.entries = _read_metadata(self.root)
-        elif not self.root.is_dir():
-            raise FileNotFoundError(f"{self.root} is not a directory")
-        else:
-            self.entries = _read_magictime_csv(Path(captions))
-        if num_frames < 1:
-            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-        self.num_frames = num_frames
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __getitem__(self, i: int) -> dict | None:
-        self.num_seen += 1
-        name, text = self.entries[i]
-        path, rng = self.root / name, self._item_rng(i)
-        prompt = self._prompt(text, rng)
-        try:
-            frames = _decode_frames(path, self.num_frames)
-        except _ShortVideo as e:
-            return self._skip(str(path), f"video too short: {e}")
-        except Exception as e:  # PyAV/FFmpeg errors, missing file, no video stream
-            return self._skip(str(path), f"unreadable video ({type(e).__name__}: {e})")
-        video = self._transform(frames, rng)  # (F,3,R,R)
-        return {"prompt": prompt, "x0_w": video.permute(1, 0, 2, 3).contiguous()}  # (3,F,R,R)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
-"""Random Checkpoint Replay (SSPO paper, section 4.1): the checkpoint pool, the reference network
-that runs a chosen checkpoint, and the replayed ("losing") samples it generates.
+"""Random Checkpoint Replay (SSPO paper, section 4.1): the checkpoint pool and the reference
+network that runs a chosen checkpoint (which also samples the replayed "losers", via sampling.py).
 
 Per SSPO step (DESIGN.md, "One SSPO step, as data"):
 
     k = pool.choose(step)                 # uniform over {0 (initial model), 1, ..., K} = the ERD
     reference.load(pool.get(k))           # weights copied in place, no new module
-    x0_l = sample_losers(bundle, reference, prompts, generator=g, latent_shape=(C,H,W))
+    x0_l = sampling.sample(bundle, reference, prompts, latents=z_T, latent_shape=(C,H,W))
 
 and every ``save_every`` optimizer updates ``pool.add(bundle.trainable_state_dict(), step)``.
 
@@ -22,11 +22,9 @@ import warnings
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler
-from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file, save_file
 
-from models import Bundle, encode_prompts, unet_forward
+from models import Bundle, unet_forward
 
 STRATEGIES = ("uniform", "initial", "last")
 STORAGES = ("memory", "memory_bf16", "disk")
@@ -158,7 +156,7 @@ class Reference:
 
     @property
     def denoiser(self) -> "Reference":
-        """``denoise_fn(x_t, t, text_emb) -> pred`` for ``sample_losers``."""
+        """``denoise_fn(x_t, t, text_emb) -> pred`` for ``sampling.sample``."""
         return self
 
     @torch.no_grad()
@@ -200,45 +198,3 @@ class Reference:
                     return unet_forward(self.bundle, unet, x_t, t, text_emb)
                 finally:
                     unet.set_adapter(active)
-
-
-@torch.no_grad()
-def sample_losers(bundle: Bundle, denoise_fn, prompts: list[str], *, num_inference_steps: int = 20,
-                  guidance_scale: float = 3.0, generator: torch.Generator | None = None,
-                  latent_shape: tuple, latents: torch.Tensor | None = None) -> torch.Tensor:
-    """Replayed samples for ``prompts``: DDIM (eta 0) with classifier-free guidance, in latent space.
-
-    denoise_fn(x_t, t, text_emb) -> pred, e.g. a ``Reference``. latent_shape: (C,H,W) for images,
-    (C,F,H,W) for video. ``latents``: the initial noise z_T (B, *latent_shape), given instead of
-    ``generator`` when the caller keys noise per item (train.py: the same samples whatever the
-    world size). Returns latents (B, *latent_shape), no VAE decode. The procedure is
-    StableDiffusionPipeline's / AnimateDiffPipeline's with ``output_type="latent"``: noise from
-    ``generator`` of shape (B, *latent_shape), the DDIM scheduler configured from the model's
-    scheduler config, one denoiser call per step on [unconditional; conditional] (2B), and
-    eps = eps_u + w * (eps_c - eps_u) with the empty prompt as unconditional.
-    """
-    # StableDiffusionPipeline.__init__ forces clip_sample=False and steps_offset=1 on legacy
-    # configs (DDIMScheduler's own default clips to [-1,1]); do the same so that samples match.
-    scheduler = DDIMScheduler.from_config(dict(bundle.scheduler_config, clip_sample=False, steps_offset=1))
-    device = bundle.device
-    scheduler.set_timesteps(num_inference_steps, device=device)
-    B = len(prompts)
-    cfg = guidance_scale > 1.0  # as the pipelines: guidance 1 means the conditional model alone
-    emb = encode_prompts(bundle, prompts)  # (B,77,D)
-    if cfg:
-        emb = torch.cat([encode_prompts(bundle, [""] * B), emb])  # (2B,77,D): [uncond; cond]
-    emb = emb.to(device)
-    if latents is None:  # z_T from the generator, as the pipelines draw it
-        latents = randn_tensor((B, *latent_shape), generator=generator, device=device, dtype=emb.dtype)
-    elif tuple(latents.shape) != (B, *latent_shape):
-        raise ValueError(f"latents {tuple(latents.shape)} do not match {(B, *latent_shape)}")
-    latents = latents.to(device=device, dtype=emb.dtype) * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        x_in = torch.cat([latents] * 2) if cfg else latents  # (2B,*latent_shape)
-        x_in = scheduler.scale_model_input(x_in, t)
-        pred = denoise_fn(x_in, t, emb)
-        if cfg:
-            pred_u, pred_c = pred.chunk(2)  # (2B,...) -> (B,...), (B,...)
-            pred = pred_u + guidance_scale * (pred_c - pred_u)
-        latents = scheduler.step(pred, t, latents, eta=0.0).prev_sample
-    return latents

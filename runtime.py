@@ -21,8 +21,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import config as config_mod
+import digits
 import models
-import replay
+import sampling
 
 # ---------------------------------------------------------------------------------------------
 # torch.distributed (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT)
@@ -141,19 +142,6 @@ def latest_step(out: Path) -> int | None:
     return int(f.read_text().strip().split("_")[-1]) if f.exists() else None
 
 
-def load_trainable(bundle, weights: dict) -> None:
-    """Copy saved trainable weights into the bundle's UNet in place (keys of trainable_state_dict)."""
-    own = bundle.trainable_state_dict()
-    missing = sorted(set(own) - set(weights))
-    if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {missing[:3]}; "
-                         f"was it written by a run with the same model and lora_rank?")
-    params = dict(bundle.unet.named_parameters())
-    with torch.no_grad():
-        for k in own:
-            params[k].copy_(weights[k].to(params[k].device, params[k].dtype))
-
-
 # Keys whose change breaks "a resumed run equals an uninterrupted one" (max_steps may grow).
 TRAJECTORY_KEYS = ("method", "ssr", "replay", "model", "model_path", "data", "data_path", "beta",
                    "tau", "eps_clip", "save_every", "loser_steps", "loser_guidance", "batch_size",
@@ -174,7 +162,7 @@ def load_latest(out: Path, bundle, opt, lr_sched, scaler, pool, cfg) -> int | No
         print(f"resume: no checkpoint in {out / 'checkpoints'}; starting from scratch", flush=True)
         return None
     d = Path(out) / "checkpoints" / f"step_{step:06d}"
-    load_trainable(bundle, load_file(str(d / "trainable.safetensors")))
+    models.load_trainable(bundle, load_file(str(d / "trainable.safetensors")))
     state = torch.load(d / "state.pt", map_location="cpu", weights_only=False)
     check_resume_config(state["config"], config_mod.to_dict(cfg))
     opt.load_state_dict(state["optimizer"])
@@ -266,14 +254,6 @@ def _main_thread() -> bool:
 # Sample grids: fixed prompts, fixed seed, the policy itself, 20 DDIM steps
 # ---------------------------------------------------------------------------------------------
 
-
-def sample_prompts(cfg, n: int) -> list[str]:
-    import data
-    if cfg.model == "digits":
-        return [data.digit_caption(d % 10, data.TRAIN_TEMPLATES[0]) for d in range(n)]
-    return [p for p in SAMPLE_PROMPTS][:n]
-
-
 SAMPLE_PROMPTS = [
     "a photo of an astronaut riding a horse on the moon", "a cozy cabin in a snowy forest at dusk",
     "a bowl of ramen, studio lighting", "a watercolor painting of a lighthouse",
@@ -283,29 +263,10 @@ SAMPLE_PROMPTS = [
 ]
 
 
-@torch.no_grad()
-def save_samples(cfg, bundle, out: Path, step: int, shape: tuple) -> Path:
-    prompts = sample_prompts(cfg, cfg.num_sample_prompts)
-    g = torch.Generator().manual_seed(cfg.seed)
-    device = next(bundle.unet.parameters()).device
-    z = torch.randn((len(prompts), *shape), generator=g).to(device)
-    was_training = bundle.unet.training
-    bundle.unet.eval()
-    policy = lambda x, t, e: models.unet_forward(bundle, bundle.unet, x, t, e)  # noqa: E731
-    lat = replay.sample_losers(bundle, policy, prompts, latents=z, num_inference_steps=20,
-                               guidance_scale=cfg.loser_guidance, latent_shape=shape)
-    bundle.unet.train(was_training)
-    px = models.decode_latents(bundle, lat).float().clamp(-1, 1).cpu()  # (N,C,H,W) or (N,C,F,H,W)
-    frames = [px] if px.ndim == 4 else [px[:, :, f] for f in range(px.shape[2])]
-    grids = [_grid(f, upscale=4 if bundle.family == "digits" else 1) for f in frames]
-    d = out / "samples"
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / f"step_{step:06d}.png"
-    grids[0].save(path)
-    if len(grids) > 1:
-        path = d / f"step_{step:06d}.gif"
-        grids[0].save(path, save_all=True, append_images=grids[1:], duration=125, loop=0)
-    return path
+def sample_prompts(cfg, n: int) -> list[str]:
+    if cfg.model == "digits":
+        return [digits.digit_caption(d % 10, digits.TRAIN_TEMPLATES[0]) for d in range(n)]
+    return SAMPLE_PROMPTS[:n]
 
 
 def _grid(x: torch.Tensor, upscale: int = 1) -> Image.Image:
@@ -320,3 +281,22 @@ def _grid(x: torch.Tensor, upscale: int = 1) -> Image.Image:
     arr = ((canvas + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
     img = Image.fromarray(arr[..., 0] if c == 1 else arr[..., :3])
     return img.resize((img.width * upscale, img.height * upscale), Image.NEAREST) if upscale > 1 else img
+
+
+@torch.no_grad()
+def save_samples(cfg, bundle: models.Bundle, out: Path, step: int, shape: tuple) -> Path:
+    prompts = sample_prompts(cfg, cfg.num_sample_prompts)
+    z = torch.randn((len(prompts), *shape), generator=torch.Generator().manual_seed(cfg.seed))
+    lat = sampling.sample_with_policy(bundle, prompts, latents=z, num_inference_steps=20,
+                                      guidance_scale=cfg.loser_guidance, latent_shape=shape)
+    px = models.decode_latents(bundle, lat).float().clamp(-1, 1).cpu()  # (N,C,H,W) or (N,C,F,H,W)
+    frames = [px] if px.ndim == 4 else [px[:, :, f] for f in range(px.shape[2])]
+    grids = [_grid(f, upscale=8 if bundle.family == "digits" else 1) for f in frames]
+    d = out / "samples"
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"step_{step:06d}.png"
+    grids[0].save(path)
+    if len(grids) > 1:
+        path = d / f"step_{step:06d}.gif"
+        grids[0].save(path, save_all=True, append_images=grids[1:], duration=125, loop=0)
+    return path

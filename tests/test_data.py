@@ -18,6 +18,8 @@ from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, DistributedSampler
 
 import data
+import data_video
+import digits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +32,7 @@ def _png(value: int, size=(20, 12)) -> bytes:
 
 def _word_digit(prompt: str) -> int:
     """The digit named in a caption, parsed independently of data.py's bookkeeping."""
-    found = [d for d, w in enumerate(data.DIGIT_WORDS) if w in prompt.split() or w + "," in prompt.split()]
+    found = [d for d, w in enumerate(digits.DIGIT_WORDS) if w in prompt.split() or w + "," in prompt.split()]
     assert len(found) == 1, prompt
     return found[0]
 
@@ -198,13 +200,13 @@ def test_image_folder_errors(tmp_path):
 
 
 def test_cfg_drop_rate_and_determinism():
-    ds = data.DigitsDataset("pretrain", cfg_drop=0.25, seed=1)
+    ds = digits.DigitsDataset("pretrain", cfg_drop=0.25, seed=1)
     empty = np.array([ds[i]["prompt"] == "" for i in range(len(ds))])
     assert 0.18 < empty.mean() < 0.32
     assert all((ds[i]["prompt"] == "") == e for i, e in enumerate(empty))
     ds.set_epoch(1)
     assert (np.array([ds[i]["prompt"] == "" for i in range(len(ds))]) != empty).any()
-    assert all(data.DigitsDataset("pretrain")[i]["prompt"] for i in range(50))  # default: never
+    assert all(digits.DigitsDataset("pretrain")[i]["prompt"] for i in range(50))  # default: never
 
 
 # ------------------------------------------------------------------------------ video folder
@@ -227,7 +229,7 @@ def test_video_folder_samples_frames_uniformly(tmp_path, caplog):
     _write_video(tmp_path / "clip.mp4", 12)
     (tmp_path / "junk.mp4").write_bytes(b"not a video")
     _image_folder(tmp_path, [("clip.mp4", "a clip"), ("junk.mp4", "junk")])
-    ds = data.VideoFolderDataset(tmp_path, num_frames=4, resolution=16, max_bad_fraction=0.5)
+    ds = data_video.VideoFolderDataset(tmp_path, num_frames=4, resolution=16, max_bad_fraction=0.5)
     item = ds[0]
     x = item["x0_w"]
     assert item["prompt"] == "a clip" and x.shape == (3, 4, 16, 16) and x.dtype == torch.float32
@@ -237,7 +239,7 @@ def test_video_folder_samples_frames_uniformly(tmp_path, caplog):
     assert torch.allclose(x.mean(dim=(0, 2, 3)), expected, atol=0.06)
     assert ds[1] is None and "junk.mp4" in caplog.text and "unreadable video" in caplog.text
 
-    short = data.VideoFolderDataset(tmp_path, num_frames=16, resolution=16, max_bad_fraction=0.5)
+    short = data_video.VideoFolderDataset(tmp_path, num_frames=16, resolution=16, max_bad_fraction=0.5)
     assert short[0] is None and short.num_skipped == 1
     assert "clip.mp4: video too short: has 12 frames, expected at least num_frames=16" in caplog.text
 
@@ -245,13 +247,13 @@ def test_video_folder_samples_frames_uniformly(tmp_path, caplog):
 def test_video_folder_magictime_csv_and_same_crop_for_all_frames(tmp_path):
     _write_video(tmp_path / "v1.mp4", 6, size=(48, 16))
     (tmp_path / "captions.csv").write_text('videoid,name,is_transmit\nv1,"a flower, blooming",0\n')
-    ds = data.VideoFolderDataset(tmp_path, num_frames=6, resolution=16, random_crop=True,
+    ds = data_video.VideoFolderDataset(tmp_path, num_frames=6, resolution=16, random_crop=True,
                                  captions=tmp_path / "captions.csv")
     item = ds[0]
     assert item["prompt"] == "a flower, blooming" and item["x0_w"].shape == (3, 6, 16, 16)
     (tmp_path / "bad.csv").write_text("id,caption\nv1,x\n")
     with pytest.raises(ValueError, match=r"bad.csv: missing column\(s\) \['videoid', 'name'\]"):
-        data.VideoFolderDataset(tmp_path, captions=tmp_path / "bad.csv")
+        data_video.VideoFolderDataset(tmp_path, captions=tmp_path / "bad.csv")
 
 
 def test_video_crop_is_shared_by_frames(tmp_path):
@@ -270,7 +272,7 @@ def test_video_crop_is_shared_by_frames(tmp_path):
         for packet in stream.encode():
             c.mux(packet)
     _image_folder(tmp_path, [("bar.mp4", "bar")] * 4)
-    ds = data.VideoFolderDataset(tmp_path, num_frames=5, resolution=16, random_crop=True, seed=0)
+    ds = data_video.VideoFolderDataset(tmp_path, num_frames=5, resolution=16, random_crop=True, seed=0)
     for i in range(4):
         cols = ds[i]["x0_w"].mean(dim=(0, 2))  # (F, W) column profile per frame
         assert torch.allclose(cols, cols[:1].expand_as(cols), atol=0.1)
@@ -279,25 +281,25 @@ def test_video_crop_is_shared_by_frames(tmp_path):
 # ------------------------------------------------------------------------------ digits
 
 def test_digits_splits_disjoint_cover_and_match_sklearn():
-    idx = data.digits_split_indices()
+    idx = digits.digits_split_indices()
     sizes = {k: len(v) for k, v in idx.items()}
     assert sum(sizes.values()) == 1797 and abs(sizes["pretrain"] - 898) <= 10
     assert np.array_equal(np.sort(np.concatenate(list(idx.values()))), np.arange(1797))  # disjoint + cover
     sk = load_digits()
-    splits = data.load_digits_splits()
+    splits = digits.load_digits_splits()
     for name, (x, y) in splits.items():
         assert x.shape == (len(idx[name]), 1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
         assert torch.equal(y, torch.from_numpy(sk.target[idx[name]]))
         assert torch.allclose(x.reshape(-1, 64), torch.from_numpy(sk.data[idx[name]] / 8 - 1).float())
         counts = np.bincount(y.numpy(), minlength=10) / len(y)  # stratified: same class mix
         assert np.allclose(counts, np.bincount(sk.target) / 1797, atol=0.01)
-    assert not np.array_equal(data.digits_split_indices(1)["eval"], idx["eval"])
+    assert not np.array_equal(digits.digits_split_indices(1)["eval"], idx["eval"])
 
 
 def test_digits_splits_stable_across_processes():
-    code = "import data, json; print(json.dumps({k: v.tolist() for k, v in data.digits_split_indices().items()}))"
+    code = "import digits, json; print(json.dumps({k: v.tolist() for k, v in digits.digits_split_indices().items()}))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    idx = data.digits_split_indices()
+    idx = digits.digits_split_indices()
     assert json.loads(out.stdout) == {k: v.tolist() for k, v in idx.items()}
     # Pinned: if this changes, eval digits could leak into training of an older checkpoint.
     assert idx["eval"][:5].tolist() == [8, 11, 15, 20, 21] and len(idx["eval"]) == 449
@@ -305,22 +307,22 @@ def test_digits_splits_stable_across_processes():
 
 @pytest.mark.parametrize("fraction", [0.0, 0.3, 0.6, 1.0])
 def test_digits_corrupt_fraction_is_exact_and_fixed(fraction):
-    ds = data.DigitsDataset("pretrain", corrupt_fraction=fraction, seed=7)
+    ds = digits.DigitsDataset("pretrain", corrupt_fraction=fraction, seed=7)
     named = np.array([_word_digit(ds[i]["prompt"]) for i in range(len(ds))])
     labels = np.array([ds[i]["label"] for i in range(len(ds))])
     assert (named != labels).sum() == round(fraction * len(ds))
     ds.set_epoch(5)  # fixed per item, not per epoch
     assert all(_word_digit(ds[i]["prompt"]) == named[i] for i in range(0, len(ds), 37))
-    assert all(any(ds[i]["prompt"] == data.digit_caption(named[i], t) for t in data.TRAIN_TEMPLATES)
+    assert all(any(ds[i]["prompt"] == digits.digit_caption(named[i], t) for t in digits.TRAIN_TEMPLATES)
                for i in range(20))
 
 
 def test_digits_pairs_never_share_the_digit():
     for split, classes in [("align", None), ("align", [3]), ("pretrain", [0, 1, 2])]:
-        ds = data.DigitsDataset(split, mode="pairs", classes=classes, corrupt_fraction=0.2)
+        ds = digits.DigitsDataset(split, mode="pairs", classes=classes, corrupt_fraction=0.2)
         # Identify the loser by its pixels, independently of ds.loser_index.
         digits_of = {}
-        for x, y in zip(*data.load_digits_splits()[split]):
+        for x, y in zip(*digits.load_digits_splits()[split]):
             digits_of.setdefault(x.numpy().tobytes(), set()).add(int(y))
         for i in range(len(ds)):
             item = ds[i]
@@ -331,9 +333,9 @@ def test_digits_pairs_never_share_the_digit():
 
 
 def test_digits_random_mode_and_modes_shapes():
-    pairs = data.DigitsDataset("align", mode="pairs", seed=2)
-    rand = data.DigitsDataset("align", mode="random", seed=2)
-    win = data.DigitsDataset("align", mode="winners", seed=2)
+    pairs = digits.DigitsDataset("align", mode="pairs", seed=2)
+    rand = digits.DigitsDataset("align", mode="random", seed=2)
+    win = digits.DigitsDataset("align", mode="winners", seed=2)
     took_winner = []
     for i in range(len(rand)):
         p, r, w = pairs[i], rand[i], win[i]
@@ -348,19 +350,19 @@ def test_digits_random_mode_and_modes_shapes():
 
 
 def test_digits_heldout_templates_and_errors():
-    assert not set(data.TRAIN_TEMPLATES) & set(data.HELDOUT_TEMPLATES)
-    ds = data.DigitsDataset("eval", templates=data.HELDOUT_TEMPLATES)
-    assert all(any(ds[i]["prompt"] == data.digit_caption(ds[i]["label"], t) for t in data.HELDOUT_TEMPLATES)
+    assert not set(digits.TRAIN_TEMPLATES) & set(digits.HELDOUT_TEMPLATES)
+    ds = digits.DigitsDataset("eval", templates=digits.HELDOUT_TEMPLATES)
+    assert all(any(ds[i]["prompt"] == digits.digit_caption(ds[i]["label"], t) for t in digits.HELDOUT_TEMPLATES)
                for i in range(20))
-    assert data.digit_caption(7, "a handwritten digit {word}") == "a handwritten digit seven"
+    assert digits.digit_caption(7, "a handwritten digit {word}") == "a handwritten digit seven"
     with pytest.raises(ValueError, match="unknown digits split 'test'"):
-        data.DigitsDataset("test")
+        digits.DigitsDataset("test")
     with pytest.raises(ValueError, match="unknown mode 'pair'"):
-        data.DigitsDataset("align", mode="pair")
+        digits.DigitsDataset("align", mode="pair")
     with pytest.raises(ValueError, match="classes must be"):
-        data.DigitsDataset("align", classes=[12])
+        digits.DigitsDataset("align", classes=[12])
     with pytest.raises(ValueError, match="corrupt_fraction"):
-        data.DigitsDataset("align", corrupt_fraction=1.5)
+        digits.DigitsDataset("align", corrupt_fraction=1.5)
 
 
 # ------------------------------------------------------------------------------ collate, sampler
@@ -397,7 +399,7 @@ def test_sampler_ranks_disjoint_cover_and_match_torch(n, world, drop_last):
 
 
 def test_sampler_resume_gives_the_remaining_sequence():
-    ds = data.DigitsDataset("align")
+    ds = digits.DigitsDataset("align")
     sampler = data.ResumableDistributedSampler(ds, num_replicas=2, rank=1, seed=0)
     sampler.set_epoch(3)
     full = list(sampler)

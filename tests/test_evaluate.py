@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 
-import data
+import benchmark
+import digits
 import evaluate
 import models
+from families import animatediff, common, sd15
 import scorers
 
 
@@ -54,12 +56,12 @@ def test_psnr_matches_skimage():
 
 @pytest.fixture(scope="module")
 def splits():
-    return data.load_digits_splits(seed=evaluate.DIGIT_SPLIT_SEED)
+    return digits.load_digits_splits(seed=digits.SPLIT_SEED)
 
 
 @pytest.fixture(scope="module")
 def judge(splits):
-    return evaluate.DigitsJudge.from_splits(splits)
+    return digits.DigitsJudge.from_splits(splits)
 
 
 def test_judge_real_digits_far_above_chance_shuffled_near_chance(judge, splits):
@@ -89,7 +91,7 @@ def test_generate_digits_matches_stable_diffusion_pipeline(digits_bundle, guidan
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     b = digits_bundle
     prompts = ["a handwritten digit seven", "the number two, written by hand", "a scan of the numeral one"]
-    ours = evaluate.generate_digits(b, prompts, guidance_scale=guidance, num_inference_steps=5, seed=3, batch_size=2)
+    ours = digits.generate_digits(b, prompts, guidance_scale=guidance, num_inference_steps=5, seed=3, batch_size=2)
     pipe = StableDiffusionPipeline(vae=None, text_encoder=b.text_encoder, tokenizer=b.tokenizer, unet=b.unet,
                                    scheduler=DDIMScheduler.from_config(b.scheduler_config), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -104,22 +106,22 @@ def test_generate_digits_matches_stable_diffusion_pipeline(digits_bundle, guidan
 
 
 def test_digit_prompts_are_balanced():
-    prompts, labels = evaluate.digit_prompts(data.HELDOUT_TEMPLATES, 45)
-    k = -(-45 // (10 * len(data.HELDOUT_TEMPLATES)))
-    assert len(prompts) == len(labels) == 10 * k * len(data.HELDOUT_TEMPLATES)
-    assert np.bincount(labels).tolist() == [k * len(data.HELDOUT_TEMPLATES)] * 10
-    assert prompts[0] == data.digit_caption(labels[0], data.HELDOUT_TEMPLATES[0])
-    assert not set(prompts) & {data.digit_caption(d, t) for d in range(10) for t in data.TRAIN_TEMPLATES}
+    prompts, labels = digits.digit_prompts(digits.HELDOUT_TEMPLATES, 45)
+    k = -(-45 // (10 * len(digits.HELDOUT_TEMPLATES)))
+    assert len(prompts) == len(labels) == 10 * k * len(digits.HELDOUT_TEMPLATES)
+    assert np.bincount(labels).tolist() == [k * len(digits.HELDOUT_TEMPLATES)] * 10
+    assert prompts[0] == digits.digit_caption(labels[0], digits.HELDOUT_TEMPLATES[0])
+    assert not set(prompts) & {digits.digit_caption(d, t) for d in range(10) for t in digits.TRAIN_TEMPLATES}
 
 
 def test_evaluate_digits_model_reports_every_condition(digits_bundle, judge):
-    res = evaluate.evaluate_digits_model(digits_bundle, judge, n_per_condition=20, num_inference_steps=2, seed=0)
+    res = digits.evaluate_model(digits_bundle, judge, n_per_condition=20, num_inference_steps=2, seed=0)
     for split in ("id", "ood"):
         for g in ("cfg", "nocfg"):
             acc = res[f"{split}_{g}/accuracy"]
             assert 0 <= acc <= 1 and res[f"{split}_{g}/frechet"] > 0
     assert len(res) == 12
-    again = evaluate.evaluate_digits_model(digits_bundle, judge, n_per_condition=20, num_inference_steps=2, seed=0,
+    again = digits.evaluate_model(digits_bundle, judge, n_per_condition=20, num_inference_steps=2, seed=0,
                                            conditions=("ood_nocfg",))
     assert again == {k: v for k, v in res.items() if k.startswith("ood_nocfg")}  # seeded: reproducible
 
@@ -128,22 +130,22 @@ def _fake_results(methods=("base", "sft", "sspo"), seeds=2):
     rng = np.random.default_rng(0)
     keys = [f"{c}/{m}" for c in ("id_cfg", "id_nocfg", "ood_cfg", "ood_nocfg") for m in ("accuracy", "confidence", "frechet")]
     runs = {name: [{"seed": s, "final": {k: float(rng.uniform()) for k in keys},
-                    "curve": [] if name == "base" else [(st, {f"{c}/{m}": float(rng.uniform()) for c in evaluate.CURVE_CONDITIONS
+                    "curve": [] if name == "base" else [(st, {f"{c}/{m}": float(rng.uniform()) for c in benchmark.CURVE_CONDITIONS
                                                                for m in ("accuracy", "confidence", "frechet")}) for st in (0, 5, 10)],
                     "ssr": [(5, 0.3), (10, 0.5)] if name == "sspo" else []} for s in range(seeds)] for name in methods}
-    return {"size": evaluate.SIZES["quick"], "judge_accuracy": 0.98, "date": "today", "runs": runs}
+    return {"size": benchmark.SIZES["quick"], "judge_accuracy": 0.98, "date": "today", "runs": runs}
 
 
 def test_table_markdown_and_plots(tmp_path):
     results = _fake_results()
-    summary = evaluate.summarize(results)
+    summary = benchmark.summarize(results)
     acc = [r["final"]["ood_nocfg/accuracy"] for r in results["runs"]["sft"]]
     assert summary["sft"]["ood_nocfg/accuracy"] == pytest.approx([np.mean(acc), np.std(acc)])
-    evaluate.write_table_md(results, summary, tmp_path / "table.md", "python evaluate.py table --quick")
+    benchmark.write_table_md(results, summary, tmp_path / "table.md", "python benchmark.py table --quick")
     md = (tmp_path / "table.md").read_text()
-    assert md.count("| sspo |") == 4 and "python evaluate.py table --quick" in md and "0.9800" in md
+    assert md.count("| sspo |") == 4 and "python benchmark.py table --quick" in md and "0.9800" in md
     assert f"{np.mean(acc):.3f} ± {np.std(acc):.3f}" in md
-    paths = evaluate.plot_curves(results, tmp_path)
+    paths = benchmark.plot_curves(results, tmp_path)
     assert [p.name for p in paths] == ["curve_accuracy.png", "curve_confidence.png", "curve_frechet.png", "ssr_rate.png"]
     assert all(Image.open(p).size[0] > 300 for p in paths)
 
@@ -160,7 +162,7 @@ def tiny_clip(tmp_path_factory):
                   image_size=32, patch_size=8)
     torch.manual_seed(0)
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(path)
-    models.load_digits_tokenizer().save_pretrained(path)
+    common.clip_tokenizer().save_pretrained(path)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
     return path
 
@@ -306,7 +308,7 @@ def test_load_prompts_formats(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory):
-    return models.write_tiny_sd15(str(tmp_path_factory.mktemp("sd15")))
+    return sd15.write_tiny(str(tmp_path_factory.mktemp("sd15")))
 
 
 def test_generate_and_score_cli(tiny_sd, tiny_clip, tmp_path):
@@ -341,7 +343,7 @@ def test_generate_missing_checkpoint_is_clear(tmp_path):
 
 
 def test_animatediff_generation_writes_gifs(tiny_sd, tmp_path):
-    adapter = models.write_tiny_motion_adapter(str(tmp_path / "adapter"))
+    adapter = animatediff.write_tiny_motion_adapter(str(tmp_path / "adapter"))
     pipe = evaluate.load_pipeline("animatediff", tiny_sd, motion_adapter=adapter)
     manifest = json.loads(evaluate.generate(pipe, ["a cat walking"], tmp_path / "out", num_inference_steps=2,
                                             num_frames=3).read_text())
@@ -394,19 +396,19 @@ def test_lora_on_top_of_base_changes_the_output(tiny_sd, tmp_path):
 
 
 def test_quick_table_end_to_end(tmp_path):
-    """`python evaluate.py table --quick` (CI size): every method x seed trained and judged,
+    """`python benchmark.py table --quick` (CI size): every method x seed trained and judged,
     table.md / table.json / plots written. Its numbers are meaningless at this size."""
     import subprocess
     import sys
     root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, str(root / "evaluate.py"), "table", "--quick", "--jobs", "2",
+    r = subprocess.run([sys.executable, str(root / "benchmark.py"), "table", "--quick", "--jobs", "2",
                         "--out", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((tmp_path / "table.json").read_text())
-    assert list(res["runs"]) == list(evaluate.METHODS)
+    assert list(res["runs"]) == list(benchmark.METHODS)
     assert all(len(runs) == res["size"]["seeds"] for runs in res["runs"].values())
     md = (tmp_path / "table.md").read_text()
-    assert all(f"| {name} |" in md for name in evaluate.METHODS)
+    assert all(f"| {name} |" in md for name in benchmark.METHODS)
     for png in ("curve_accuracy.png", "curve_confidence.png", "curve_frechet.png", "ssr_rate.png"):
         assert (tmp_path / png).stat().st_size > 1000
     sspo = res["runs"]["sspo"][0]

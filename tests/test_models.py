@@ -9,6 +9,7 @@ import regex
 import torch
 
 import models
+from families import animatediff, common, sd15
 
 
 
@@ -24,7 +25,7 @@ def _reference_clip_ids(text: str) -> list[int]:
             bs.append(b), cs.append(256 + n)
             n += 1
     byte_enc = dict(zip(bs, map(chr, cs)))
-    merges = gzip.open(models.clip_bpe_file()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    merges = gzip.open(common.clip_bpe_file()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
     merges = [tuple(m.split()) for m in merges]
     vocab = list(byte_enc.values())
     vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
@@ -59,7 +60,7 @@ def _reference_clip_ids(text: str) -> list[int]:
 
 
 def test_tokenizer_matches_clip_reference():
-    tok = models.load_digits_tokenizer()
+    tok = common.clip_tokenizer()
     assert tok("a photo of").input_ids == [49406, 320, 1125, 539, 49407]  # published SD-1.5 ids
     assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     for s in ["a handwritten digit seven", "A  Handwritten   DIGIT, number 7!", "it's a sketch of 42 cats",
@@ -164,7 +165,7 @@ def test_gradient_checkpointing_same_gradients():
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    return models.write_tiny_sd15(str(root / "sd15")), models.write_tiny_motion_adapter(str(root / "motion"))
+    return sd15.write_tiny(str(root / "sd15")), animatediff.write_tiny_motion_adapter(str(root / "motion"))
 
 
 def test_tiny_sd15_loads_like_a_release(tiny_dirs, tmp_path):

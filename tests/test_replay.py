@@ -6,7 +6,9 @@ import torch
 from diffusers import AnimateDiffPipeline, DDIMScheduler, StableDiffusionPipeline
 
 import models
-from replay import CheckpointPool, Reference, sample_losers
+from families import animatediff, sd15
+from replay import CheckpointPool, Reference
+from sampling import sample as sample_losers
 
 
 
@@ -127,7 +129,7 @@ def test_reference_reproduces_snapshots_and_leaves_policy_alone(lora_rank):
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    return models.write_tiny_sd15(str(root / "sd15")), models.write_tiny_motion_adapter(str(root / "motion"))
+    return sd15.write_tiny(str(root / "sd15")), animatediff.write_tiny_motion_adapter(str(root / "motion"))
 
 
 @pytest.mark.parametrize("guidance", [3.0, 1.0])

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import config
 import models
+from families import animatediff, sd15
 import runtime
 import sspo
 import train
@@ -233,7 +234,7 @@ def _write_videos(root: Path, n: int = 4, frames: int = 6):
     ("animatediff", "sspo", ["--num_frames=4"]),     # motion modules, video latents (B,C,F,h,w)
 ])
 def test_real_code_paths_under_torchrun(family, method, extra, tmp_path):
-    sd = models.write_tiny_sd15(str(tmp_path / "sd15"))
+    sd = sd15.write_tiny(str(tmp_path / "sd15"))
     args = [f"--model={family}", f"--model_path={sd}", f"--method={method}", "--max_steps=2",
             "--batch_size=1", "--save_every=1", "--loser_steps=2", "--resolution=16", "--log_every=1",
             "--sample_every=0", "--num_sample_prompts=2", f"--out_dir={tmp_path / 'run'}", *extra]
@@ -242,7 +243,7 @@ def test_real_code_paths_under_torchrun(family, method, extra, tmp_path):
         args += ["--data=pickapic", f"--data_path={tmp_path / 'pickapic'}"]
     else:
         _write_videos(tmp_path / "videos")
-        adapter = models.write_tiny_motion_adapter(str(tmp_path / "motion"))
+        adapter = animatediff.write_tiny_motion_adapter(str(tmp_path / "motion"))
         args += ["--data=videofolder", f"--data_path={tmp_path / 'videos'}", f"--motion_adapter_path={adapter}"]
     r = _torchrun(2, args)
     out = tmp_path / "run"

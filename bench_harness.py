@@ -1,0 +1,141 @@
+"""The model under test for bench.py: one model in one mode with a reference, replay pools, an
+optimizer and one fixed batch, driving the training loop's own ``loop.training_step``."""
+from __future__ import annotations
+
+import contextlib
+import os
+from types import SimpleNamespace
+
+import torch
+
+LOSS_KIND = {"sft": "sft", "dpo": "dpo", "sspo_nogen": "sspo", "sspo": "sspo"}
+# The SD-1.5 UNet of the release (REAL_CONFIGS.md); diffusers' default differs in cross_attention_dim.
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8,
+                 cross_attention_dim=768, norm_num_groups=32,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+
+
+
+def build_bundle(model: str, lora_rank: int, grad_ckpt: bool):
+    # Project modules import lazily: the memory child that only allocates a tensor (tests) and
+    # the CLI's --help stay fast.
+    import models
+    from families import common
+    if model == "digits":
+        return models.build_model("digits", None, lora_rank=lora_rank, gradient_checkpointing=grad_ckpt)
+    from diffusers import UNet2DConditionModel
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**SD15_UNET)
+        text_encoder = common.tiny_text_encoder(768).requires_grad_(False).eval()
+    # The same steps as models.build_model (which only loads sd15 from a directory; writing
+    # 3.4 GB of random weights to disk to load them back would measure nothing of interest).
+    unet.requires_grad_(False)
+    if lora_rank > 0:
+        from peft import LoraConfig
+        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
+                                    target_modules=models.LORA_TARGETS), adapter_name="default")
+    bundle = models.Bundle(family="sd15", unet=unet, text_encoder=text_encoder,
+                           tokenizer=common.clip_tokenizer(), vae=None,
+                           scheduler_config=dict(common.SD15_SCHEDULER), lora=lora_rank > 0,
+                           num_frames=0)
+    for p in bundle.trainable_parameters():
+        p.requires_grad_(True)
+    if grad_ckpt:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    return bundle
+
+
+class Harness:
+    """One model in one mode (full FT or LoRA) with a reference, replay pools, an optimizer
+    and one fixed batch: every method runs on the same weights, batch and noise."""
+
+    def __init__(self, model: str, lora: bool, p: dict, device: torch.device,
+                 reference: bool = True, storages: tuple = (), pool_dir: str | None = None):
+        import config, replay, sspo
+        self.p, self.device = p, device
+        self.bundle = build_bundle(model, p["lora_rank"] if lora else 0, p["grad_ckpt"])
+        self.bundle.unet.to(device)
+        self.bundle.text_encoder.to(device)
+        self.cfg = config.Config(method="sspo", beta=p["beta"], loser_steps=p["loser_steps"],
+                                 loser_guidance=p["guidance"], batch_size=p["batch"])
+        sc = self.bundle.scheduler_config
+        self.schedule = sspo.make_schedule(sc["num_train_timesteps"], sc["beta_start"],
+                                           sc["beta_end"], sc["beta_schedule"])
+        self.abar = self.schedule["alphas_cumprod"].to(device)
+        self.shape = (p["channels"], p["latent"], p["latent"])
+        B = p["batch"]
+        g = torch.Generator().manual_seed(0)
+        names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+        self.batch = {"prompt": [f"a handwritten digit {names[i % 10]}" for i in range(B)],
+                      "x0_w": torch.randn(B, *self.shape, generator=g),
+                      "x0_l": torch.randn(B, *self.shape, generator=g),
+                      "index": torch.arange(B)}
+        self.autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+                         if p["bf16"] else contextlib.nullcontext)
+        self.reference = replay.Reference(self.bundle) if reference else None
+        # Replay pools: checkpoint 0 (the initial model) in each storage asked for.
+        self.pools = {}
+        for s in storages:
+            self.pools[s] = replay.CheckpointPool("uniform", seed=0, storage=s,
+                                                  directory=os.path.join(pool_dir or ".", s))
+            self.pools[s].add(self.bundle.trainable_state_dict(), 0)
+        if self.reference is not None and self.pools:
+            self.reference.load(self.pools[p["storage"]].get(0))
+        self.opt = None  # built on the first step (a swap-only harness needs no Adam state)
+        # What loop.training_step reads of a loop.Run (the rest of a Run is the loop's own).
+        self.run = SimpleNamespace(cfg=self.cfg, bundle=self.bundle, policy=self.bundle.unet,
+                                   reference=self.reference, ctx=SimpleNamespace(device=device),
+                                   autocast=self.autocast, shape=self.shape, abar=self.abar,
+                                   schedule=self.schedule, prediction_type="epsilon", loss_kind="sspo")
+
+    def snapshot_mb(self, dtype_bytes: int = 4) -> float:
+        """Host RAM one snapshot takes with pool_storage memory (4 B) or memory_bf16 (2 B)."""
+        return sum(p.numel() for p in self.bundle.trainable_parameters()) * dtype_bytes / 2**20
+
+    def swap(self, storage: str, step: int = 0) -> None:
+        """Random Checkpoint Replay's swap: pick a checkpoint, copy it into the reference."""
+        pool = self.pools[storage]
+        self.reference.load(pool.get(pool.choose(step)))
+
+    def generate(self, guidance: float) -> torch.Tensor:
+        """Loser generation alone, called exactly as training_step calls it."""
+        import sampling
+        z = torch.randn(self.p["batch"], *self.shape, generator=torch.Generator().manual_seed(1))
+        with self.autocast():
+            return sampling.sample(self.bundle, self.reference, self.batch["prompt"],
+                                        latents=z.to(self.device), latent_shape=self.shape,
+                                        num_inference_steps=self.p["loser_steps"],
+                                        guidance_scale=guidance)
+
+    @contextlib.contextmanager
+    def _losers_given(self):
+        """SSPO with the batch's losers instead of generated ones (restored afterwards)."""
+        import sampling
+        original = sampling.sample
+        sampling.sample = lambda *a, **k: self.batch["x0_l"].to(self.device)
+        try:
+            yield
+        finally:
+            sampling.sample = original
+
+    def step(self, method: str, step: int = 0) -> None:
+        """One optimizer update, as loop.update does it (grad_accum 1, no DDP)."""
+        import loop
+        params = self.bundle.trainable_parameters()
+        if self.opt is None:
+            self.opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
+                                         betas=(self.cfg.adam_beta1, self.cfg.adam_beta2))
+        if method == "sspo":  # worst case of RCR: a different checkpoint every update
+            self.swap(self.p["storage"], step)
+        ctx = self._losers_given() if method == "sspo_nogen" else contextlib.nullcontext()
+        with ctx:
+            self.run.loss_kind = LOSS_KIND[method]
+            loss, _ = loop.training_step(self.run, self.batch, step)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)

@@ -1,0 +1,326 @@
+"""The embedded task in one place: real 8x8 handwritten digits (sklearn's load_digits), their
+captions and splits, the preference pairs, the misaligned base model, and the judge.
+
+- Data: 1,797 real digits split once (seed 0, stratified) into pretrain / align / eval.
+  Captions come from TRAIN_TEMPLATES; HELDOUT_TEMPLATES never train (out-of-distribution prompts).
+- The base (``ensure_base``): built here with a plain SFT loop of its own (not the general
+  training loop), on the pretrain split with a fraction of captions naming a wrong digit, so that
+  it is visibly misaligned as SD-1.5 is relative to Pick-a-Pic winners. Cached under cache_dir.
+- The judge (``DigitsJudge``): a scikit-learn classifier fitted on real digits
+  (pixels -> PCA(32) -> RBF SVC, probabilities calibrated with 5-fold CV, sklearn default
+  hyperparameters, never tuned). Metrics on N generated digits with prompted labels y:
+    accuracy   = mean[judge class == y]       (prompt alignment)
+    confidence = mean[p_judge(y | x)]
+    frechet    = Frechet distance between generated and real eval digits in the judge's PCA space.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Sequence
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import models
+import sampling
+import sspo
+from data import BaseDataset, check_mode, seeded_rng
+from scorers import frechet_distance, gaussian_stats
+
+SPLITS = ("pretrain", "align", "eval")
+SPLIT_SEED = 0  # the data split never changes with the training seed: eval digits stay held out
+# Purposes, so that different random choices of one seed are independent streams (data.py uses 3, 4).
+_CORRUPT, _TEMPLATE, _LOSER, _SPLIT = 0, 1, 2, 5
+_COIN = 3
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# Captions used for pretraining and alignment.
+TRAIN_TEMPLATES = (
+    "a handwritten digit {word}",
+    "the number {word}, written by hand",
+    "a picture of the digit {word}",
+)
+# Never used for training: out-of-distribution prompts for evaluation (cf. HPSv2/Parti in the paper).
+HELDOUT_TEMPLATES = (
+    "a scan of the numeral {word}",
+    "someone wrote {word} on paper",
+)
+
+def digit_caption(label: int, template: str) -> str:
+    """'a handwritten digit {word}' + 7 -> 'a handwritten digit seven'."""
+    if not 0 <= int(label) <= 9:
+        raise ValueError(f"digit label must be 0..9, got {label}")
+    if "{word}" not in template:
+        raise ValueError(f"caption template {template!r} has no '{{word}}' placeholder")
+    return template.format(word=DIGIT_WORDS[int(label)])
+
+
+@lru_cache(maxsize=None)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    return d.data.astype(np.float32), d.target.astype(np.int64)  # (1797,64) in 0..16, (1797,)
+
+
+def digits_split_indices(seed: int = 0) -> dict[str, np.ndarray]:
+    """Indices into ``sklearn.datasets.load_digits()`` for each split, sorted.
+
+    Stratified: within every class, a seeded permutation gives 50% pretrain, 25% align and
+    the rest eval, so all splits hold every digit in the same proportions.
+    """
+    _, y = _digits()
+    rng = seeded_rng(seed, _SPLIT)
+    parts = {s: [] for s in SPLITS}
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n_pre, n_align = round(0.5 * len(idx)), round(0.25 * len(idx))
+        parts["pretrain"].append(idx[:n_pre])
+        parts["align"].append(idx[n_pre:n_pre + n_align])
+        parts["eval"].append(idx[n_pre + n_align:])
+    return {s: np.sort(np.concatenate(p)) for s, p in parts.items()}
+
+
+def load_digits_splits(seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{"pretrain"|"align"|"eval": (x (N,1,8,8) float32 in [-1,1], y (N,) int64)}."""
+    data, target = _digits()
+    out = {}
+    for split, idx in digits_split_indices(seed).items():
+        x = torch.from_numpy(data[idx] / 8.0 - 1.0).float().reshape(-1, 1, 8, 8)  # 0..16 -> [-1,1]
+        out[split] = (x, torch.from_numpy(target[idx].copy()))
+    return out
+
+
+class DigitsDataset(BaseDataset):
+    """Captioned 8x8 digits of one split.
+
+    item: {"prompt": str, "x0_w": (1,8,8), "label": int digit shown in x0_w, ["x0_l": (1,8,8)]}
+
+    corrupt_fraction: exactly round(fraction * N) items (chosen by seed, fixed across epochs)
+        get a caption naming a wrong digit -- this is how the misaligned base is pretrained.
+    classes: keep only these digit classes (e.g. hold classes out of alignment).
+    Losers ("pairs"/"random") are images of the whole split (not only ``classes``) whose digit
+    differs from both the image's and the caption's digit; fixed per item like Pick-a-Pic pairs.
+    The split itself always uses ``split_seed`` so that eval never leaks when ``seed`` changes.
+    """
+
+    def __init__(self, split: str, mode: str = "winners", corrupt_fraction: float = 0.0,
+                 seed: int = 0, classes: Sequence[int] | None = None, cfg_drop: float = 0.0,
+                 templates: Sequence[str] = TRAIN_TEMPLATES, split_seed: int = 0):
+        super().__init__(seed, cfg_drop)
+        splits = load_digits_splits(split_seed)
+        if split not in splits:
+            raise ValueError(f"unknown digits split {split!r}; expected one of {SPLITS}")
+        check_mode(mode)
+        if not 0.0 <= corrupt_fraction <= 1.0:
+            raise ValueError(f"corrupt_fraction must be in [0,1], got {corrupt_fraction}")
+        if not templates:
+            raise ValueError("templates must hold at least one caption template")
+        for t in templates:
+            digit_caption(0, t)  # validates the placeholder
+        self.mode, self.templates = mode, tuple(templates)
+        self.pool_x, self.pool_y = splits[split]  # (M,1,8,8), (M,) loser candidates
+        keep = torch.ones(len(self.pool_y), dtype=torch.bool)
+        if classes is not None:
+            bad = [c for c in classes if not 0 <= int(c) <= 9]
+            if bad or not len(classes):
+                raise ValueError(f"classes must be a non-empty list of digits 0..9, got {list(classes)}")
+            keep = torch.isin(self.pool_y, torch.tensor([int(c) for c in classes]))
+        self.x, self.y = self.pool_x[keep], self.pool_y[keep]  # (N,1,8,8), (N,)
+        n = len(self.y)
+        y = self.y.numpy()
+
+        rng = seeded_rng(seed, _CORRUPT)
+        self.corrupted = np.zeros(n, dtype=bool)
+        self.corrupted[rng.choice(n, size=int(round(corrupt_fraction * n)), replace=False)] = True
+        # A wrong digit is the true one shifted by 1..9 (mod 10): never equal to the truth.
+        self.caption_labels = np.where(self.corrupted, (y + rng.integers(1, 10, n)) % 10, y)
+        self.template_ids = seeded_rng(seed, _TEMPLATE).integers(len(self.templates), size=n)
+
+        rng, pool_y = seeded_rng(seed, _LOSER), self.pool_y.numpy()
+        self.loser_index = np.array([
+            rng.choice(np.flatnonzero((pool_y != y[i]) & (pool_y != self.caption_labels[i])))
+            for i in range(n)], dtype=np.int64)
+        self.coin = seeded_rng(seed, _COIN).random(n) < 0.5  # SSPOr: True -> the winner image
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict:
+        text = digit_caption(self.caption_labels[i], self.templates[self.template_ids[i]])
+        item = {"prompt": self._prompt(text, self._item_rng(i)), "x0_w": self.x[i], "label": int(self.y[i])}
+        j = self.loser_index[i]
+        if self.mode == "pairs":
+            item["x0_l"] = self.pool_x[j]
+        elif self.mode == "random" and not self.coin[i]:
+            item["x0_w"], item["label"] = self.pool_x[j], int(self.pool_y[j])
+        return item
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The judge
+# ---------------------------------------------------------------------------------------------
+
+def _flat(x) -> np.ndarray:
+    """(N,1,8,8) tensor/array in [-1,1] -> (N,64) float64, clipped to the image range."""
+    x = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+    return np.clip(x.reshape(len(x), -1).astype(np.float64), -1, 1)
+
+
+class DigitsJudge:
+    """sklearn classifier on real digits; scores generated digits against prompted labels."""
+
+    def __init__(self, x_train, y_train, x_ref, n_components: int = 32):
+        from sklearn.calibration import CalibratedClassifierCV
+        from sklearn.decomposition import PCA
+        from sklearn.pipeline import make_pipeline
+        from sklearn.svm import SVC
+        y_train = np.asarray(y_train)
+        if set(np.unique(y_train)) != set(range(10)):
+            raise ValueError(f"judge training labels must cover digits 0..9, got {sorted(set(y_train))}")
+        # Raw pixels (all already in [-1,1]), not per-pixel standardisation: border pixels are
+        # constant in real digits, and dividing by their ~0 spread turns any faint value a
+        # generator puts there into a huge feature that decides the class on its own.
+        self.clf = make_pipeline(PCA(n_components, random_state=0),
+                                 CalibratedClassifierCV(SVC(), ensemble=False))
+        self.clf.fit(_flat(x_train), y_train)
+        self.ref_stats = gaussian_stats(self.features(x_ref))  # real eval digits
+
+    @classmethod
+    def from_splits(cls, splits: dict | None = None) -> "DigitsJudge":
+        """Fit on pretrain + align (load_digits_splits layout); eval digits are the reference
+        and give `self.real_accuracy`, the judge's own accuracy on held-out real digits."""
+        splits = splits or load_digits_splits(SPLIT_SEED)
+        x = torch.cat([splits["pretrain"][0], splits["align"][0]])
+        y = torch.cat([splits["pretrain"][1], splits["align"][1]])
+        judge = cls(x, y.numpy(), splits["eval"][0])
+        judge.real_accuracy = judge.score(*splits["eval"])["accuracy"]
+        return judge
+
+    def features(self, x) -> np.ndarray:
+        """(N,1,8,8) -> (N,32): the PCA features the SVC reads."""
+        return self.clf[:-1].transform(_flat(x))
+
+    def predict_proba(self, x) -> np.ndarray:
+        return self.clf.predict_proba(_flat(x))  # (N,10), columns = digits 0..9
+
+    def score(self, x, labels) -> dict:
+        """accuracy, confidence (mean p of the prompted digit), frechet (vs real eval digits)."""
+        labels = np.asarray(labels)
+        p = self.predict_proba(x)
+        return {"accuracy": float((p.argmax(1) == labels).mean()),
+                "confidence": float(p[np.arange(len(labels)), labels].mean()),
+                "frechet": frechet_distance(*gaussian_stats(self.features(x)), *self.ref_stats)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Generating and judging digits
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def generate_digits(bundle, prompts, *, guidance_scale: float = 3.0, num_inference_steps: int = 20,
+                    seed: int = 0, batch_size: int = 64) -> torch.Tensor:
+    """Sample digits (N,1,8,8) in [-1,1] with sampling.sample run by the model itself (equal to
+    StableDiffusionPipeline(output_type="latent") in pixel space). One generator seeded by `seed`
+    draws all initial noise, so every method is judged on the same noise (common random
+    numbers). Small batches: on CPU this UNet's cost per sample grows with batch beyond ~100."""
+    shape = models.latent_shape(bundle, 0)
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = list(prompts[i:i + batch_size])
+        z = torch.randn((len(chunk), *shape), generator=generator)  # (B,1,8,8)
+        out.append(sampling.sample_with_policy(bundle, chunk, num_inference_steps=num_inference_steps,
+                                               guidance_scale=guidance_scale, latent_shape=shape,
+                                               latents=z).clamp(-1, 1))
+    return torch.cat(out)
+
+
+def digit_prompts(templates, n_per_condition: int) -> tuple[list[str], list[int]]:
+    """About n_per_condition prompts, balanced over templates x digits 0..9, and their labels."""
+    k = max(1, -(-n_per_condition // (len(templates) * len(DIGIT_WORDS))))  # ceil
+    labels = [d for _ in templates for d in range(len(DIGIT_WORDS)) for _ in range(k)]
+    prompts = [digit_caption(d, t) for t in templates for d in range(len(DIGIT_WORDS)) for _ in range(k)]
+    return prompts, labels
+
+
+def evaluate_model(bundle, judge, *, n_per_condition: int, num_inference_steps: int, seed: int,
+                   guidance_scale: float = 3.0, conditions=("id_cfg", "id_nocfg", "ood_cfg", "ood_nocfg")) -> dict:
+    """Judge metrics per condition: id = training caption templates, ood = held-out templates;
+    cfg = guidance `guidance_scale`, nocfg = none. Keys like "ood_nocfg/accuracy"."""
+    res = {}
+    for cond in conditions:
+        split, g = cond.split("_")
+        prompts, labels = digit_prompts(TRAIN_TEMPLATES if split == "id" else HELDOUT_TEMPLATES, n_per_condition)
+        x = generate_digits(bundle, prompts, guidance_scale=guidance_scale if g == "cfg" else 1.0,
+                            num_inference_steps=num_inference_steps, seed=seed)
+        res.update({f"{cond}/{k}": v for k, v in judge.score(x, labels).items()})
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# The misaligned base model
+# ---------------------------------------------------------------------------------------------
+
+BASE_VERSION = "v2"  # bump when the recipe below changes: the cache key must change with it
+
+
+def base_dir(cache_dir: str, steps: int, corrupt: float) -> Path:
+    return Path(cache_dir) / f"digits_base_steps{steps}_corrupt{corrupt:g}_{BASE_VERSION}"
+
+
+def build_base(out: Path, *, steps: int, corrupt: float, seed: int = 0, batch_size: int = 64,
+               lr: float = 1e-3, warmup: int = 50, cfg_drop: float = 0.1) -> Path:
+    """Pretrain the digits model from scratch on the pretrain split ([SSPO] eq. 2, epsilon
+    target), the UNet and the text encoder together, with a fraction ``corrupt`` of captions
+    naming a wrong digit. Writes models.save_model's layout to ``out`` atomically."""
+    gen = torch.Generator().manual_seed(seed)
+    bundle = models.build_model("digits", None)
+    text_params = list(bundle.text_encoder.parameters())
+    bundle.text_encoder.requires_grad_(True).train()
+    params = bundle.trainable_parameters() + text_params
+    opt = torch.optim.AdamW(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    abar = sspo.make_schedule()["alphas_cumprod"]
+    ds = DigitsDataset("pretrain", corrupt_fraction=corrupt, seed=seed, cfg_drop=cfg_drop)
+    for step in tqdm(range(steps), desc="digits base", mininterval=5, disable=None):
+        ds.set_epoch(step)
+        idx = torch.randint(len(ds), (batch_size,), generator=gen).tolist()
+        items = [ds[i] for i in idx]
+        x0 = torch.stack([it["x0_w"] for it in items])  # (B,1,8,8)
+        tok = bundle.tokenizer([it["prompt"] for it in items], padding="max_length", truncation=True,
+                               max_length=bundle.tokenizer.model_max_length, return_tensors="pt")
+        text = bundle.text_encoder(tok.input_ids)[0]  # (B,77,D), with grad: the text pathway learns
+        t = torch.randint(0, abar.numel(), (batch_size,), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        pred = bundle.unet(sspo.q_sample(x0, t, eps, abar), t, encoder_hidden_states=text).sample
+        loss = sspo.sft_loss(sspo.per_sample_error(pred, eps))[0].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+    bundle.text_encoder.requires_grad_(False).eval()  # frozen from here on, as SD-1.5's
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    models.save_model(bundle, str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)  # atomic: the cache entry appears complete or not at all
+    return out
+
+
+def ensure_base(cache_dir: str, steps: int, corrupt: float, log=print) -> Path:
+    """The cached misaligned base, built (once, in this process) if missing."""
+    path = base_dir(cache_dir, steps, corrupt)
+    if not (path / "model_index.json").exists():
+        log(f"building the digits base model ({steps} updates, {corrupt:.0%} wrong captions) -> {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with torch.random.fork_rng(devices=[]):
+            build_base(path, steps=steps, corrupt=corrupt)
+    return path

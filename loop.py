@@ -1,0 +1,382 @@
+"""The training loop: SFT, Diffusion-DPO, SPIN-Diffusion, SSPO (and its ablations, SSPOr),
+DPO-C&M and SDPO, for every model family, on one process or one rank of a torchrun job.
+
+One SSPO update ([SSPO] Algorithm 1 / DESIGN.md "One SSPO step, as data"):
+  1. a batch of prompts and winners x0_w (B items) from data.py / digits.py;
+  2. replay.py picks a checkpoint from the pool (uniform = Random Checkpoint Replay), loads it
+     into the reference network, and sampling.py samples x0_l for the same prompts with it,
+     in latent space;
+  3. [x0_w; x0_l] (2B) share one (t, eps) per pair; the reference runs once on 2B without grad,
+     the policy once on 2B with grad;
+  4. sspo.py turns the four per-sample errors into per-sample losses (eq. 8-9).
+``train`` reads top to bottom: ``setup`` (model, data, optimizer, pool), ``start`` (resume or
+begin), ``update`` per optimizer step, ``finish``. Files, logging and signals live in runtime.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import config as config_mod
+import data
+import data_video
+import digits
+import models
+import replay
+import runtime
+import sampling
+import sspo
+from config import DATA_MODE_OF, LOSS_OF, Config
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks: data, model, per-pair noise
+# ---------------------------------------------------------------------------------------------
+
+
+def build_dataset(cfg: Config):
+    mode = DATA_MODE_OF[cfg.method]
+    common = dict(mode=mode, cfg_drop=cfg.cfg_drop, seed=cfg.seed)
+    if cfg.data == "digits":
+        classes = [int(c) for c in cfg.digits_classes.split(",") if c.strip()] or None  # validated
+        corrupt = cfg.digits_corrupt if cfg.data_split == "pretrain" else 0.0
+        return digits.DigitsDataset(cfg.data_split, corrupt_fraction=corrupt,
+                                    classes=classes if cfg.data_split == "align" else None, **common)
+    aug = dict(resolution=cfg.resolution, random_crop=cfg.random_crop, hflip=cfg.hflip,
+               cfg_drop=cfg.cfg_drop, seed=cfg.seed)
+    if cfg.data == "pickapic":
+        return data.PickAPicDataset(cfg.data_path, mode=mode, **aug)
+    if mode == "pairs":
+        raise ValueError(f"method {cfg.method!r} needs preference pairs; data {cfg.data!r} has none")
+    if cfg.data == "imagefolder":
+        return data.ImageFolderDataset(cfg.data_path, **aug)
+    return data_video.VideoFolderDataset(cfg.data_path, num_frames=cfg.num_frames, **aug)
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """Adds each item's dataset index, which keys its noise (so DDP == one process)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def set_epoch(self, epoch):
+        self.ds.set_epoch(epoch)
+
+    def __getitem__(self, i):
+        item = self.ds[i]
+        return None if item is None else {**item, "index": i}
+
+
+def model_path(cfg: Config) -> str | None:
+    """Where the policy starts: --model_path, else the cached digits base (train.py builds it)."""
+    if cfg.model_path:
+        return cfg.model_path
+    if cfg.model == "digits":
+        return None if cfg.init == "scratch" else str(digits.base_dir(cfg.cache_dir, cfg.digits_base_steps,
+                                                                      cfg.digits_corrupt))
+    return None  # sd15/animatediff: the hub id's cache entry
+
+
+def build_bundle(cfg: Config) -> models.Bundle:
+    return models.build_model(cfg.model, model_path(cfg), lora_rank=cfg.lora_rank,
+                              gradient_checkpointing=cfg.gradient_checkpointing,
+                              local_files_only=cfg.local_files_only, num_frames=cfg.num_frames,
+                              motion_adapter_path=cfg.motion_adapter_path or None)
+
+
+def prepare_out_dir(cfg: Config, ctx: runtime.Dist) -> None:
+    """A fresh run never mixes with an old one in the same directory: refuse, or clear it when
+    ``overwrite`` is set (the digits preset does, so the README's command can be re-run)."""
+    out = Path(cfg.out_dir)
+    if cfg.resume or not (out / "checkpoints").exists() and not (out / "final").exists():
+        return
+    if not cfg.overwrite:
+        raise ValueError(f"out_dir {out} already holds a run; pass --resume to continue it, "
+                         f"--overwrite to start over, or another --out_dir")
+    if ctx.rank == 0:
+        for name in ("checkpoints", "final", "samples", "replay", "metrics.jsonl", "eval.json"):
+            p = out / name
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    ctx.barrier()
+
+
+def pair_noise(seed: int, step: int, indices: torch.Tensor, shape: tuple, num_timesteps: int):
+    """One (t, eps) per pair and the initial noise of its replayed sample, keyed by
+    (seed, update, dataset index): the same numbers whatever the world size or micro-batching.
+    Returns t (B,) long, eps (B,*shape), z_T (B,*shape)."""
+    ts, eps, z = [], [], []
+    for i in indices.tolist():
+        g = torch.Generator().manual_seed(hash((seed, step, i)) & (2 ** 63 - 1))
+        ts.append(torch.randint(0, num_timesteps, (1,), generator=g))
+        eps.append(torch.randn(shape, generator=g))
+        z.append(torch.randn(shape, generator=g))
+    return torch.cat(ts), torch.stack(eps), torch.stack(z)
+
+
+def _nonfinite_message(what: str, step: int, cfg: Config, out: Path) -> str:
+    last = runtime.latest_step(out)
+    where = f"step {last}" if last is not None else "none (no checkpoint yet)"
+    return (f"non-finite {what} at update {step} ({cfg.method}, lr {cfg.lr}, beta {cfg.beta}); "
+            f"stopping. The last good checkpoint is {where} in {out / 'checkpoints'}; "
+            f"try a lower lr, mixed_precision=no, or check the data.")
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What one training run holds between updates."""
+    cfg: Config
+    ctx: runtime.Dist
+    out: Path
+    bundle: models.Bundle
+    policy: torch.nn.Module            # the UNet, DDP-wrapped when world > 1
+    reference: replay.Reference | None  # None for SFT
+    pool: replay.CheckpointPool | None
+    opt: torch.optim.Optimizer
+    lr_sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    autocast: object                   # () -> context manager
+    schedule: dict                     # sspo.make_schedule output, on CPU
+    abar: torch.Tensor                 # (T,) on the device
+    prediction_type: str
+    shape: tuple                       # one x0 in diffusion space
+    loss_kind: str                     # sft | dpo | sspo | dpo_cm | sdpo
+    loader: torch.utils.data.DataLoader
+    sampler: data.ResumableDistributedSampler
+    dataset: _Indexed
+    batches_per_epoch: int
+    params: list
+    logger: runtime.Logger
+    loaded_ref: int | None = None      # which pool entry the reference holds now
+
+
+def setup(cfg: Config, ctx: runtime.Dist) -> Run:
+    """Model on the device, data, optimizer, reference and replay pool."""
+    out, device = Path(cfg.out_dir), ctx.device
+    torch.manual_seed(cfg.seed)
+    loss_kind = LOSS_OF[cfg.method]
+    preference = loss_kind != "sft"
+    prepare_out_dir(cfg, ctx)
+    bundle = build_bundle(cfg)
+    for m in (bundle.unet, bundle.text_encoder, bundle.vae):
+        if m is not None:
+            m.to(device)
+    sc = bundle.scheduler_config
+    schedule = sspo.make_schedule(sc["num_train_timesteps"], sc["beta_start"], sc["beta_end"], sc["beta_schedule"])
+
+    dataset = _Indexed(build_dataset(cfg))
+    sampler = data.ResumableDistributedSampler(dataset, num_replicas=ctx.world, rank=ctx.rank,
+                                               shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
+                                         collate_fn=data.collate, drop_last=True,
+                                         num_workers=cfg.num_workers)  # "index" -> (B,) long
+    batches_per_epoch = sampler.num_samples // cfg.batch_size
+    if batches_per_epoch < 1:
+        raise ValueError(f"dataset of {len(dataset)} items is smaller than one global batch "
+                         f"({cfg.batch_size} x {ctx.world} processes)")
+
+    params = bundle.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                            weight_decay=cfg.weight_decay)
+    warm = max(cfg.warmup_steps, 0)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    # Built before DDP: with LoRA the reference is a second adapter on the same UNet.
+    reference = replay.Reference(bundle) if preference else None
+    # DDP wraps the trainable module only; the reference is never wrapped.
+    policy = DDP(bundle.unet, device_ids=[device.index] if device.type == "cuda" else None) \
+        if ctx.world > 1 else bundle.unet
+    # The pool of replayable checkpoints: RCR for the SSPO family; for DPO-style methods it only
+    # holds checkpoint 0, the fixed initial reference; SFT needs no reference at all.
+    pool = replay.CheckpointPool(strategy=cfg.replay if loss_kind == "sspo" else "initial",
+                                 seed=cfg.seed, storage=cfg.pool_storage,
+                                 directory=str((out / "replay").resolve())) if preference else None
+    return Run(cfg, ctx, out, bundle, policy, reference, pool, opt, lr_sched,
+               torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16"), autocast,
+               schedule, schedule["alphas_cumprod"].to(device), sc.get("prediction_type", "epsilon"),
+               models.latent_shape(bundle, cfg.resolution, cfg.num_frames), loss_kind, loader, sampler,
+               dataset, batches_per_epoch, params, runtime.Logger(cfg, ctx, out))
+
+
+def start(run: Run) -> int:
+    """Resume from the latest checkpoint, or begin: config.json, checkpoint 0, first samples."""
+    cfg, ctx, out = run.cfg, run.ctx, run.out
+    resumed = runtime.load_latest(out, run.bundle, run.opt, run.lr_sched, run.scaler, run.pool, cfg) \
+        if cfg.resume else None
+    if resumed is not None:
+        run.logger.info(f"resumed from step {resumed}")
+    else:
+        if ctx.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            runtime.write_json(out / "config.json", config_mod.to_dict(cfg))
+        if run.pool is not None:
+            run.pool.add(run.bundle.trainable_state_dict(), 0)  # checkpoint 0 = the initial model
+        if cfg.sample_every and ctx.rank == 0:
+            runtime.save_samples(cfg, run.bundle, out, 0, run.shape)  # the starting point, for comparison
+    ctx.barrier()
+    run.logger.info(f"{cfg.method} on {cfg.model}/{cfg.data}: {len(run.dataset)} items, global batch "
+                    f"{cfg.batch_size} x {cfg.grad_accum} accum x {ctx.world} procs = "
+                    f"{cfg.batch_size * cfg.grad_accum * ctx.world}, {len(run.params)} trainable tensors "
+                    f"({sum(p.numel() for p in run.params) / 1e6:.2f}M params)")
+    return resumed or 0
+
+
+def batches(run: Run, step: int):
+    """Batches from update ``step`` on, resuming mid-epoch exactly where that update began."""
+    epoch, within = divmod(step * run.cfg.grad_accum, run.batches_per_epoch)
+    while True:
+        run.sampler.set_epoch(epoch, start=within * run.cfg.batch_size)
+        run.dataset.set_epoch(epoch)
+        for b in run.loader:
+            if b["prompt"]:  # an all-unreadable batch (every item skipped and counted) is passed over
+                yield b
+        epoch, within = epoch + 1, 0
+
+
+def update(run: Run, stream, step: int, stop: runtime.StopOnSignal) -> dict | None:
+    """One optimizer update (grad_accum micro-steps). Returns its metrics, or None when a
+    SIGTERM arrived between micro-steps (the partial gradient is dropped)."""
+    cfg, ctx = run.cfg, run.ctx
+    ref_idx = run.pool.choose(step) if run.pool is not None else None
+    if ref_idx is not None and ref_idx != run.loaded_ref:
+        run.reference.load(run.pool.get(ref_idx))  # in place: one reference module, or a LoRA adapter
+        run.loaded_ref = ref_idx
+    sums: dict[str, torch.Tensor] = {}
+    for micro in range(cfg.grad_accum):
+        if micro and ctx.any_flag(stop.requested):
+            run.opt.zero_grad(set_to_none=True)
+            return None
+        sync = micro == cfg.grad_accum - 1
+        with (contextlib.nullcontext() if sync or ctx.world == 1 else run.policy.no_sync()):
+            loss, metrics = training_step(run, next(stream), step)
+            run.scaler.scale(loss / cfg.grad_accum).backward()
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v.detach() / cfg.grad_accum
+    if not ctx.all_finite(sums["loss"]):
+        raise FloatingPointError(_nonfinite_message("loss", step, cfg, run.out))
+    run.scaler.unscale_(run.opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        run.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    # fp16's GradScaler skips steps with inf/NaN gradients by design; otherwise a non-finite
+    # gradient would poison the weights, the replay pool and the next checkpoint.
+    if not run.scaler.is_enabled() and not ctx.all_finite(grad_norm):
+        raise FloatingPointError(_nonfinite_message("gradient", step, cfg, run.out))
+    sums["grad_norm"] = grad_norm.detach()
+    sums["lr"] = torch.tensor(run.lr_sched.get_last_lr()[0])  # the rate this update uses
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    run.opt.zero_grad(set_to_none=True)
+    run.lr_sched.step()
+    if ref_idx is not None:
+        sums["ref_checkpoint"] = torch.tensor(float(ref_idx))
+    return sums
+
+
+def training_step(run: Run, batch: dict, step: int):
+    """Loss of one micro-batch; returns (scalar loss, metrics of detached 0-d tensors)."""
+    cfg, bundle, device, autocast = run.cfg, run.bundle, run.ctx.device, run.autocast
+    prompts, kind = batch["prompt"], run.loss_kind
+    with torch.no_grad(), autocast():
+        # float32 from here on: under bf16 autocast the VAE returns bf16 latents, and a bf16
+        # schedule rounds abar_t to 1 at small t (no noise added at all).
+        x0_w = models.encode_pixels(bundle, batch["x0_w"].to(device)).float()  # (B,*shape)
+        text = models.encode_prompts(bundle, prompts)  # (B,77,D)
+    t, eps, z_T = (v.to(device) for v in pair_noise(cfg.seed, step, batch["index"], run.shape,
+                                                      run.abar.numel()))
+    if kind == "sft":
+        x0, t2, eps2, text2 = x0_w, t, eps, text
+    else:
+        if kind == "sspo":  # the replayed checkpoint samples the "losers" (RCR, sec. 4.1)
+            with autocast():
+                x0_l = sampling.sample(bundle, run.reference, prompts, latents=z_T, latent_shape=run.shape,
+                                       num_inference_steps=cfg.loser_steps, guidance_scale=cfg.loser_guidance)
+        else:  # a preference pair from the data set
+            with torch.no_grad(), autocast():
+                x0_l = models.encode_pixels(bundle, batch["x0_l"].to(device))
+        x0 = torch.cat([x0_w, x0_l.float()])  # [winners; losers]: (2B,*shape)
+        t2, eps2, text2 = torch.cat([t, t]), torch.cat([eps, eps]), torch.cat([text, text])
+    x_t = sspo.q_sample(x0, t2, eps2, run.abar)
+    target = sspo.training_target(x0, eps2, t2, run.abar, run.prediction_type)
+    if kind != "sft":
+        with torch.no_grad(), autocast():
+            ref_pred = run.reference(x_t, t2, text2)
+        r_w, r_l = sspo.per_sample_error(ref_pred, target).chunk(2)  # (2B,) -> (B,), (B,)
+    with autocast():
+        pred = models.unet_forward(bundle, run.policy, x_t, t2, text2)
+    err = sspo.per_sample_error(pred, target)  # (2B,) float32 (or (B,) for SFT)
+    if kind == "sft":
+        losses, metrics = sspo.sft_loss(err)
+    else:
+        m_w, m_l = err.chunk(2)  # (2B,) -> (B,), (B,)
+        if kind == "dpo":
+            losses, metrics = sspo.dpo_loss(m_w, m_l, r_w, r_l, beta=cfg.beta)
+        elif kind == "sspo":
+            losses, metrics = sspo.sspo_loss(m_w, m_l, r_w, r_l, beta=cfg.beta, ssr=cfg.ssr)
+        else:
+            log_w = sspo.pair_log_weight(m_w, m_l, t, run.schedule, run.prediction_type)
+            fn = sspo.dpo_cm_loss if kind == "dpo_cm" else sspo.sdpo_loss
+            losses, metrics = fn(m_w, m_l, r_w, r_l, log_w, beta=cfg.beta, tau=cfg.tau, eps_clip=cfg.eps_clip)
+    loss = losses.mean()
+    metrics["loss"] = loss.detach()
+    return loss, metrics
+
+
+def finish(run: Run, step: int) -> None:
+    """A finished run's model, in diffusers' layout, written atomically; its last samples."""
+    cfg, out = run.cfg, run.out
+    if step >= cfg.max_steps and run.ctx.rank == 0:
+        tmp = out / "final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        models.save_model(run.bundle, tmp)
+        shutil.rmtree(out / "final", ignore_errors=True)
+        os.replace(tmp, out / "final")
+        if not cfg.sample_every or step % cfg.sample_every:
+            runtime.save_samples(cfg, run.bundle, out, step, run.shape)
+    run.logger.close()
+    run.ctx.barrier()
+
+
+def train(cfg: Config, ctx: runtime.Dist) -> Path:
+    """Train until max_steps (or a SIGTERM: then save and stop); returns the output dir."""
+    run = setup(cfg, ctx)
+    step = start(run)
+    stream = batches(run, step)
+    stop = runtime.StopOnSignal()
+    run.bundle.unet.train()
+    try:
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            metrics = update(run, stream, step, stop)
+            if metrics is not None:
+                step += 1
+                lr = float(metrics.pop("lr"))
+                run.logger.step(step, metrics, lr, time.perf_counter() - t0)
+            stopping = metrics is None or ctx.any_flag(stop.requested)
+            if step % cfg.save_every == 0 and metrics is not None and run.loss_kind == "sspo":
+                run.pool.add(run.bundle.trainable_state_dict(), step)
+            if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
+                runtime.save_checkpoint(run.out, step, run.bundle, run.opt, run.lr_sched, run.scaler,
+                                        run.pool, cfg, ctx)
+            if cfg.sample_every and step % cfg.sample_every == 0 and metrics is not None and ctx.rank == 0:
+                runtime.save_samples(cfg, run.bundle, run.out, step, run.shape)
+            if stopping:
+                run.logger.info(f"signal received: saved step {step}, exiting cleanly")
+                break
+    finally:
+        stop.restore()
+    finish(run, step)
+    return run.out

@@ -1,0 +1,78 @@
+"""The one sampler: a diffusers scheduler, classifier-free guidance, in latent space.
+
+Replayed losers (replay.py's reference as the denoiser), the training run's sample grids and the
+digits evaluation all call ``sample``. It follows StableDiffusionPipeline / AnimateDiffPipeline
+with ``output_type="latent"`` step for step, and the tests check it against them.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+from models import Bundle, encode_prompts, unet_forward
+
+
+def make_scheduler(bundle: Bundle, num_inference_steps: int) -> DDIMScheduler:
+    """DDIM configured from the model's scheduler config, with its timesteps set.
+
+    StableDiffusionPipeline.__init__ forces clip_sample=False and steps_offset=1 on legacy
+    configs (DDIMScheduler's own default clips to [-1,1]); do the same so that samples match."""
+    scheduler = DDIMScheduler.from_config(dict(bundle.scheduler_config, clip_sample=False, steps_offset=1))
+    scheduler.set_timesteps(num_inference_steps, device=bundle.device)
+    return scheduler
+
+
+def policy_denoiser(bundle: Bundle, unet=None):
+    """``denoise_fn(x_t, t, text_emb) -> pred`` running ``unet`` (default: the bundle's own)."""
+    unet = bundle.unet if unet is None else unet
+    return lambda x, t, emb: unet_forward(bundle, unet, x, t, emb)
+
+
+@torch.no_grad()
+def sample(bundle: Bundle, denoise_fn, prompts: list[str], *, num_inference_steps: int = 20,
+           guidance_scale: float = 3.0, generator: torch.Generator | None = None,
+           latent_shape: tuple, latents: torch.Tensor | None = None) -> torch.Tensor:
+    """Samples for ``prompts``: DDIM (eta 0) with classifier-free guidance, in latent space.
+
+    denoise_fn(x_t, t, text_emb) -> pred, e.g. a replay ``Reference`` or ``policy_denoiser``.
+    latent_shape: (C,H,W) for images, (C,F,H,W) for video. ``latents``: the initial noise z_T
+    (B, *latent_shape), given instead of ``generator`` when the caller keys noise per item (the
+    training loop: the same samples whatever the world size). Returns latents (B, *latent_shape),
+    no VAE decode. As the pipelines: noise from ``generator`` of shape (B, *latent_shape), one
+    denoiser call per step on [unconditional; conditional] (2B), and
+    pred = pred_u + w * (pred_c - pred_u) with the empty prompt as unconditional.
+    """
+    scheduler = make_scheduler(bundle, num_inference_steps)
+    device = bundle.device
+    B = len(prompts)
+    cfg = guidance_scale > 1.0  # as the pipelines: guidance 1 means the conditional model alone
+    emb = encode_prompts(bundle, prompts)  # (B,77,D)
+    if cfg:
+        emb = torch.cat([encode_prompts(bundle, [""] * B), emb])  # (2B,77,D): [uncond; cond]
+    emb = emb.to(device)
+    if latents is None:  # z_T from the generator, as the pipelines draw it
+        latents = randn_tensor((B, *latent_shape), generator=generator, device=device, dtype=emb.dtype)
+    elif tuple(latents.shape) != (B, *latent_shape):
+        raise ValueError(f"latents {tuple(latents.shape)} do not match {(B, *latent_shape)}")
+    latents = latents.to(device=device, dtype=emb.dtype) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x_in = torch.cat([latents] * 2) if cfg else latents  # (2B,*latent_shape)
+        x_in = scheduler.scale_model_input(x_in, t)
+        pred = denoise_fn(x_in, t, emb)
+        if cfg:
+            pred_u, pred_c = pred.chunk(2)  # (2B,...) -> (B,...), (B,...)
+            pred = pred_u + guidance_scale * (pred_c - pred_u)
+        latents = scheduler.step(pred, t, latents, eta=0.0).prev_sample
+    return latents
+
+
+@torch.no_grad()
+def sample_with_policy(bundle: Bundle, prompts: list[str], *, latent_shape: tuple, **kw) -> torch.Tensor:
+    """``sample`` run by the bundle's own UNet in eval mode (its train/eval mode is restored)."""
+    was_training = bundle.unet.training
+    bundle.unet.eval()
+    try:
+        return sample(bundle, policy_denoiser(bundle), prompts, latent_shape=latent_shape, **kw)
+    finally:
+        bundle.unet.train(was_training)
