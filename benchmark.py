@@ -1,8 +1,17 @@
-"""The benchmark runner: trains and evaluates many runs on the embedded digits task, and writes
-the results table and curves into results/. It sits on top of everything (it imports the
-entry point train.py and the evaluation), and nothing imports it.
+"""The benchmark runner: trains and evaluates many runs on the embedded digits task and writes
+the results into results/. It sits on top of everything (it imports the entry point train.py),
+and nothing imports it.
 
-    python benchmark.py table [--quick] [--seeds N] [--jobs 2] [--out results/]
+    python benchmark.py sweep  [--jobs N]   # lr and beta per method on a validation measure -> results/sweep.md
+    python benchmark.py claims [--jobs N]   # every method x 3 seeds -> results/claims.md, table.md, grid, curves
+    python benchmark.py claims --quick      # CI smoke size (numbers meaningless)
+
+Fair settings: every method trains on the same data, for the same number of updates and batch
+size, from the same base, and is judged by the same judge on the same noise. Its lr (and beta
+for the preference methods) come from ``sweep`` (results/sweep.json) when that file exists: the
+setting with the best validation accuracy (training templates, no guidance, generation noise
+seed 1000, which evaluation never uses; ties -> lower Frechet distance to the *align* split's
+real digits). Evaluation uses seeds 0..S-1 and the held-out *eval* split.
 """
 from __future__ import annotations
 
@@ -24,6 +33,7 @@ import torch
 import config
 import digits
 import models
+import report
 import train
 from safetensors.torch import load_file
 
@@ -44,7 +54,13 @@ METHODS = {
     "sspo ssr=indicator": {"method": "sspo", "ssr": "indicator"},
     "sspo replay=initial": {"method": "sspo", "replay": "initial"},
     "sspo replay=last": {"method": "sspo", "replay": "last"},
+    # Memorization (paper: "SFT memorizes, SSPO generalizes"): an alignment split of 5 digits per
+    # class, small enough to memorize within the run.
+    "sft small-align": {"method": "sft", "digits_align_per_class": 5},
+    "sspo small-align": {"method": "sspo", "digits_align_per_class": 5},
 }
+VALIDATION_SEED = 1000  # generation noise for the sweep; evaluation uses seeds 0..S-1
+SWEEP = {"lr": (1e-4, 3e-4, 1e-3), "beta": (100.0, 500.0, 2500.0)}
 SIZES = {
     # train: extra train.run overrides (None = the digits preset's value). save_every is also the
     # replay-pool snapshot interval, so the full table keeps the preset's.
@@ -52,6 +68,9 @@ SIZES = {
     # main job's 32; every method gets the same updates and batch).
     "full": dict(seeds=3, train={"max_steps": 300, "batch_size": 16}, n_final=100, n_curve=50,
                  inference_steps=20, curve_inference_steps=10, curve_points=6),
+    # The validation sweep: shorter runs, one seed, curve-sized evaluation.
+    "sweep": dict(seeds=1, train={"max_steps": 200, "batch_size": 16}, n_final=50, n_curve=50,
+                  inference_steps=10, curve_inference_steps=10, curve_points=2),
     # CI smoke test: numbers are meaningless (small base, few updates).
     "quick": dict(seeds=2, train={"max_steps": 10, "save_every": 5, "batch_size": 8, "loser_steps": 3,
                                   "digits_base_steps": 100}, n_final=40, n_curve=20, inference_steps=5,
@@ -69,7 +88,7 @@ def _checkpoints_for_curve(run_dir: Path, points: int) -> list[Path]:
 
 def _curve(bundle, run_dir: Path, judge, size: dict, seed: int, base_point: dict) -> list:
     """[(update, metrics)]: the base at update 0, then checkpoints' trainable weights loaded in place."""
-    points = [(0, base_point)]
+    points = [(0, base_point)]  # the base model, judged on the same noise
     for ckpt in _checkpoints_for_curve(run_dir, size["curve_points"]):
         models.load_trainable(bundle, load_file(str(ckpt / "trainable.safetensors")))
         points.append((int(ckpt.name.split("_")[1]), digits.evaluate_model(
@@ -85,22 +104,38 @@ def _ssr_curve(run_dir: Path) -> list:
     return [(r["step"], r["ssr_rate"]) for r in rows if r.get("ssr_rate") is not None]
 
 
+def _tuned(overrides: dict, tuned: dict) -> dict:
+    """The sweep's lr/beta for this run's method (ablations inherit their method's), then the run's own."""
+    return {**tuned.get(overrides["method"], {}), **overrides}
+
+
+def _memo(bundle, overrides: dict, seed: int) -> dict:
+    """Copying and diversity (report.memorization) of 10 samples per digit, training templates, guidance 3."""
+    per_class = overrides.get("digits_align_per_class", 0) or None
+    align = digits.DigitsDataset("align", per_class=per_class).x
+    heldout = digits.real_subset("eval", len(align) // 10)[0]
+    prompts, labels = digits.digit_prompts(digits.TRAIN_TEMPLATES[:1], 100)
+    x = digits.generate_digits(bundle, prompts, seed=seed)
+    return report.memorization(x, labels, align, heldout)
+
+
 def _run_one(name: str, seed: int, out: Path, size: dict, common: dict, base_curve: dict,
-             keep_checkpoints: bool, threads: int = 0) -> dict:
+             keep_checkpoints: bool, tuned: dict, threads: int = 0) -> dict:
     """Train one (method, seed) with train.run and judge its final model and checkpoints."""
     if threads:
         torch.set_num_threads(threads)
     judge = digits.DigitsJudge.from_splits()  # deterministic fit: every worker process has the same judge
     run_dir = out / "runs" / name.replace(" ", "_").replace("=", "-") / f"seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
+    overrides = _tuned(METHODS[name], tuned)
     t0 = time.time()
-    run_dir = Path(train.run({**common, **METHODS[name], "seed": seed, "out_dir": str(run_dir),
-                              "sample_every": 0}))
+    run_dir = Path(train.run({**common, **overrides, "seed": seed, "out_dir": str(run_dir), "sample_every": 0}))
     train_s = time.time() - t0
     bundle = models.build_model("digits", path=str(run_dir / "final"))
     final = digits.evaluate_model(bundle, judge, n_per_condition=size["n_final"],
                                   num_inference_steps=size["inference_steps"], seed=seed)
-    row = {"seed": seed, "train_seconds": train_s, "final": final,
+    row = {"seed": seed, "train_seconds": train_s, "final": final, "run_dir": str(run_dir),
+           "memo": _memo(bundle, overrides, seed), "settings": overrides,
            "curve": _curve(bundle, run_dir, judge, size, seed, base_curve), "ssr": _ssr_curve(run_dir)}
     if not keep_checkpoints:  # ~12 MB each (weights + optimizer); final/ and metrics.jsonl stay
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -109,7 +144,24 @@ def _run_one(name: str, seed: int, out: Path, size: dict, common: dict, base_cur
     return row
 
 
-def run_table(out: Path, size: dict, methods=None, keep_checkpoints: bool = False, jobs: int = 1) -> dict:
+def _in_workers(fn, args: dict, jobs: int) -> dict:
+    """{key: fn(*args[key])}, in `jobs` spawned worker processes with one torch thread each."""
+    if jobs <= 1:
+        return {key: fn(*a) for key, a in args.items()}
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        futures = {key: pool.submit(fn, *a, threads=1) for key, a in args.items()}
+        return {key: f.result() for key, f in futures.items()}
+
+
+def _base(size: dict) -> tuple[dict, Path]:
+    common = {k: v for k, v in size["train"].items() if v is not None}
+    cfg = config.resolve(common)
+    return common, digits.ensure_base(cfg.cache_dir, cfg.digits_base_steps, cfg.digits_corrupt)
+
+
+def run_table(out: Path, size: dict, methods=None, keep_checkpoints: bool = False, jobs: int = 1,
+              tuned: dict | None = None) -> dict:
     """Train every method for every seed with train.run, judge the final models and the
     checkpoints (learning curves). Generation seed = training seed: all methods see the same noise.
     jobs > 1 runs (method, seed) pairs in that many worker processes with one torch thread each
@@ -117,33 +169,25 @@ def run_table(out: Path, size: dict, methods=None, keep_checkpoints: bool = Fals
     out.mkdir(parents=True, exist_ok=True)
     judge = digits.DigitsJudge.from_splits()
     print(f"judge accuracy on real eval digits: {judge.real_accuracy:.4f}", flush=True)
-    common = {k: v for k, v in size["train"].items() if v is not None}
-    cfg = config.resolve(common)
-    base_dir = digits.ensure_base(cfg.cache_dir, cfg.digits_base_steps, cfg.digits_corrupt)
+    common, base_dir = _base(size)
     base = models.build_model("digits", path=str(base_dir))
-    base_final, base_curve = {}, {}
+    base_rows = {}
     for seed in range(size["seeds"]):
-        base_final[seed] = digits.evaluate_model(base, judge, n_per_condition=size["n_final"],
-                                                 num_inference_steps=size["inference_steps"], seed=seed)
-        base_curve[seed] = digits.evaluate_model(base, judge, n_per_condition=size["n_curve"], seed=seed,
-                                                 num_inference_steps=size["curve_inference_steps"],
-                                                 conditions=CURVE_CONDITIONS)
-    results = {"size": size, "judge_accuracy": judge.real_accuracy, "base_model": str(base_dir), "runs": {}}
+        curve = digits.evaluate_model(base, judge, n_per_condition=size["n_curve"], seed=seed,
+                                      num_inference_steps=size["curve_inference_steps"], conditions=CURVE_CONDITIONS)
+        base_rows[seed] = {"seed": seed, "train_seconds": 0.0, "curve": [], "ssr": [], "run_dir": str(base_dir),
+                           "final": digits.evaluate_model(base, judge, n_per_condition=size["n_final"],
+                                                          num_inference_steps=size["inference_steps"], seed=seed),
+                           "memo": _memo(base, {}, seed), "base_curve": curve}
+    results = {"size": size, "judge_accuracy": judge.real_accuracy, "base_model": str(base_dir), "runs": {},
+               "tuned": tuned or {}}
     names = list(methods or METHODS)
     todo = [(n, s) for n in names if METHODS[n] is not None for s in range(size["seeds"])]
-    args = {key: (key[0], key[1], out, size, common, base_curve[key[1]], keep_checkpoints) for key in todo}
-    if jobs > 1:
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
-            futures = {key: pool.submit(_run_one, *a, threads=1) for key, a in args.items()}
-            done = {key: f.result() for key, f in futures.items()}
-    else:
-        done = {key: _run_one(*a) for key, a in args.items()}
+    done = _in_workers(_run_one, {key: (key[0], key[1], out, size, common, base_rows[key[1]]["base_curve"],
+                                        keep_checkpoints, tuned or {}) for key in todo}, jobs)
     for name in names:  # the table's order, whatever order the runs finished in
-        for seed in range(size["seeds"]):
-            results["runs"].setdefault(name, []).append(
-                done[(name, seed)] if METHODS[name] is not None else
-                {"seed": seed, "train_seconds": 0.0, "final": base_final[seed], "curve": [], "ssr": []})
+        results["runs"][name] = [done[(name, s)] if METHODS[name] is not None else base_rows[s]
+                                 for s in range(size["seeds"])]
     return results
 
 
@@ -179,50 +223,6 @@ def write_table_md(results: dict, summary: dict, path: Path, command: str) -> No
     path.write_text("\n".join(lines) + "\n")
 
 
-def _mean_over_seeds(series: list[dict]):
-    """Steps common to every seed, and the (seeds, steps) array of values."""
-    steps = sorted(set.intersection(*(set(c) for c in series))) if series else []
-    return steps, np.array([[c[s] for s in steps] for c in series])
-
-
-def plot_curves(results: dict, out: Path) -> list[Path]:
-    """curve_<metric>.png: metric vs update per method without guidance, in/out-of-distribution
-    prompts (paper Fig. 2 / Fig. 9); ssr_rate.png: SSR rate vs update (Fig. 4). Seed means, +- std bands."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    paths, colors = [], plt.cm.tab20(np.linspace(0, 1, 20))
-    for metric in ("accuracy", "confidence", "frechet"):
-        fig, axes = plt.subplots(1, len(CURVE_CONDITIONS), figsize=(12, 4.5), sharex=True)
-        for ax, cond in zip(np.atleast_1d(axes), CURVE_CONDITIONS):
-            for i, (name, runs) in enumerate(results["runs"].items()):
-                steps, y = _mean_over_seeds([dict((s, m[f"{cond}/{metric}"]) for s, m in r["curve"]) for r in runs if r["curve"]])
-                if steps:
-                    ax.plot(steps, y.mean(0), marker=".", label=name, color=colors[i % 20])
-                    ax.fill_between(steps, y.mean(0) - y.std(0), y.mean(0) + y.std(0), color=colors[i % 20], alpha=0.12)
-            ax.set_title(f"{'training' if cond.startswith('id') else 'held-out'} caption templates, no guidance")
-            ax.set_xlabel("update")
-            ax.set_ylabel(metric)
-        np.atleast_1d(axes)[-1].legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        paths.append(out / f"curve_{metric}.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (name, runs) in enumerate(results["runs"].items()):
-        steps, y = _mean_over_seeds([dict(r["ssr"]) for r in runs if r["ssr"]])
-        if steps:
-            ax.plot(steps, y.mean(0), label=name, color=colors[i % 20])
-    ax.set_xlabel("update")
-    ax.set_ylabel("SSR rate (fraction of pairs with s = +1)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "ssr_rate.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-    return paths
-
-
 def update_readme(marker: str, text: str, readme: Path = ROOT / "README.md") -> None:
     """Replace the block between <!-- results:MARKER --> and <!-- /results:MARKER --> in the
     README with generated text, so the README's numbers always come from a command."""
@@ -235,45 +235,130 @@ def update_readme(marker: str, text: str, readme: Path = ROOT / "README.md") -> 
     readme.write_text(f"{before}{head}\n{text.strip()}\n{tail}{after}")
 
 
-def cmd_table(args) -> None:
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+def _sweep_one(method: str, lr: float, beta: float, out: Path, size: dict, common: dict,
+               threads: int = 0) -> dict:
+    """Train one setting (seed 0) and score it on the validation measure."""
+    if threads:
+        torch.set_num_threads(threads)
+    run_dir = out / "sweep" / f"{method}_lr{lr:g}_beta{beta:g}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    train.run({**common, "method": method, "lr": lr, "beta": beta, "seed": 0, "out_dir": str(run_dir),
+               "sample_every": 0, "keep_checkpoints": 1})
+    judge = digits.DigitsJudge.from_splits(ref_split="align")  # FD against real align digits, not eval
+    m = digits.evaluate_model(models.build_model("digits", path=str(run_dir / "final")), judge,
+                              n_per_condition=size["n_curve"], num_inference_steps=size["curve_inference_steps"],
+                              seed=VALIDATION_SEED, conditions=("id_nocfg",))
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return {"method": method, "lr": lr, "beta": beta, "accuracy": m["id_nocfg/accuracy"],
+            "frechet": m["id_nocfg/frechet"]}
+
+
+def run_sweep(out: Path, size: dict, jobs: int) -> dict:
+    """lr x beta per method (lr only for SFT); returns {method: {"lr", "beta"}} and the rows."""
+    out.mkdir(parents=True, exist_ok=True)
+    common, _ = _base(size)
+    methods = sorted({m["method"] for m in METHODS.values() if m})
+    todo = [(m, lr, beta) for m in methods for lr in SWEEP["lr"]
+            for beta in (SWEEP["beta"] if m != "sft" else SWEEP["beta"][1:2])]
+    rows = list(_in_workers(_sweep_one, {k: (*k, out, size, common) for k in todo}, jobs).values())
+    best = {}
+    for m in methods:
+        cand = sorted((r for r in rows if r["method"] == m), key=lambda r: (-r["accuracy"], r["frechet"]))
+        best[m] = {"lr": cand[0]["lr"], "beta": cand[0]["beta"]}
+    return {"best": best, "rows": rows, "size": size}
+
+
+def write_sweep_md(sweep: dict, path: Path, command: str) -> None:
+    lines = ["# Settings per method (validation sweep)\n",
+             f"`{command}`. Rule: for each method, the (lr, beta) with the highest validation accuracy "
+             f"(training templates, no guidance, generation noise seed {VALIDATION_SEED}, never used in "
+             "evaluation; ties -> lower Frechet distance to the real *align* digits); "
+             f"{sweep['size']['train'].get('max_steps')} updates, seed 0. SFT has no beta.\n",
+             "| method | chosen lr | chosen beta |", "|---|---|---|"]
+    lines += [f"| {m} | {b['lr']:g} | {b['beta']:g} |" for m, b in sweep["best"].items()]
+    lines += ["", "| method | lr | beta | validation accuracy | validation FD |", "|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['lr']:g} | {r['beta']:g} | {r['accuracy']:.3f} | {r['frechet']:.2f} |"
+              for r in sorted(sweep["rows"], key=lambda r: (r["method"], r["lr"], r["beta"]))]
+    path.write_text("\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------- commands
+
+def write_grid(results: dict, path: Path) -> None:
+    """One row per method (seed 0's final model), one column per prompted digit, guidance 3."""
+    prompts = [digits.digit_caption(d, digits.TRAIN_TEMPLATES[0]) for d in range(10)]
+    rows = {}
+    for name, runs in results["runs"].items():
+        path_ = runs[0]["run_dir"] if METHODS[name] is None else Path(runs[0]["run_dir"]) / "final"
+        rows[name] = digits.generate_digits(models.build_model("digits", path=str(path_)), prompts, seed=0)
+    report.labelled_grid(rows).save(path)
+
+
+def cmd_claims(args) -> None:
     size = copy.deepcopy(SIZES["quick" if args.quick else "full"])
     if args.seeds is not None:
         size["seeds"] = args.seeds
-    for key, value in (("max_steps", args.steps), ("save_every", args.save_every)):
-        if value is not None:
-            size["train"][key] = value
+    if args.steps is not None:
+        size["train"]["max_steps"] = args.steps
     out = Path(args.out)
+    tuned_file = out / "sweep.json"
+    tuned = json.loads(tuned_file.read_text())["best"] if tuned_file.exists() and not args.quick else {}
     t0 = time.time()
-    results = run_table(out, size, args.methods, args.keep_checkpoints, args.jobs)
+    results = run_table(out, size, args.methods, args.keep_checkpoints, args.jobs, tuned)
     results["date"] = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     results["seconds"] = time.time() - t0
     results["summary"] = summary = summarize(results)
+    command = "python benchmark.py " + " ".join(sys.argv[1:])
     (out / "table.json").write_text(json.dumps(results, indent=1))
-    write_table_md(results, summary, out / "table.md", "python benchmark.py " + " ".join(sys.argv[1:]))
-    plot_curves(results, out)
-    if args.readme:
-        update_readme("table", (out / "table.md").read_text().replace("# Digits results\n", "", 1))
-    print((out / "table.md").read_text())
-    print(f"wrote {out / 'table.md'}, table.json, curve_*.png, ssr_rate.png in {results['seconds'] / 60:.1f} min")
+    write_table_md(results, summary, out / "table.md", command)
+    rows = report.build_claims(results)
+    header = (f"# The paper's claims on the digits benchmark\n\n`{command}` — {results['date']}, "
+              f"{results['seconds'] / 60:.0f} min; {size['seeds']} seeds; {json.dumps(size['train'])}; "
+              f"settings per method: {'results/sweep.json' if tuned else 'the preset (no sweep file)'}. "
+              "Verdict rule: 95% t-interval of the paired (same seed) difference; see report.py.")
+    (out / "claims.md").write_text(report.claims_markdown(rows, header))
+    report.plot_curves(results, out)
+    write_grid(results, out / "samples_grid.png")
+    if not args.quick:
+        update_readme("claims", "\n".join(f"- {r['claim']}: **{r['verdict']}** ({r['measure']}, "
+                                           f"{r['diff']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}])" for r in rows))
+    print((out / "claims.md").read_text())
+    print(f"wrote {out}/claims.md, table.md, table.json, samples_grid.png, curve_*.png, ssr_rate.png "
+          f"in {results['seconds'] / 60:.1f} min")
+
+
+def cmd_sweep(args) -> None:
+    size = copy.deepcopy(SIZES["quick" if args.quick else "sweep"])
+    out = Path(args.out)
+    sweep = run_sweep(out, size, args.jobs)
+    (out / "sweep.json").write_text(json.dumps(sweep, indent=1))
+    write_sweep_md(sweep, out / "sweep.md", "python benchmark.py " + " ".join(sys.argv[1:]))
+    print((out / "sweep.md").read_text())
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("table", help="train and evaluate every method on digits; write table.md/json + plots")
-    t.add_argument("--quick", action="store_true", help="CI smoke size (tiny base, 10 updates, 2 seeds)")
-    t.add_argument("--seeds", type=int, help="number of training seeds (default 3; quick 2)")
-    t.add_argument("--steps", type=int, help="optimizer updates per method (same for all)")
-    t.add_argument("--save-every", type=int, help="checkpoint + replay-pool snapshot interval (default: the preset's)")
-    t.add_argument("--methods", nargs="+", choices=list(METHODS), help="subset of methods (default all)")
-    t.add_argument("--keep-checkpoints", action="store_true", help="keep runs/*/checkpoints (deleted after the curves)")
-    t.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
-                   help="(method, seed) runs in parallel worker processes, one torch thread each")
-    t.add_argument("--out", default="results", help="output folder")
-    t.add_argument("--readme", action="store_true", help="also put table.md into README.md")
+    for name, fn, help_ in (("claims", cmd_claims, "train and judge every method x seed; claims, table, grid, curves"),
+                            ("table", cmd_claims, "the same as claims (its earlier name)"),
+                            ("sweep", cmd_sweep, "lr/beta per method on the validation measure -> sweep.json/md")):
+        c = sub.add_parser(name, help=help_)
+        c.set_defaults(fn=fn)
+        c.add_argument("--quick", action="store_true", help="CI smoke size (tiny base, few updates; numbers meaningless)")
+        c.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
+                       help="runs in parallel worker processes, one torch thread each")
+        c.add_argument("--out", default="results", help="output folder")
+        if fn is cmd_claims:
+            c.add_argument("--seeds", type=int, help="number of training seeds (default 3; quick 2)")
+            c.add_argument("--steps", type=int, help="optimizer updates per method (same for all)")
+            c.add_argument("--methods", nargs="+", choices=list(METHODS), help="subset of methods (default all)")
+            c.add_argument("--keep-checkpoints", action="store_true", help="keep runs/*/checkpoints")
     args = p.parse_args(argv)
-    if args.cmd == "table":
-        cmd_table(args)
+    args.fn(args)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ class Config:
     digits_base_steps: int = _f(1500, "updates of the (cached) misaligned base model's pretraining")
     digits_corrupt: float = _f(0.6, "fraction of pretrain captions replaced by a wrong digit")
     digits_classes: str = _f("", "comma-separated digit classes kept in the alignment split ('' = all)")
+    digits_align_per_class: int = _f(0, "keep only the first N alignment digits of each class (0 = all; memorization runs)")
     cache_dir: str = _f(str(ROOT / "cache"), "where the digits base model is cached")
     # ---- run
     seed: int = _f(0, "seed for init, data order, noise and replay choices")
@@ -209,7 +210,7 @@ def validate(cfg: Config) -> None:
     for key in ("beta", "lr", "resolution", "num_frames", "num_sample_prompts"):
         if not getattr(cfg, key) > 0:
             raise ValueError(f"config key {key!r} must be > 0, got {getattr(cfg, key)}")
-    for key in ("tau", "eps_clip", "warmup_steps", "keep_checkpoints", "weight_decay", "num_workers"):
+    for key in ("tau", "eps_clip", "warmup_steps", "digits_align_per_class", "keep_checkpoints", "weight_decay", "num_workers"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"config key {key!r} must be >= 0, got {getattr(cfg, key)}")
     if cfg.data not in DATA_OF_MODEL[cfg.model]:

@@ -95,6 +95,22 @@ def load_digits_splits(seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Ten
     return out
 
 
+def real_subset(split: str, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``per_class`` real digits of each class of a split (in split order):
+    x (10*per_class,1,8,8) in [-1,1], y (10*per_class,)."""
+    x, y = load_digits_splits(SPLIT_SEED)[split]
+    keep = _first_per_class(y, per_class)
+    return x[keep], y[keep]
+
+
+def _first_per_class(y: torch.Tensor, per_class: int) -> torch.Tensor:
+    """(N,) bool: True for the first ``per_class`` items of each class, in order."""
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
+    rank = torch.tensor([int((y[:i] == y[i]).sum()) for i in range(len(y))])  # (N,) index within its class
+    return rank < per_class
+
+
 class DigitsDataset(BaseDataset):
     """Captioned 8x8 digits of one split.
 
@@ -103,6 +119,8 @@ class DigitsDataset(BaseDataset):
     corrupt_fraction: exactly round(fraction * N) items (chosen by seed, fixed across epochs)
         get a caption naming a wrong digit -- this is how the misaligned base is pretrained.
     classes: keep only these digit classes (e.g. hold classes out of alignment).
+    per_class: keep only the first ``per_class`` items of each class (a split small enough to
+        memorize; the same items as ``real_subset``).
     Losers ("pairs"/"random") are images of the whole split (not only ``classes``) whose digit
     differs from both the image's and the caption's digit; fixed per item like Pick-a-Pic pairs.
     The split itself always uses ``split_seed`` so that eval never leaks when ``seed`` changes.
@@ -110,7 +128,8 @@ class DigitsDataset(BaseDataset):
 
     def __init__(self, split: str, mode: str = "winners", corrupt_fraction: float = 0.0,
                  seed: int = 0, classes: Sequence[int] | None = None, cfg_drop: float = 0.0,
-                 templates: Sequence[str] = TRAIN_TEMPLATES, split_seed: int = 0):
+                 templates: Sequence[str] = TRAIN_TEMPLATES, split_seed: int = 0,
+                 per_class: int | None = None):
         super().__init__(seed, cfg_drop)
         splits = load_digits_splits(split_seed)
         if split not in splits:
@@ -130,6 +149,8 @@ class DigitsDataset(BaseDataset):
             if bad or not len(classes):
                 raise ValueError(f"classes must be a non-empty list of digits 0..9, got {list(classes)}")
             keep = torch.isin(self.pool_y, torch.tensor([int(c) for c in classes]))
+        if per_class is not None:  # a small split (memorization): the first per_class of each class
+            keep &= _first_per_class(self.pool_y, per_class)
         self.x, self.y = self.pool_x[keep], self.pool_y[keep]  # (N,1,8,8), (N,)
         n = len(self.y)
         y = self.y.numpy()
@@ -193,13 +214,14 @@ class DigitsJudge:
         self.ref_stats = gaussian_stats(self.features(x_ref))  # real eval digits
 
     @classmethod
-    def from_splits(cls, splits: dict | None = None) -> "DigitsJudge":
-        """Fit on pretrain + align (load_digits_splits layout); eval digits are the reference
-        and give `self.real_accuracy`, the judge's own accuracy on held-out real digits."""
+    def from_splits(cls, splits: dict | None = None, ref_split: str = "eval") -> "DigitsJudge":
+        """Fit on pretrain + align (load_digits_splits layout); the Frechet reference is the
+        ``ref_split`` digits (eval: held out; align: for validation, so that eval stays unseen);
+        `self.real_accuracy` is the judge's own accuracy on the held-out eval digits."""
         splits = splits or load_digits_splits(SPLIT_SEED)
         x = torch.cat([splits["pretrain"][0], splits["align"][0]])
         y = torch.cat([splits["pretrain"][1], splits["align"][1]])
-        judge = cls(x, y.numpy(), splits["eval"][0])
+        judge = cls(x, y.numpy(), splits[ref_split][0])
         judge.real_accuracy = judge.score(*splits["eval"])["accuracy"]
         return judge
 

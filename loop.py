@@ -46,8 +46,9 @@ def build_dataset(cfg: Config):
     if cfg.data == "digits":
         classes = [int(c) for c in cfg.digits_classes.split(",") if c.strip()] or None  # validated
         corrupt = cfg.digits_corrupt if cfg.data_split == "pretrain" else 0.0
-        return digits.DigitsDataset(cfg.data_split, corrupt_fraction=corrupt,
-                                    classes=classes if cfg.data_split == "align" else None, **common)
+        align = cfg.data_split == "align"
+        return digits.DigitsDataset(cfg.data_split, corrupt_fraction=corrupt, classes=classes if align else None,
+                                    per_class=(cfg.digits_align_per_class or None) if align else None, **common)
     aug = dict(resolution=cfg.resolution, random_crop=cfg.random_crop, hflip=cfg.hflip,
                cfg_drop=cfg.cfg_drop, seed=cfg.seed)
     if cfg.data == "pickapic":

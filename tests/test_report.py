@@ -1,0 +1,58 @@
+"""The claim table's verdict rule and the memorization measure (claims.py)."""
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+import report as claims
+import digits
+
+
+def test_t_quantiles_match_scipy():
+    for df in (1, 2, 3, 4, 9, 30):
+        assert claims.t_quantile(df) == pytest.approx(scipy.stats.t.ppf(0.975, df), abs=1e-3)
+    assert claims.t_quantile(12) >= scipy.stats.t.ppf(0.975, 12)  # conservative between rows
+
+
+def test_interval_matches_scipy_and_verdicts():
+    d = [0.30, 0.10, 0.20]
+    mean, low, high = claims.interval(d)
+    lo, hi = scipy.stats.t.interval(0.95, 2, loc=np.mean(d), scale=scipy.stats.sem(d))
+    assert (mean, low, high) == pytest.approx((0.2, lo, hi), abs=1e-3)
+    assert claims.verdict([0.30, 0.28, 0.32]) == "supported"
+    assert claims.verdict([-0.30, -0.28, -0.32]) == "not supported"
+    assert claims.verdict([0.30, -0.10, 0.05]) == "inconclusive"  # within the seeds' noise
+    assert claims.verdict([0.02, 0.03, 0.02]) == "supported"  # small but consistent
+    with pytest.raises(ValueError):
+        claims.verdict([0.1])
+
+
+def test_claim_row_lower_is_better_flips_the_sign():
+    row = claims.claim_row("FD", "frechet", "sspo", "sft", [1.0, 1.1, 0.9], [2.0, 2.1, 2.2],
+                           higher_is_better=False)
+    assert row["verdict"] == "supported" and row["diff"] == pytest.approx(1.1)
+    row = claims.claim_row("acc", "accuracy", "sspo", "sft", [1.0, 1.1, 0.9], [2.0, 2.1, 2.2])
+    assert row["verdict"] == "not supported"
+    assert "**not supported**" in claims.claims_markdown([row], "# t")
+
+
+def test_memorization_tells_copying_from_generalising():
+    splits = digits.load_digits_splits()
+    x, y = splits["align"]
+    align, heldout = x[:60], splits["eval"][0][:60]
+    copies = align[torch.arange(60) % 20] + 0.01 * torch.randn(60, 1, 8, 8)  # 20 memorised images
+    fresh = splits["pretrain"][0][:60]  # real digits the "model" never saw
+    m_copy = claims.memorization(copies, y[:60][torch.arange(60) % 20].numpy(), align, heldout)
+    m_fresh = claims.memorization(fresh, splits["pretrain"][1][:60].numpy(), align, heldout)
+    assert m_copy["nn_ratio"] < 0.1 and 0.8 < m_fresh["nn_ratio"] < 1.25
+    assert m_copy["diversity"] < m_fresh["diversity"]
+    with pytest.raises(ValueError):
+        claims.memorization(fresh, np.zeros(60), align, heldout[:10])
+
+
+def test_labelled_grid_size_and_ink():
+    rows = {"base": -torch.ones(10, 1, 8, 8), "sspo": torch.ones(10, 1, 8, 8)}
+    img = claims.labelled_grid(rows, cell=48)
+    assert img.size == (150 + 10 * 52, 24 + 2 * 52)
+    a = np.asarray(img)
+    assert a[24 + 10, 150 + 10] == 255 and a[24 + 52 + 10, 150 + 10] == 0  # background row white, ink row black
