@@ -94,13 +94,13 @@ def make_schedule(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
     snr_shift_scale: the SNR shift of CogVideoX's scheduler (CogVideoX: Yang et al. 2024, arXiv
         2408.06072; diffusers' ``CogVideoXDDIMScheduler``): abar <- abar / (s + (1 - s) abar),
         which divides the signal-to-noise ratio abar / (1 - abar) by s at every step (s = 3.0
-        for CogVideoX, i.e. noisier at every t); applied *before* the zero-SNR rescale, which CogVideoX then applies
-        to abar directly. Given this option the whole recipe follows ``CogVideoXDDIMScheduler``:
-        scaled_linear betas in float64, shift and rescale in float64, then abar is cast to
-        float32, so ``alphas_cumprod`` equals ``CogVideoXDDIMScheduler(...).alphas_cumprod.float()``
-        and :func:`q_sample` equals its ``add_noise`` on float32 tensors. CogVideoX's published
-        config is ``scaled_linear, 0.00085, 0.012, rescale_betas_zero_snr=True,
-        snr_shift_scale=3.0, v_prediction``.
+        for CogVideoX, i.e. noisier at every t); applied *before* the zero-SNR rescale, which
+        CogVideoX then applies to abar directly. Given this option, the whole recipe follows
+        ``CogVideoXDDIMScheduler``: scaled_linear betas in float64, shift and rescale in
+        float64, then abar is cast to float32, so ``alphas_cumprod`` equals
+        ``CogVideoXDDIMScheduler(...).alphas_cumprod.float()`` and :func:`q_sample` equals its
+        ``add_noise`` on float32 tensors. CogVideoX's published config is ``scaled_linear,
+        0.00085, 0.012, rescale_betas_zero_snr=True, snr_shift_scale=3.0, v_prediction``.
 
     Returns ``{"betas": (T,), "alphas": (T,), "alphas_cumprod": (T,)}``, all float32, with
     alphas = 1 - betas and alphas_cumprod[t] = prod_{s<=t} alphas[s] (abar_t). With
