@@ -63,27 +63,83 @@ import torch.nn.functional as F
 # ---------------------------------------------------------------------------------------------
 
 
+def _rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Zero terminal SNR, Algorithm 1 of Lin et al., "Common Diffusion Noise Schedules and Sample
+    Steps are Flawed" (WACV 2024): move sqrt(abar) down so that its last entry is exactly 0, then
+    stretch it so that its first entry is unchanged. (T,) -> (T,), same dtype."""
+    root = alphas_cumprod.sqrt()  # sqrt(abar_t)
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))  # root[-1] = 0, root[0] unchanged
+    return root ** 2
+
+
 def make_schedule(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
-                  beta_end: float = 0.012, beta_schedule: str = "scaled_linear") -> dict:
-    """DDPM noise schedule, float32, identical to diffusers' ``DDPMScheduler``.
+                  beta_end: float = 0.012, beta_schedule: str = "scaled_linear", *,
+                  rescale_betas_zero_snr: bool = False,
+                  snr_shift_scale: float | None = None) -> dict:
+    """DDPM noise schedule, float32, identical to diffusers' ``DDPMScheduler`` (or, with
+    ``snr_shift_scale``, to ``CogVideoXDDIMScheduler``).
 
     ``"scaled_linear"`` (SD-1.5): betas = linspace(sqrt(beta_start), sqrt(beta_end), T)^2.
     ``"linear"`` (original DDPM): betas = linspace(beta_start, beta_end, T).
 
+    Options (keyword only; both off gives SD-1.5's schedule, bit for bit):
+
+    rescale_betas_zero_snr: zero terminal SNR (Lin et al. 2024, Algorithm 1): sqrt(abar) is
+        shifted and rescaled so that abar_{T-1} = 0 exactly while abar_0 is kept. The last step
+        is then pure noise, x_{T-1} = eps. Alone, this equals ``DDPMScheduler(...,
+        rescale_betas_zero_snr=True)`` bit for bit (float32 throughout, betas re-derived from the
+        rescaled abar as diffusers does): betas[-1] = 1, alphas[-1] = 0. Pair it with
+        ``v_prediction``: an epsilon model cannot give x0 at abar = 0 (see :func:`training_target`).
+    snr_shift_scale: the SNR shift of CogVideoX's scheduler (CogVideoX: Yang et al. 2024, arXiv
+        2408.06072; diffusers' ``CogVideoXDDIMScheduler``): abar <- abar / (s + (1 - s) abar),
+        which divides the signal-to-noise ratio abar / (1 - abar) by s at every step (s = 3.0
+        for CogVideoX, i.e. noisier at every t); applied *before* the zero-SNR rescale, which
+        CogVideoX then applies to abar directly. Given this option, the whole recipe follows
+        ``CogVideoXDDIMScheduler``: scaled_linear betas in float64, shift and rescale in
+        float64, then abar is cast to float32, so ``alphas_cumprod`` equals
+        ``CogVideoXDDIMScheduler(...).alphas_cumprod.float()`` and :func:`q_sample` equals its
+        ``add_noise`` on float32 tensors. CogVideoX's published config is ``scaled_linear,
+        0.00085, 0.012, rescale_betas_zero_snr=True, snr_shift_scale=3.0, v_prediction``.
+
     Returns ``{"betas": (T,), "alphas": (T,), "alphas_cumprod": (T,)}``, all float32, with
-    alphas = 1 - betas and alphas_cumprod[t] = prod_{s<=t} alphas[s] (abar_t).
+    alphas = 1 - betas and alphas_cumprod[t] = prod_{s<=t} alphas[s] (abar_t). With
+    ``snr_shift_scale``, betas and alphas are re-derived from the shifted abar (alphas_t =
+    abar_t / abar_{t-1}, alphas_0 = abar_0), so the three entries stay one schedule;
+    ``CogVideoXDDIMScheduler.betas`` keeps the unshifted betas instead, which its DDIM step never
+    reads. With zero terminal SNR, alphas[-1] = abar[-1] = 0: any formula dividing by alpha_t,
+    abar_t or sqrt(abar_t) must be checked at t = T - 1.
     """
     if num_train_timesteps < 1:
         raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
+    if rescale_betas_zero_snr and num_train_timesteps < 2:
+        raise ValueError("rescale_betas_zero_snr needs num_train_timesteps >= 2")
+    if snr_shift_scale is not None and not snr_shift_scale > 0:
+        raise ValueError(f"snr_shift_scale must be > 0, got {snr_shift_scale}")
+    # CogVideoX builds its scaled_linear betas in float64; SD-1.5 (DDPMScheduler) in float32.
+    dtype = torch.float64 if snr_shift_scale is not None else torch.float32
     if beta_schedule == "scaled_linear":
-        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps,
-                               dtype=torch.float32) ** 2
+        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=dtype) ** 2
     elif beta_schedule == "linear":
         betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
     else:
         raise ValueError(f"beta_schedule must be 'scaled_linear' or 'linear', got {beta_schedule!r}")
-    alphas = 1.0 - betas
-    return {"betas": betas, "alphas": alphas, "alphas_cumprod": torch.cumprod(alphas, dim=0)}
+
+    if snr_shift_scale is None:
+        if rescale_betas_zero_snr:  # DDPMScheduler: rescale abar, then re-derive the betas
+            abar = _rescale_zero_terminal_snr(torch.cumprod(1.0 - betas, dim=0))
+            betas = 1.0 - torch.cat([abar[:1], abar[1:] / abar[:-1]])  # alphas_t = abar_t / abar_{t-1}
+        alphas = 1.0 - betas
+        return {"betas": betas, "alphas": alphas, "alphas_cumprod": torch.cumprod(alphas, dim=0)}
+
+    s = snr_shift_scale
+    abar = torch.cumprod(1.0 - betas, dim=0)
+    abar = abar / (s + (1 - s) * abar)  # SNR / s
+    if rescale_betas_zero_snr:
+        abar = _rescale_zero_terminal_snr(abar)
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])  # abar[:-1] > 0: only abar[-1] can be 0
+    betas = (1.0 - alphas).float()
+    return {"betas": betas, "alphas": 1.0 - betas, "alphas_cumprod": abar.float()}
 
 
 def _per_sample(coef: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -98,6 +154,7 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
 
     x0, eps: (B, ...) any number of trailing dims; t: (B,) long; alphas_cumprod: (T,).
     Arithmetic follows ``DDPMScheduler.add_noise`` (schedule cast to x0's dtype first).
+    No division: at a zero-terminal-SNR step (abar = 0) x_t = eps exactly.
     """
     abar = _per_sample(alphas_cumprod, t, x0)
     return abar ** 0.5 * x0 + (1 - abar) ** 0.5 * eps
@@ -106,13 +163,35 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
 def training_target(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
                     alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon") -> torch.Tensor:
     """What the network regresses: ``eps`` for "epsilon", v = sqrt(abar_t) eps - sqrt(1-abar_t) x0
-    for "v_prediction" (Salimans & Ho 2022; ``DDPMScheduler.get_velocity``). Shapes as ``x0``."""
+    for "v_prediction" (Salimans & Ho 2022; ``DDPMScheduler.get_velocity``). Shapes as ``x0``.
+
+    No division, so both are finite at every t. At a zero-terminal-SNR step (abar_t = 0,
+    :func:`make_schedule` with ``rescale_betas_zero_snr``) v = -x0: the v model must predict the
+    clean sample from pure noise, which is the point of zero SNR (Lin et al. 2024, Sec. 3.2).
+    The epsilon target there is eps = x_t, which the network can copy from its input, and
+    x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) cannot be formed: use v_prediction with
+    zero terminal SNR (CogVideoX does).
+    """
     if prediction_type == "epsilon":
         return eps
     if prediction_type == "v_prediction":
         abar = _per_sample(alphas_cumprod, t, x0)
         return abar ** 0.5 * eps - (1 - abar) ** 0.5 * x0
     raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+
+
+def eps_from_v(v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+               alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The epsilon a v-prediction implies:  eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t.
+
+    From x_t = sqrt(abar) x0 + sqrt(1-abar) eps and v = sqrt(abar) eps - sqrt(1-abar) x0
+    (a rotation of (x0, eps) by the angle whose cosine is sqrt(abar)). No division, so it is
+    finite at abar_t = 0, where it gives eps = x_t; the matching x0 = sqrt(abar) x_t -
+    sqrt(1-abar) v gives x0 = -v there. At fixed x_t, eps - eps_hat = sqrt(abar_t) (v - v_hat).
+    v, x_t: (B, ...); t: (B,) long; alphas_cumprod: (T,). Returns a tensor shaped like v.
+    """
+    abar = _per_sample(alphas_cumprod, t, v)
+    return abar ** 0.5 * v + (1 - abar) ** 0.5 * x_t
 
 
 def per_sample_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
