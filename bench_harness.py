@@ -55,7 +55,7 @@ class Harness:
 
     def __init__(self, model: str, lora: bool, p: dict, device: torch.device,
                  reference: bool = True, storages: tuple = (), pool_dir: str | None = None):
-        import config, replay, sspo
+        import config, noise, replay, sspo
         self.p, self.device = p, device
         self.bundle = build_bundle(model, p["lora_rank"] if lora else 0, p["grad_ckpt"])
         self.bundle.unet.to(device)
@@ -90,7 +90,7 @@ class Harness:
         self.run = SimpleNamespace(cfg=self.cfg, bundle=self.bundle, policy=self.bundle.unet,
                                    reference=self.reference, ctx=SimpleNamespace(device=device),
                                    autocast=self.autocast, shape=self.shape, abar=self.abar,
-                                   schedule=self.schedule, prediction_type="epsilon", loss_kind="sspo")
+                                   noise=noise.Process.from_config(sc, device), loss_kind="sspo")
 
     def snapshot_mb(self, dtype_bytes: int = 4) -> float:
         """Host RAM one snapshot takes with pool_storage memory (4 B) or memory_bf16 (2 B)."""

@@ -29,6 +29,7 @@ import data
 import data_video
 import digits
 import models
+import noise
 import replay
 import runtime
 import sampling
@@ -110,14 +111,14 @@ def prepare_out_dir(cfg: Config, ctx: runtime.Dist) -> None:
     ctx.barrier()
 
 
-def pair_noise(seed: int, step: int, indices: torch.Tensor, shape: tuple, num_timesteps: int):
+def pair_noise(seed: int, step: int, indices: torch.Tensor, shape: tuple, process: noise.Process):
     """One (t, eps) per pair and the initial noise of its replayed sample, keyed by
     (seed, update, dataset index): the same numbers whatever the world size or micro-batching.
     Returns t (B,) long, eps (B,*shape), z_T (B,*shape)."""
     ts, eps, z = [], [], []
     for i in indices.tolist():
         g = torch.Generator().manual_seed(hash((seed, step, i)) & (2 ** 63 - 1))
-        ts.append(torch.randint(0, num_timesteps, (1,), generator=g))
+        ts.append(process.sample_t(g))
         eps.append(torch.randn(shape, generator=g))
         z.append(torch.randn(shape, generator=g))
     return torch.cat(ts), torch.stack(eps), torch.stack(z)
@@ -150,9 +151,7 @@ class Run:
     lr_sched: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     autocast: object                   # () -> context manager
-    schedule: dict                     # sspo.make_schedule output, on CPU
-    abar: torch.Tensor                 # (T,) on the device
-    prediction_type: str
+    noise: noise.Process               # DDPM (eps / v) or flow matching, from the scheduler config
     shape: tuple                       # one x0 in diffusion space
     loss_kind: str                     # sft | dpo | sspo | dpo_cm | sdpo
     loader: torch.utils.data.DataLoader
@@ -175,8 +174,6 @@ def setup(cfg: Config, ctx: runtime.Dist) -> Run:
     for m in (bundle.unet, bundle.text_encoder, bundle.vae):
         if m is not None:
             m.to(device)
-    sc = bundle.scheduler_config
-    schedule = sspo.make_schedule(sc["num_train_timesteps"], sc["beta_start"], sc["beta_end"], sc["beta_schedule"])
 
     dataset = _Indexed(build_dataset(cfg))
     sampler = data.ResumableDistributedSampler(dataset, num_replicas=ctx.world, rank=ctx.rank,
@@ -208,7 +205,7 @@ def setup(cfg: Config, ctx: runtime.Dist) -> Run:
                                  directory=str((out / "replay").resolve())) if preference else None
     return Run(cfg, ctx, out, bundle, policy, reference, pool, opt, lr_sched,
                torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16"), autocast,
-               schedule, schedule["alphas_cumprod"].to(device), sc.get("prediction_type", "epsilon"),
+               noise.Process.from_config(bundle.scheduler_config, device),
                models.latent_shape(bundle, cfg.resolution, cfg.num_frames), loss_kind, loader, sampler,
                dataset, batches_per_epoch, params, runtime.Logger(cfg, ctx, out))
 
@@ -296,8 +293,7 @@ def training_step(run: Run, batch: dict, step: int):
         # schedule rounds abar_t to 1 at small t (no noise added at all).
         x0_w = models.encode_pixels(bundle, batch["x0_w"].to(device)).float()  # (B,*shape)
         text = models.encode_prompts(bundle, prompts)  # (B,77,D)
-    t, eps, z_T = (v.to(device) for v in pair_noise(cfg.seed, step, batch["index"], run.shape,
-                                                      run.abar.numel()))
+    t, eps, z_T = (v.to(device) for v in pair_noise(cfg.seed, step, batch["index"], run.shape, run.noise))
     if kind == "sft":
         x0, t2, eps2, text2 = x0_w, t, eps, text
     else:
@@ -310,14 +306,15 @@ def training_step(run: Run, batch: dict, step: int):
                 x0_l = models.encode_pixels(bundle, batch["x0_l"].to(device))
         x0 = torch.cat([x0_w, x0_l.float()])  # [winners; losers]: (2B,*shape)
         t2, eps2, text2 = torch.cat([t, t]), torch.cat([eps, eps]), torch.cat([text, text])
-    x_t = sspo.q_sample(x0, t2, eps2, run.abar)
-    target = sspo.training_target(x0, eps2, t2, run.abar, run.prediction_type)
+    x_t = run.noise.q_sample(x0, t2, eps2)
+    target = run.noise.target(x0, eps2, t2)  # eps, v, or the flow velocity eps - x0
+    t_in = run.noise.model_t(t2)  # the network's timestep: t, or T * sigma_t for flows
     if kind != "sft":
         with torch.no_grad(), autocast():
-            ref_pred = run.reference(x_t, t2, text2)
+            ref_pred = run.reference(x_t, t_in, text2)
         r_w, r_l = sspo.per_sample_error(ref_pred, target).chunk(2)  # (2B,) -> (B,), (B,)
     with autocast():
-        pred = models.unet_forward(bundle, run.policy, x_t, t2, text2)
+        pred = models.unet_forward(bundle, run.policy, x_t, t_in, text2)
     err = sspo.per_sample_error(pred, target)  # (2B,) float32 (or (B,) for SFT)
     if kind == "sft":
         losses, metrics = sspo.sft_loss(err)
@@ -328,7 +325,7 @@ def training_step(run: Run, batch: dict, step: int):
         elif kind == "sspo":
             losses, metrics = sspo.sspo_loss(m_w, m_l, r_w, r_l, beta=cfg.beta, ssr=cfg.ssr)
         else:
-            log_w = sspo.pair_log_weight(m_w, m_l, t, run.schedule, run.prediction_type)
+            log_w = run.noise.pair_log_weight(m_w, m_l, t)
             fn = sspo.dpo_cm_loss if kind == "dpo_cm" else sspo.sdpo_loss
             losses, metrics = fn(m_w, m_l, r_w, r_l, log_w, beta=cfg.beta, tau=cfg.tau, eps_clip=cfg.eps_clip)
     loss = losses.mean()

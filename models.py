@@ -25,22 +25,30 @@ from torch import nn
 import diffusers
 from diffusers import UNetMotionModel
 
-from families import animatediff, digits, sd15
+from families import animatediff, cogvideox, digits, sd15, wan
 from families.common import LORA_TARGETS
 
 # Loading/saving progress bars of the libraries would drown the training log.
 diffusers.utils.logging.disable_progress_bar()
 transformers.utils.logging.disable_progress_bar()
 
-FAMILIES = {"digits": digits, "sd15": sd15, "animatediff": animatediff}
+FAMILIES = {"digits": digits, "sd15": sd15, "animatediff": animatediff, "cogvideox": cogvideox, "wan": wan}
+# Video transformer families define their own conversions (forward, encode_prompts, encode_pixels,
+# decode_latents, latent_shape, save); the functions below dispatch to them when present.
+VIDEO_TRANSFORMERS = ("cogvideox", "wan")
+
+
+def _hook(bundle, name: str):
+    """The family's own version of a conversion, or None (the U-Net families share the code here)."""
+    return getattr(FAMILIES[bundle.family], name, None)
 PIPELINE_CLASS = {"sd15": "StableDiffusionPipeline", "animatediff": "AnimateDiffPipeline"}
 
 
 @dataclass
 class Bundle:
     """Everything a training step needs. Only ``unet`` (or part of it) trains."""
-    family: str                  # "digits" | "sd15" | "animatediff"
-    unet: nn.Module              # policy: UNet2DConditionModel | UNetMotionModel (maybe with LoRA adapter "default")
+    family: str                  # "digits" | "sd15" | "animatediff" | "cogvideox" | "wan"
+    unet: nn.Module              # policy: UNet2DConditionModel | UNetMotionModel | a video transformer (maybe with LoRA adapter "default")
     text_encoder: nn.Module      # frozen, eval mode
     tokenizer: Any               # CLIPTokenizer, model_max_length 77
     vae: nn.Module | None        # frozen; None for digits (pixel space)
@@ -100,7 +108,8 @@ def build_model(family: str, path: str | None = None, *, lora_rank: int = 0, tra
                                     target_modules=LORA_TARGETS), adapter_name="default")
     bundle = Bundle(family=family, unet=unet, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
                     vae=parts.vae, scheduler_config=parts.scheduler_config, lora=lora_rank > 0,
-                    num_frames=num_frames if family == "animatediff" else 0, train_motion_only=motion_only)
+                    num_frames=num_frames if family in ("animatediff", *VIDEO_TRANSFORMERS) else 0,
+                    train_motion_only=motion_only)
     for p in bundle.trainable_parameters():
         p.requires_grad_(True)
     if gradient_checkpointing:
@@ -119,6 +128,8 @@ def save_model(bundle: Bundle, path: str) -> None:
         unet = copy.deepcopy(unet)
         unet.fuse_lora(adapter_names=["default"])
         unet.unload_lora()
+    if _hook(bundle, "save"):  # transformer/, vae/, text_encoder/, tokenizer/, scheduler/ of the release
+        return _hook(bundle, "save")(bundle, unet, root, diffusers.__version__)
     unet.save_pretrained(root / "unet")
     bundle.text_encoder.save_pretrained(root / "text_encoder")
     bundle.tokenizer.save_pretrained(root / "tokenizer")
@@ -156,7 +167,9 @@ def load_trainable(bundle: Bundle, weights: dict) -> None:
 
 
 def latent_shape(bundle: Bundle, resolution: int, num_frames: int = 0) -> tuple:
-    """Shape of one x0 in diffusion space: (C,H,W), or (C,F,H,W) for video."""
+    """Shape of one x0 in diffusion space: (C,H,W), or (C,F,H,W) for video (F latent frames)."""
+    if _hook(bundle, "latent_shape"):
+        return _hook(bundle, "latent_shape")(bundle, resolution, num_frames)
     if bundle.vae is None:
         s = bundle.unet.config.sample_size
         return (bundle.unet.config.in_channels, s, s)
@@ -172,7 +185,10 @@ def latent_shape(bundle: Bundle, resolution: int, num_frames: int = 0) -> tuple:
 @torch.no_grad()
 def encode_prompts(bundle: Bundle, prompts: list[str]) -> torch.Tensor:
     """Prompts (B strings; "" is the unconditional prompt for guidance) -> (B,77,D) last hidden
-    state, tokenized exactly as StableDiffusionPipeline does (pad to 77 with eos, truncate)."""
+    state, tokenized exactly as StableDiffusionPipeline does (pad to 77 with eos, truncate).
+    cogvideox / wan: their pipeline's T5 / UMT5 encoding, (B,226,D) / (B,512,D)."""
+    if _hook(bundle, "encode_prompts"):
+        return _hook(bundle, "encode_prompts")(bundle, prompts)
     tok = bundle.tokenizer(list(prompts), padding="max_length", max_length=bundle.tokenizer.model_max_length,
                            truncation=True, return_tensors="pt")
     device = next(bundle.text_encoder.parameters()).device
@@ -194,6 +210,8 @@ def encode_pixels(bundle: Bundle, x: torch.Tensor, generator: torch.Generator | 
     (B,4,H/8,W/8) * scaling_factor, a sample of the VAE posterior. Video (B,3,F,H,W) -> (B,4,F,h,w)."""
     if bundle.vae is None:
         return x
+    if _hook(bundle, "encode_pixels"):  # 3D VAEs: (B,3,F,H,W) -> (B,C,F_lat,h,w), frames not independent
+        return _hook(bundle, "encode_pixels")(bundle, x, generator)
     vae = bundle.vae
     x = x.to(device=vae.device, dtype=vae.dtype)
     fn = lambda im: vae.encode(im).latent_dist.sample(generator) * vae.config.scaling_factor  # noqa: E731
@@ -205,6 +223,8 @@ def decode_latents(bundle: Bundle, z: torch.Tensor, chunk: int = 16) -> torch.Te
     """Inverse of ``encode_pixels`` (up to the VAE): latents -> pixels clamped to [-1,1]."""
     if bundle.vae is None:
         return z.clamp(-1, 1)
+    if _hook(bundle, "decode_latents"):
+        return _hook(bundle, "decode_latents")(bundle, z)
     vae = bundle.vae
     z = z.to(device=vae.device, dtype=vae.dtype)
     fn = lambda lat: vae.decode(lat / vae.config.scaling_factor).sample  # noqa: E731
@@ -219,7 +239,12 @@ def unet_forward(bundle: Bundle, unet: nn.Module, x_t: torch.Tensor, t: torch.Te
     diffusers 0.42's UNetMotionModel folds frames into the batch as (B*F) with each item's frames
     consecutive, and expects the caller to repeat the text embeddings the same way (as
     AnimateDiffPipeline does with repeat_interleave).
+
+    cogvideox / wan: ``t`` is the scheduler's timestep (T * sigma for flows), x_t stays (B,C,F,H,W)
+    here and the family's ``forward`` adapts it (CogVideoX: (B,F,C,H,W) and rotary embeddings).
     """
+    if _hook(bundle, "forward"):
+        return _hook(bundle, "forward")(bundle, unet, x_t, t, text_emb)
     if x_t.ndim == 5:
         text_emb = text_emb.repeat_interleave(x_t.shape[2], dim=0)  # (B,77,D) -> (B*F,77,D)
     return unet(x_t, t, encoder_hidden_states=text_emb).sample

@@ -10,7 +10,7 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from models import Bundle, encode_prompts, unet_forward
+from models import FAMILIES, Bundle, encode_prompts, unet_forward
 
 
 def make_scheduler(bundle: Bundle, num_inference_steps: int) -> DDIMScheduler:
@@ -18,7 +18,9 @@ def make_scheduler(bundle: Bundle, num_inference_steps: int) -> DDIMScheduler:
 
     StableDiffusionPipeline.__init__ forces clip_sample=False and steps_offset=1 on legacy
     configs (DDIMScheduler's own default clips to [-1,1]); do the same so that samples match."""
-    scheduler = DDIMScheduler.from_config(dict(bundle.scheduler_config, clip_sample=False, steps_offset=1))
+    factory = getattr(FAMILIES[bundle.family], "make_scheduler", None)  # cogvideox, wan: the pipeline's own
+    scheduler = factory(bundle.scheduler_config) if factory else \
+        DDIMScheduler.from_config(dict(bundle.scheduler_config, clip_sample=False, steps_offset=1))
     scheduler.set_timesteps(num_inference_steps, device=bundle.device)
     return scheduler
 
@@ -63,7 +65,7 @@ def sample(bundle: Bundle, denoise_fn, prompts: list[str], *, num_inference_step
         if cfg:
             pred_u, pred_c = pred.chunk(2)  # (2B,...) -> (B,...), (B,...)
             pred = pred_u + guidance_scale * (pred_c - pred_u)
-        latents = scheduler.step(pred, t, latents, eta=0.0).prev_sample
+        latents = scheduler.step(pred, t, latents, return_dict=False)[0]  # DDIM: eta 0 (its default)
     return latents
 
 

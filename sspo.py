@@ -347,12 +347,20 @@ def importance_log_weight(err: torch.Tensor, t: torch.Tensor, schedule: dict,
     so the eps error is abar_t * err.
     err: (B,) per-sample error; t: (B,) long. Returns (B,) float32, detached: importance
     weights never carry gradient.
+    Zero terminal SNR (alphas[T-1] = 0): lambda_{T-1} is inf, but the v path needs only
+    lambda_t abar_t = beta_t abar_{t-1} / (2 (1 - abar_{t-1})) (abar_t / alpha_t = abar_{t-1},
+    with the true abar_{-1} = 1 in the numerator and abar_{-1} := abar_0 in the denominator as in
+    :func:`importance_lambda`), finite at every t; that product is what is used for v errors.
     """
     with torch.no_grad():
         err = err.detach().float()
         if prediction_type == "v_prediction":
-            err = err * schedule["alphas_cumprod"].float().to(t.device)[t]
-        elif prediction_type != "epsilon":
+            betas, abar = schedule["betas"].float(), schedule["alphas_cumprod"].float()
+            num_prev = torch.cat([abar.new_ones(1), abar[:-1]])  # abar_{t-1}, abar_{-1} = 1
+            den_prev = torch.cat([abar[:1], abar[:-1]])  # as importance_lambda
+            lam_abar = betas * num_prev / (2 * (1 - den_prev))  # (T,) = lambda_t * abar_t
+            return -lam_abar.to(t.device)[t] * err
+        if prediction_type != "epsilon":
             raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
         return -importance_lambda(t, schedule) * err
 

@@ -106,3 +106,46 @@ def resolve(path: str | None, repo: str, local_files_only: bool, patterns: list[
     except Exception as e:  # any hub/cache failure becomes the one readable message
         raise FileNotFoundError(layout_help(path, f"'{path}' is neither a directory nor a complete hub cache "
                                             f"entry (local_files_only={local_files_only}): {type(e).__name__}: {e}")) from None
+
+
+# ----------------------------------------------------------------------------- video transformer families
+
+def tiny_t5_tokenizer():
+    """A small SentencePiece-style Unigram T5 tokenizer built offline (no download): the special
+    tokens of T5/UMT5 (<pad> 0, </s> 1, <unk> 2), the characters a-z and a few hundred common
+    words. A stand-in for tests: the real releases ship their own (32k / 256k pieces)."""
+    from transformers import T5Tokenizer
+    words = ("a an the of and in on at with to is are by from cat dog man woman girl boy person car bird "
+             "fish horse red blue green yellow white black walking running flying swimming dancing "
+             "sitting city street sky sea beach forest mountain snow rain night day sun water tree "
+             "video slow motion camera close up view digit zero one two three four five six seven "
+             "eight nine handwritten").split()
+    vocab = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+             + [(c, -6.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789,.!?'-"]
+             + [("\u2581" + w, -3.0) for w in dict.fromkeys(words)])
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def check_dirs(root: Path, subdirs: dict[str, str], layout_help: Callable[[str, str], str]) -> None:
+    """Every ``sub/`` with its config file present, or one FileNotFoundError listing all gaps."""
+    missing = [f"{sub}/{cfg}" for sub, cfg in subdirs.items() if not (root / sub / cfg).is_file()]
+    if not (root / "model_index.json").is_file():
+        missing.insert(0, "model_index.json")
+    if missing:
+        raise FileNotFoundError(layout_help(str(root), f"Incomplete model directory '{root}': missing {', '.join(missing)}."))
+
+
+def save_pipeline_dir(root: Path, pipeline_class: str, parts: dict[str, tuple[Any, str, str]],
+                      scheduler_config: dict, diffusers_version: str, family: str) -> None:
+    """Write a diffusers pipeline directory: each ``name: (module, library, class)`` with
+    save_pretrained into ``root/name``, the scheduler config, and model_index.json."""
+    import json
+    root.mkdir(parents=True, exist_ok=True)
+    index = {"_class_name": pipeline_class, "_diffusers_version": diffusers_version, "_sspo_family": family}
+    for name, (module, library, cls) in parts.items():
+        module.save_pretrained(root / name)
+        index[name] = [library, cls]
+    (root / "scheduler").mkdir(exist_ok=True)
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2))
+    index["scheduler"] = ["diffusers", scheduler_config.get("_class_name")]
+    (root / "model_index.json").write_text(json.dumps(index, indent=2))

@@ -1,0 +1,90 @@
+"""The noise process of a model family, chosen by its scheduler config: DDPM (epsilon or v
+prediction, optionally zero terminal SNR / CogVideoX's SNR shift) or flow matching (Wan2.1).
+
+One object answers the questions the training loop asks, so that ``loop.training_step`` reads
+the same for every family:
+    sample_t(g)          -> (1,) long    training index t (uniform for DDPM; logit-normal for flows)
+    q_sample(x0, t, eps) -> x_t          ``sspo.q_sample`` | ``sspo_flow.flow_q_sample``
+    target(x0, eps, t)   -> target       eps or v (``sspo.training_target``) | eps - x0
+    model_t(t)           -> timestep     what the network is called with: t itself (DDPM), or
+                                         T * sigma_t (flows, as ``FlowMatchEulerDiscreteScheduler``)
+    pair_log_weight(m_w, m_l, t)         DPO-C&M / SDPO importance weight (``sspo.pair_log_weight``
+                                         | ``sspo_flow.flow_pair_log_weight``)
+Errors for every loss are ``sspo.per_sample_error(pred, target)``: noise / v errors for DDPM,
+velocity errors for flows (sspo_flow.py, derivations 1-3). Pure tensor code; imports only the math.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import sspo
+import sspo_flow
+
+FLOW_CLASSES = ("FlowMatchEulerDiscreteScheduler",)
+
+
+def is_flow(scheduler_config: dict) -> bool:
+    """Flow matching when the config names a flow scheduler, or a UniPC / DPM-Solver with flow
+    sigmas (how Wan2.1's release ships its scheduler: ``prediction_type="flow_prediction"``)."""
+    return (scheduler_config.get("_class_name") in FLOW_CLASSES or bool(scheduler_config.get("use_flow_sigmas"))
+            or scheduler_config.get("prediction_type") == "flow_prediction")
+
+
+def flow_shift_of(scheduler_config: dict) -> float:
+    """The static shift: ``shift`` (FlowMatchEulerDiscreteScheduler) or ``flow_shift`` (UniPC)."""
+    if scheduler_config.get("use_dynamic_shifting"):
+        raise ValueError("dynamic (resolution-dependent) shifting is not supported; use a static shift")
+    key = "shift" if scheduler_config.get("_class_name") in FLOW_CLASSES else "flow_shift"
+    return float(scheduler_config.get(key, 1.0))
+
+
+@dataclass
+class Process:
+    kind: str                          # "ddpm" | "flow"
+    num_timesteps: int                 # T
+    prediction_type: str = "epsilon"   # ddpm: epsilon | v_prediction; flow: velocity (eps - x0)
+    schedule: dict | None = None       # ddpm: sspo.make_schedule output (CPU)
+    abar: torch.Tensor | None = None   # ddpm: (T,) alphas_cumprod on the device
+    sigmas: torch.Tensor | None = None  # flow: (T,) increasing noise levels on the device
+
+    @classmethod
+    def from_config(cls, sc: dict, device: torch.device | str = "cpu") -> "Process":
+        T = int(sc.get("num_train_timesteps", 1000))
+        if is_flow(sc):
+            return cls("flow", T, "flow", sigmas=sspo_flow.flow_sigmas(T, flow_shift_of(sc)).to(device))
+        schedule = sspo.make_schedule(T, sc["beta_start"], sc["beta_end"], sc["beta_schedule"],
+                                      rescale_betas_zero_snr=bool(sc.get("rescale_betas_zero_snr", False)),
+                                      snr_shift_scale=sc.get("snr_shift_scale"))
+        return cls("ddpm", T, sc.get("prediction_type", "epsilon"), schedule=schedule,
+                   abar=schedule["alphas_cumprod"].to(device))
+
+    def sample_t(self, generator: torch.Generator) -> torch.Tensor:
+        """One training index, (1,) long: uniform on [0, T) for DDPM (DDPM / Diffusion-DPO);
+        logit-normal(0, 1) on the unshifted time for flows ([SD3] Sec. 3.1, as Wan trains)."""
+        if self.kind == "flow":
+            return sspo_flow.flow_sample_timesteps(1, self.num_timesteps, generator=generator)
+        return torch.randint(0, self.num_timesteps, (1,), generator=generator)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        if self.kind == "flow":
+            return sspo_flow.flow_q_sample(x0, self.sigmas[t], eps)
+        return sspo.q_sample(x0, t, eps, self.abar)
+
+    def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.kind == "flow":
+            return sspo_flow.flow_target(x0, eps)
+        return sspo.training_target(x0, eps, t, self.abar, self.prediction_type)
+
+    def model_t(self, t: torch.Tensor) -> torch.Tensor:
+        """The network's timestep input for index t: t (DDPM) or T * sigma_t (flow, float32)."""
+        return self.sigmas[t] * self.num_timesteps if self.kind == "flow" else t
+
+    def pair_log_weight(self, model_err_w: torch.Tensor, model_err_l: torch.Tensor,
+                        t: torch.Tensor) -> torch.Tensor:
+        """log(w_w w_l), (B,) detached, for DPO-C&M / SDPO (each pair shares t)."""
+        if self.kind == "flow":
+            return sspo_flow.flow_pair_log_weight(model_err_w, model_err_l, self.sigmas[t],
+                                                  sspo_flow.flow_sigma_next(t, self.sigmas))
+        return sspo.pair_log_weight(model_err_w, model_err_l, t, self.schedule, self.prediction_type)
