@@ -28,11 +28,11 @@ class Config:
     method: str = _f("sspo", "sft | dpo | spin | sspo | sspo_r | dpo_cm | sdpo (see METHOD_PRESETS)")
     ssr: str = _f("sign", "Self-Sampling Regularization, SSPO eq. 9: sign | indicator | none (ablations)")
     replay: str = _f("uniform", "reference checkpoint drawn from the pool: uniform (RCR) | initial | last")
-    model: str = _f("digits", "model family: digits | sd15 | animatediff")
+    model: str = _f("digits", "model family: digits | sd15 | animatediff | cogvideox | wan")
     model_path: str = _f("", "local dir or hub id (sd15/animatediff); digits: '' = the cached base")
     motion_adapter_path: str = _f("", "animatediff: local dir of the MotionAdapter")
     local_files_only: bool = _f(True, "never reach a model hub (set false to let diffusers download)")
-    data: str = _f("digits", "digits | pickapic | imagefolder | videofolder")
+    data: str = _f("digits", "digits | pickapic | imagefolder | videofolder | videopairs (pairs.jsonl)")
     data_path: str = _f("", "local dataset directory (not used for digits)")
     # ---- the objective
     beta: float = _f(500.0, "DPO beta, sspo.py convention: inside = -beta/2 * (...); 5000 = 2500 w/o the 1/2")
@@ -58,7 +58,7 @@ class Config:
     lora_rank: int = _f(0, "0 = full fine-tuning (of the UNet, or motion modules); >0 = LoRA rank")
     # ---- data
     resolution: int = _f(512, "image side for sd15/animatediff data")
-    num_frames: int = _f(16, "frames per clip (animatediff)")
+    num_frames: int = _f(16, "frames per clip (animatediff; cogvideox/wan: 4k+1, e.g. 49 / 81)")
     random_crop: bool = _f(False, "random instead of center crop")
     hflip: bool = _f(False, "random horizontal flips")
     cfg_drop: float = _f(0.1, "probability of an empty caption (classifier-free guidance)")
@@ -97,11 +97,14 @@ LOSS_OF = {"sft": "sft", "dpo": "dpo", "dpo_cm": "dpo_cm", "sdpo": "sdpo",
            "sspo": "sspo", "sspo_r": "sspo", "spin": "sspo"}
 DATA_MODE_OF = {"sft": "winners", "sspo": "winners", "spin": "winners", "sspo_r": "random",
                 "dpo": "pairs", "dpo_cm": "pairs", "sdpo": "pairs"}
-DATA_OF_MODEL = {"digits": ("digits",), "sd15": ("pickapic", "imagefolder"), "animatediff": ("videofolder",)}
+DATA_OF_MODEL = {"digits": ("digits",), "sd15": ("pickapic", "imagefolder"),
+                 "animatediff": ("videofolder", "videopairs"), "cogvideox": ("videofolder", "videopairs"),
+                 "wan": ("videofolder", "videopairs")}
 CHOICES = {
     "method": tuple(METHOD_PRESETS), "ssr": ("sign", "indicator", "none"),
-    "replay": ("uniform", "initial", "last"), "model": ("digits", "sd15", "animatediff"),
-    "data": ("digits", "pickapic", "imagefolder", "videofolder"),
+    "replay": ("uniform", "initial", "last"),
+    "model": ("digits", "sd15", "animatediff", "cogvideox", "wan"),
+    "data": ("digits", "pickapic", "imagefolder", "videofolder", "videopairs"),
     "pool_storage": ("memory", "memory_bf16", "disk"), "mixed_precision": ("no", "bf16", "fp16"),
     "init": ("pretrained", "scratch"), "data_split": ("pretrain", "align"),
 }

@@ -98,3 +98,67 @@ class VideoFolderDataset(BaseDataset):
             return self._skip(str(path), f"unreadable video ({type(e).__name__}: {e})")
         video = self._transform(frames, rng)  # (F,3,R,R)
         return {"prompt": prompt, "x0_w": video.permute(1, 0, 2, 3).contiguous()}  # (3,F,R,R)
+
+
+def _read_pairs(root: Path) -> list[tuple[str, str, str]]:
+    """root/pairs.jsonl: one {"text": str, "winner": file, "loser": file} per line."""
+    import json
+    path = root / "pairs.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; expected one JSON object per line with "
+                                f"'text', 'winner' and 'loser' (video files relative to {root})")
+    entries = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not (isinstance(obj, dict) and all(isinstance(obj.get(k), str) for k in ("text", "winner", "loser"))):
+            raise ValueError(f"{path}:{n}: expected {{\"text\": str, \"winner\": str, \"loser\": str}}, got {line[:100]}")
+        entries.append((obj["text"], obj["winner"], obj["loser"]))
+    if not entries:
+        raise ValueError(f"{path}: no entries")
+    return entries
+
+
+class VideoPairFolderDataset(VideoFolderDataset):
+    """Video preference pairs (Diffusion-DPO / DPO-C&M / SDPO on video): ``root/pairs.jsonl`` with
+    {"text", "winner", "loser"}; both clips are decoded as :class:`VideoFolderDataset` decodes one
+    and get the same resize/crop/flip. mode "winners" (SFT, SSPO) returns the winner only.
+
+    item: {"prompt": str, "x0_w": (3,F,R,R), "x0_l": (3,F,R,R)} (no x0_l in mode "winners"), or
+    None (skipped and counted) if either clip is unreadable or too short.
+    """
+
+    def __init__(self, root, mode: str = "pairs", num_frames: int = 16, resolution: int = 256,
+                 random_crop: bool = False, hflip: bool = False, cfg_drop: float = 0.0, seed: int = 0,
+                 max_bad_fraction: float = 0.01):
+        BaseDataset.__init__(self, seed, cfg_drop, max_bad_fraction, resolution, random_crop, hflip)
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        self.root, self.mode, self.num_frames = Path(root), mode, num_frames
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root} is not a directory")
+        self.pairs = _read_pairs(self.root)
+        self.entries = [(w, text) for text, w, _ in self.pairs]
+
+    def __getitem__(self, i: int) -> dict | None:
+        self.num_seen += 1
+        text, win, lose = self.pairs[i]
+        rng = self._item_rng(i)
+        prompt = self._prompt(text, rng)
+        state = rng.bit_generator.state  # the same crop/flip for both clips
+        out = {"prompt": prompt}
+        for key, name in (("x0_w", win), ("x0_l", lose))[:1 if self.mode == "winners" else 2]:
+            path = self.root / name
+            try:
+                frames = _decode_frames(path, self.num_frames)
+            except _ShortVideo as e:
+                return self._skip(str(path), f"video too short: {e}")
+            except Exception as e:
+                return self._skip(str(path), f"unreadable video ({type(e).__name__}: {e})")
+            rng.bit_generator.state = state
+            out[key] = self._transform(frames, rng).permute(1, 0, 2, 3).contiguous()  # (3,F,R,R)
+        return out

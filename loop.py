@@ -54,6 +54,8 @@ def build_dataset(cfg: Config):
                cfg_drop=cfg.cfg_drop, seed=cfg.seed)
     if cfg.data == "pickapic":
         return data.PickAPicDataset(cfg.data_path, mode=mode, **aug)
+    if cfg.data == "videopairs":
+        return data_video.VideoPairFolderDataset(cfg.data_path, mode=mode, num_frames=cfg.num_frames, **aug)
     if mode == "pairs":
         raise ValueError(f"method {cfg.method!r} needs preference pairs; data {cfg.data!r} has none")
     if cfg.data == "imagefolder":
