@@ -57,10 +57,12 @@ def sample(bundle: Bundle, denoise_fn, prompts: list[str], *, num_inference_step
         latents = randn_tensor((B, *latent_shape), generator=generator, device=device, dtype=emb.dtype)
     elif tuple(latents.shape) != (B, *latent_shape):
         raise ValueError(f"latents {tuple(latents.shape)} do not match {(B, *latent_shape)}")
-    latents = latents.to(device=device, dtype=emb.dtype) * scheduler.init_noise_sigma
+    # FlowMatchEulerDiscreteScheduler has neither (WanPipeline uses neither): z_T as drawn
+    latents = latents.to(device=device, dtype=emb.dtype) * getattr(scheduler, "init_noise_sigma", 1.0)
     for t in scheduler.timesteps:
         x_in = torch.cat([latents] * 2) if cfg else latents  # (2B,*latent_shape)
-        x_in = scheduler.scale_model_input(x_in, t)
+        if hasattr(scheduler, "scale_model_input"):
+            x_in = scheduler.scale_model_input(x_in, t)
         pred = denoise_fn(x_in, t, emb)
         if cfg:
             pred_u, pred_c = pred.chunk(2)  # (2B,...) -> (B,...), (B,...)

@@ -49,7 +49,7 @@ def test_config_errors_are_clear():
         config.resolve(argv=["--method=ppo"])
     with pytest.raises(ValueError, match=r"'ssr' must be one of"):
         config.resolve({"ssr": "soft"})
-    with pytest.raises(FileNotFoundError, match="presets: animatediff_magictime, digits, sd15_pickapic"):
+    with pytest.raises(FileNotFoundError, match="presets: animatediff_magictime, cogvideox_sdpo, digits, sd15_pickapic, wan21_sdpo"):
         config.resolve(argv=["--config=nope"])
 
 

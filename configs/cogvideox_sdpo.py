@@ -1,0 +1,33 @@
+"""CogVideoX-2B / -5B with SDPO (arXiv 2505.21893 reports results on both), LoRA, on video
+preference pairs (pairs.jsonl: text, winner, loser). Where a number comes from is on its line;
+"assumed" means neither the SDPO abstract nor the model's recipe fixes it.
+
+    torchrun --nproc_per_node=8 train.py --config=cogvideox_sdpo \
+        --model_path=/path/to/CogVideoX-2b --data_path=/path/to/video_pairs
+    (--model_path=/path/to/CogVideoX-5b for the 5B; --method=sft|dpo|dpo_cm|sspo work too)
+"""
+
+CONFIG = dict(
+    model="cogvideox",
+    data="videopairs",
+    method="sdpo",
+    beta=5000.0,            # assumed: as the SD-1.5 Diffusion-DPO preset (v errors, sspo.py convention)
+    lora_rank=128,          # CogVideoX's own LoRA fine-tuning recipe (THUDM finetune scripts: rank 128)
+    num_frames=49,          # the release: 49 frames at 8 fps (model card) -> 13 latent frames
+    resolution=480,         # the release trains 720x480; this project's video data path is square (assumed)
+    batch_size=1,
+    grad_accum=8,           # assumed: global batch 64 on 8 GPUs
+    lr=1e-4,                # assumed (CogVideoX LoRA recipes use 1e-4 .. 1e-3)
+    warmup_steps=100,       # assumed
+    max_steps=1000,         # assumed
+    save_every=100,         # assumed
+    loser_steps=50,         # CogVideoXPipeline's default num_inference_steps (only used by sspo)
+    loser_guidance=6.0,     # CogVideoXPipeline's default guidance_scale
+    mixed_precision="bf16",  # the releases are bf16 (-5b) / fp16 (-2b) models; bf16 for training
+    gradient_checkpointing=True,
+    cfg_drop=0.0,
+    num_workers=4,
+    log_every=10,
+    sample_every=200,
+    out_dir="runs/cogvideox_sdpo",
+)
