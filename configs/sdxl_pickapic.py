@@ -18,8 +18,9 @@ passes the constant (1024, 1024, 0, 0, 1024, 1024).
     torchrun --nproc_per_node=8 train.py --config=sdxl_pickapic --model_path=/path/to/sdxl-base-1.0 \
         --data_path=/path/to/pickapic_v2/data --method=sspo
 
-Memory: python memory_plan.py writes results/memory_sdxl.md (full fine-tuning needs ~52 GB of
-weights, gradients and AdamW state per GPU before activations; LoRA fits far below that).
+Memory: python memory_plan.py writes results/memory_sdxl.md (full fine-tuning: 65 GB per GPU of
+weights, gradients, DDP buckets, AdamW state, the reference copy and the frozen encoders/VAE,
+before activations; LoRA r=8: 14 GB).
 """
 
 CONFIG = dict(
