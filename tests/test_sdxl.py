@@ -197,3 +197,15 @@ def test_sdxl_two_processes_and_resume(tiny, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
     assert (tmp_path / "run" / "final" / "model_index.json").exists()
+
+
+def test_sdxl_vae_runs_in_float32_under_fp16_autocast(bundle):
+    """SDXL's VAE overflows in fp16: encode/decode ignore an fp16 autocast and run in float32."""
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    plain = models.encode_pixels(bundle, x, generator=g())
+    with torch.autocast("cpu", dtype=torch.float16):
+        z = models.encode_pixels(bundle, x, generator=g())
+        px = models.decode_latents(bundle, z)
+    assert z.dtype == px.dtype == torch.float32
+    torch.testing.assert_close(z, plain, rtol=0, atol=0)
