@@ -28,8 +28,8 @@ class Config:
     method: str = _f("sspo", "sft | dpo | spin | sspo | sspo_r | dpo_cm | sdpo (see METHOD_PRESETS)")
     ssr: str = _f("sign", "Self-Sampling Regularization, SSPO eq. 9: sign | indicator | none (ablations)")
     replay: str = _f("uniform", "reference checkpoint drawn from the pool: uniform (RCR) | initial | last")
-    model: str = _f("digits", "model family: digits | sd15 | animatediff | cogvideox | wan")
-    model_path: str = _f("", "local dir or hub id (sd15/animatediff); digits: '' = the cached base")
+    model: str = _f("digits", "model family: digits | sd15 | animatediff | sdxl | cogvideox | wan")
+    model_path: str = _f("", "local dir or hub id (sd15/animatediff/sdxl/cogvideox/wan); digits: '' = the cached base")
     motion_adapter_path: str = _f("", "animatediff: local dir of the MotionAdapter")
     local_files_only: bool = _f(True, "never reach a model hub (set false to let diffusers download)")
     data: str = _f("digits", "digits | pickapic | imagefolder | videofolder | videopairs (pairs.jsonl)")
@@ -97,13 +97,13 @@ LOSS_OF = {"sft": "sft", "dpo": "dpo", "dpo_cm": "dpo_cm", "sdpo": "sdpo",
            "sspo": "sspo", "sspo_r": "sspo", "spin": "sspo"}
 DATA_MODE_OF = {"sft": "winners", "sspo": "winners", "spin": "winners", "sspo_r": "random",
                 "dpo": "pairs", "dpo_cm": "pairs", "sdpo": "pairs"}
-DATA_OF_MODEL = {"digits": ("digits",), "sd15": ("pickapic", "imagefolder"),
+DATA_OF_MODEL = {"digits": ("digits",), "sd15": ("pickapic", "imagefolder"), "sdxl": ("pickapic", "imagefolder"),
                  "animatediff": ("videofolder", "videopairs"), "cogvideox": ("videofolder", "videopairs"),
                  "wan": ("videofolder", "videopairs")}
 CHOICES = {
     "method": tuple(METHOD_PRESETS), "ssr": ("sign", "indicator", "none"),
     "replay": ("uniform", "initial", "last"),
-    "model": ("digits", "sd15", "animatediff", "cogvideox", "wan"),
+    "model": ("digits", "sd15", "animatediff", "sdxl", "cogvideox", "wan"),
     "data": ("digits", "pickapic", "imagefolder", "videofolder", "videopairs"),
     "pool_storage": ("memory", "memory_bf16", "disk"), "mixed_precision": ("no", "bf16", "fp16"),
     "init": ("pretrained", "scratch"), "data_split": ("pretrain", "align"),

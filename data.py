@@ -3,6 +3,9 @@ the embedded digits set: digits.py).
 
 Every dataset yields dicts ``{"prompt": str, "x0_w": tensor[, "x0_l": tensor][, "label": int]}``
 with pixels float32 in [-1, 1]: images ``(3,R,R)``, videos ``(3,F,R,R)``, digits ``(1,8,8)``.
+Image items also say where each image came from, for SDXL's size/crop conditioning:
+``original_size`` = (h, w) before resizing and ``crop_top_left`` = (top, left) of the crop in the
+resized image (of the flipped image when flipped), ``..._l`` for ``x0_l``; collated to (B,2).
 ``collate`` stacks them into a batch and drops ``None`` items (unreadable files, already logged).
 
 Modes (what a training method consumes):
@@ -112,8 +115,19 @@ class BaseDataset(Dataset):
 
     def _transform(self, images: list[Image.Image], rng: np.random.Generator) -> torch.Tensor:
         """N images (or frames of one clip) -> (N,3,R,R), all with the same resize/crop/flip."""
-        plan = _plan_crop(*images[0].size, self.resolution, self.random_crop, self.hflip, rng)
-        return torch.stack([_apply_crop(img, plan) for img in images])
+        return self._transform_with_geometry(images, rng)[0]
+
+    def _transform_with_geometry(self, images: list[Image.Image], rng: np.random.Generator,
+                                 suffix: str = "") -> tuple[torch.Tensor, dict]:
+        """``_transform`` and the geometry SDXL conditions on, as SDXL's training computes it:
+        {"original_size" + suffix: (h, w) before resizing, "crop_top_left" + suffix: (top, left)
+        of the crop in the resized image, mirrored when the image is flipped}."""
+        width, height = images[0].size
+        plan = _plan_crop(width, height, self.resolution, self.random_crop, self.hflip, rng)
+        (w, _), (left, top, right, _), flip = plan
+        geometry = {"original_size" + suffix: (height, width),
+                    "crop_top_left" + suffix: (top, w - right if flip else left)}
+        return torch.stack([_apply_crop(img, plan) for img in images]), geometry
 
     def _skip(self, where: str, why: str) -> None:
         self.num_skipped += 1
@@ -226,7 +240,9 @@ class PickAPicDataset(BaseDataset):
             except Exception as e:  # PIL raises several types for broken files
                 return self._skip(f"{self.files[f]} row {row} column {column}",
                                   f"unreadable image ({type(e).__name__}: {e})")
-            item[key] = self._transform([img], rng)[0]  # (3,R,R)
+            x, geometry = self._transform_with_geometry([img], rng, suffix="_l" if key == "x0_l" else "")
+            item.update(geometry)  # original_size, crop_top_left (x0_w); ..._l (x0_l)
+            item[key] = x[0]  # (3,R,R)
         return item
 
 
@@ -283,7 +299,8 @@ class ImageFolderDataset(BaseDataset):
             img.load()
         except Exception as e:  # missing file or any of PIL's error types
             return self._skip(str(path), f"unreadable image ({type(e).__name__}: {e})")
-        return {"prompt": prompt, "x0_w": self._transform([img], rng)[0]}  # (3,R,R)
+        x, geometry = self._transform_with_geometry([img], rng)
+        return {"prompt": prompt, "x0_w": x[0], **geometry}  # (3,R,R), (h, w), (top, left)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,7 +321,7 @@ def collate(items: list[dict | None]) -> dict:
         elif isinstance(values[0], str):
             batch[key] = values
         else:
-            batch[key] = torch.tensor(values)  # ints -> (B,) int64
+            batch[key] = torch.tensor(values)  # ints -> (B,) int64; (h, w) pairs -> (B,2)
     return batch
 
 

@@ -173,7 +173,7 @@ def setup(cfg: Config, ctx: runtime.Dist) -> Run:
     preference = loss_kind != "sft"
     prepare_out_dir(cfg, ctx)
     bundle = build_bundle(cfg)
-    for m in (bundle.unet, bundle.text_encoder, bundle.vae):
+    for m in (bundle.unet, bundle.text_encoder, bundle.text_encoder_2, bundle.vae):
         if m is not None:
             m.to(device)
 
@@ -286,6 +286,21 @@ def update(run: Run, stream, step: int, stop: runtime.StopOnSignal) -> dict | No
     return sums
 
 
+def image_conditions(bundle: models.Bundle, batch: dict, extra: dict) -> tuple[dict, dict]:
+    """The UNet's added conditioning of winners and losers ({} but for SDXL). SDXL: time_ids
+    from each data image's real original size and crop (data.py records them), as SDXL was
+    trained; a replayed loser gets what sampling.sample conditioned it on: (R, R, 0, 0, R, R)."""
+    if "text_embeds" not in extra:
+        return extra, extra
+    if "original_size" not in batch:
+        raise ValueError(f"{bundle.family} needs each image's original_size and crop_top_left (image data)")
+    target = tuple(batch["x0_w"].shape[-2:])  # (R, R)
+    extra_w = models.add_time_ids(extra, batch["original_size"], batch["crop_top_left"], target)
+    if "original_size_l" in batch:  # a data loser
+        return extra_w, models.add_time_ids(extra, batch["original_size_l"], batch["crop_top_left_l"], target)
+    return extra_w, models.add_time_ids(extra, target, (0, 0), target)
+
+
 def training_step(run: Run, batch: dict, step: int):
     """Loss of one micro-batch; returns (scalar loss, metrics of detached 0-d tensors)."""
     cfg, bundle, device, autocast = run.cfg, run.bundle, run.ctx.device, run.autocast
@@ -294,10 +309,11 @@ def training_step(run: Run, batch: dict, step: int):
         # float32 from here on: under bf16 autocast the VAE returns bf16 latents, and a bf16
         # schedule rounds abar_t to 1 at small t (no noise added at all).
         x0_w = models.encode_pixels(bundle, batch["x0_w"].to(device)).float()  # (B,*shape)
-        text = models.encode_prompts(bundle, prompts)  # (B,77,D)
+        text, extra = models.encode_prompts(bundle, prompts, return_extra=True)  # (B,77,D), SDXL: text_embeds
+    extra_w, extra_l = image_conditions(bundle, batch, extra)
     t, eps, z_T = (v.to(device) for v in pair_noise(cfg.seed, step, batch["index"], run.shape, run.noise))
     if kind == "sft":
-        x0, t2, eps2, text2 = x0_w, t, eps, text
+        x0, t2, eps2, text2, extra2 = x0_w, t, eps, text, extra_w
     else:
         if kind == "sspo":  # the replayed checkpoint samples the "losers" (RCR, sec. 4.1)
             with autocast():
@@ -308,15 +324,16 @@ def training_step(run: Run, batch: dict, step: int):
                 x0_l = models.encode_pixels(bundle, batch["x0_l"].to(device))
         x0 = torch.cat([x0_w, x0_l.float()])  # [winners; losers]: (2B,*shape)
         t2, eps2, text2 = torch.cat([t, t]), torch.cat([eps, eps]), torch.cat([text, text])
+        extra2 = models.cat_extra(extra_w, extra_l)  # SDXL: each image's own time_ids
     x_t = run.noise.q_sample(x0, t2, eps2)
     target = run.noise.target(x0, eps2, t2)  # eps, v, or the flow velocity eps - x0
     t_in = run.noise.model_t(t2)  # the network's timestep: t, or T * sigma_t for flows
     if kind != "sft":
         with torch.no_grad(), autocast():
-            ref_pred = run.reference(x_t, t_in, text2)
+            ref_pred = run.reference(x_t, t_in, text2, extra2)
         r_w, r_l = sspo.per_sample_error(ref_pred, target).chunk(2)  # (2B,) -> (B,), (B,)
     with autocast():
-        pred = models.unet_forward(bundle, run.policy, x_t, t_in, text2)
+        pred = models.unet_forward(bundle, run.policy, x_t, t_in, text2, extra2)
     err = sspo.per_sample_error(pred, target)  # (2B,) float32 (or (B,) for SFT)
     if kind == "sft":
         losses, metrics = sspo.sft_loss(err)

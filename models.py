@@ -1,17 +1,20 @@
 """The Bundle interface, dispatch to the families, save/load, and the few tensor conversions.
 
 Families (one file each in ``families/``): ``digits`` (the embedded default, pixel space),
-``sd15`` (Stable Diffusion 1.5), ``animatediff`` (SD-1.5 + a MotionAdapter). A family's ``load``
+``sd15`` (Stable Diffusion 1.5), ``animatediff`` (SD-1.5 + a MotionAdapter), ``sdxl`` (Stable
+Diffusion XL: two text encoders and the added ``text_embeds`` / ``time_ids`` conditioning). A family's ``load``
 returns its parts; ``build_model`` freezes them, adds LoRA or marks what trains, and returns a
 ``Bundle``; ``save_model`` writes the diffusers layout that ``build_model`` (and, for sd15 /
 animatediff, diffusers' own pipelines) load back.
 
-Each conversion lives in one place: ``encode_prompts`` (text -> ``(B,77,D)``), ``encode_pixels``
+Each conversion lives in one place: ``encode_prompts`` (text -> ``(B,77,D)``, and with
+``return_extra`` SDXL's pooled ``text_embeds``), ``add_time_ids`` (SDXL's size/crop conditioning), ``encode_pixels``
 (pixels -> scaled latents), ``decode_latents`` and ``unet_forward`` (which repeats text
 embeddings over frames for video, as diffusers 0.42 expects of the caller).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from dataclasses import dataclass
@@ -25,14 +28,17 @@ from torch import nn
 import diffusers
 from diffusers import UNetMotionModel
 
-from families import animatediff, cogvideox, digits, sd15, wan
+from families import animatediff, cogvideox, digits, sd15, sdxl, wan
 from families.common import LORA_TARGETS
 
 # Loading/saving progress bars of the libraries would drown the training log.
 diffusers.utils.logging.disable_progress_bar()
 transformers.utils.logging.disable_progress_bar()
 
-FAMILIES = {"digits": digits, "sd15": sd15, "animatediff": animatediff, "cogvideox": cogvideox, "wan": wan}
+FAMILIES = {"digits": digits, "sd15": sd15, "animatediff": animatediff, "sdxl": sdxl, "cogvideox": cogvideox,
+            "wan": wan}
+PIPELINE_CLASS = {"sd15": "StableDiffusionPipeline", "animatediff": "AnimateDiffPipeline",
+                  "sdxl": "StableDiffusionXLPipeline"}
 # Video transformer families define their own conversions (forward, encode_prompts, encode_pixels,
 # decode_latents, latent_shape, save); the functions below dispatch to them when present.
 VIDEO_TRANSFORMERS = ("cogvideox", "wan")
@@ -41,13 +47,12 @@ VIDEO_TRANSFORMERS = ("cogvideox", "wan")
 def _hook(bundle, name: str):
     """The family's own version of a conversion, or None (the U-Net families share the code here)."""
     return getattr(FAMILIES[bundle.family], name, None)
-PIPELINE_CLASS = {"sd15": "StableDiffusionPipeline", "animatediff": "AnimateDiffPipeline"}
 
 
 @dataclass
 class Bundle:
     """Everything a training step needs. Only ``unet`` (or part of it) trains."""
-    family: str                  # "digits" | "sd15" | "animatediff" | "cogvideox" | "wan"
+    family: str                  # "digits" | "sd15" | "animatediff" | "sdxl" | "cogvideox" | "wan"
     unet: nn.Module              # policy: UNet2DConditionModel | UNetMotionModel | a video transformer (maybe with LoRA adapter "default")
     text_encoder: nn.Module      # frozen, eval mode
     tokenizer: Any               # CLIPTokenizer, model_max_length 77
@@ -56,6 +61,9 @@ class Bundle:
     lora: bool                   # True: only the LoRA adapter "default" trains
     num_frames: int              # 0 for images
     train_motion_only: bool = False  # animatediff without LoRA: only motion modules train
+    text_encoder_2: nn.Module | None = None  # sdxl: CLIPTextModelWithProjection, frozen
+    tokenizer_2: Any = None                  # sdxl: its CLIPTokenizer (pads with "!")
+    force_zeros_for_empty_prompt: bool = False  # sdxl: guidance's unconditional input is zeros
 
     def is_trainable(self, name: str) -> bool:
         """Which UNet parameter names a snapshot holds (the rule is by name, so a second
@@ -99,6 +107,8 @@ def build_model(family: str, path: str | None = None, *, lora_rank: int = 0, tra
     if parts.vae is not None:
         parts.vae.requires_grad_(False).eval()
     parts.text_encoder.requires_grad_(False).eval()
+    if parts.text_encoder_2 is not None:
+        parts.text_encoder_2.requires_grad_(False).eval()
 
     motion_only = family == "animatediff" and train_motion_only and lora_rank == 0
     unet.requires_grad_(False)
@@ -109,7 +119,8 @@ def build_model(family: str, path: str | None = None, *, lora_rank: int = 0, tra
     bundle = Bundle(family=family, unet=unet, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
                     vae=parts.vae, scheduler_config=parts.scheduler_config, lora=lora_rank > 0,
                     num_frames=num_frames if family in ("animatediff", *VIDEO_TRANSFORMERS) else 0,
-                    train_motion_only=motion_only)
+                    train_motion_only=motion_only, text_encoder_2=parts.text_encoder_2,
+                    tokenizer_2=parts.tokenizer_2, force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt)
     for p in bundle.trainable_parameters():
         p.requires_grad_(True)
     if gradient_checkpointing:
@@ -148,6 +159,13 @@ def save_model(bundle: Bundle, path: str) -> None:
         index["vae"] = ["diffusers", "AutoencoderKL"]
     if bundle.family == "animatediff":
         index.update(motion_adapter=[None, None], image_encoder=[None, None])
+    elif bundle.family == "sdxl":
+        bundle.text_encoder_2.save_pretrained(root / "text_encoder_2")
+        bundle.tokenizer_2.save_pretrained(root / "tokenizer_2")
+        sd15.write_tokenizer_files(root / "tokenizer_2")
+        index.update(text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                     tokenizer_2=["transformers", "CLIPTokenizer"], image_encoder=[None, None],
+                     force_zeros_for_empty_prompt=bundle.force_zeros_for_empty_prompt)
     else:
         index.update(safety_checker=[None, None], requires_safety_checker=False)
     (root / "model_index.json").write_text(json.dumps(index, indent=2))
@@ -166,6 +184,11 @@ def load_trainable(bundle: Bundle, weights: dict) -> None:
             params[k].copy_(weights[k].to(params[k].device, params[k].dtype))
 
 
+def vae_scale_factor(bundle: Bundle) -> int:
+    """Pixels per latent along a side: 8 for SD-1.5's and SDXL's VAE, 1 without a VAE."""
+    return 1 if bundle.vae is None else 2 ** (len(bundle.vae.config.block_out_channels) - 1)
+
+
 def latent_shape(bundle: Bundle, resolution: int, num_frames: int = 0) -> tuple:
     """Shape of one x0 in diffusion space: (C,H,W), or (C,F,H,W) for video (F latent frames)."""
     if _hook(bundle, "latent_shape"):
@@ -173,7 +196,7 @@ def latent_shape(bundle: Bundle, resolution: int, num_frames: int = 0) -> tuple:
     if bundle.vae is None:
         s = bundle.unet.config.sample_size
         return (bundle.unet.config.in_channels, s, s)
-    down = 2 ** (len(bundle.vae.config.block_out_channels) - 1)  # 8 for SD-1.5's VAE
+    down = vae_scale_factor(bundle)
     if resolution % down:
         raise ValueError(f"resolution {resolution} must be a multiple of the VAE's factor {down}")
     c, s = bundle.unet.config.in_channels, resolution // down
@@ -182,17 +205,62 @@ def latent_shape(bundle: Bundle, resolution: int, num_frames: int = 0) -> tuple:
 
 # ----------------------------------------------------------------------------- conversions
 
+def _tokens(tokenizer, prompts: list[str], device) -> torch.Tensor:
+    """(B,77) ids as the pipelines tokenize: pad to model_max_length, truncate."""
+    tok = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt")
+    return tok.input_ids.to(device)
+
+
 @torch.no_grad()
-def encode_prompts(bundle: Bundle, prompts: list[str]) -> torch.Tensor:
-    """Prompts (B strings; "" is the unconditional prompt for guidance) -> (B,77,D) last hidden
-    state, tokenized exactly as StableDiffusionPipeline does (pad to 77 with eos, truncate).
-    cogvideox / wan: their pipeline's T5 / UMT5 encoding, (B,226,D) / (B,512,D)."""
+def encode_prompts(bundle: Bundle, prompts: list[str], return_extra: bool = False):
+    """Prompts (B strings; "" is the unconditional prompt for guidance) -> (B,77,D), tokenized
+    exactly as the pipelines do. With ``return_extra``: ``(emb, extra)``, where ``extra`` holds
+    the UNet's added conditioning known from text ({} except for SDXL).
+
+    sd15/animatediff/digits: the last hidden state (StableDiffusionPipeline.encode_prompt).
+    sdxl (StableDiffusionXLPipeline.encode_prompt, clip_skip None): the penultimate hidden states
+    of text_encoder (B,77,768) and text_encoder_2 (B,77,1280), concatenated in that order
+    -> (B,77,2048); extra = {"text_embeds": text_encoder_2's projected pooled output (B,1280)}.
+    cogvideox / wan: their pipeline's T5 / UMT5 encoding, (B,226,D) / (B,512,D).
+    """
     if _hook(bundle, "encode_prompts"):
-        return _hook(bundle, "encode_prompts")(bundle, prompts)
-    tok = bundle.tokenizer(list(prompts), padding="max_length", max_length=bundle.tokenizer.model_max_length,
-                           truncation=True, return_tensors="pt")
+        emb = _hook(bundle, "encode_prompts")(bundle, prompts)
+        return (emb, {}) if return_extra else emb
     device = next(bundle.text_encoder.parameters()).device
-    return bundle.text_encoder(tok.input_ids.to(device))[0]  # (B,77,D)
+    if bundle.text_encoder_2 is None:
+        emb = bundle.text_encoder(_tokens(bundle.tokenizer, prompts, device))[0]  # (B,77,D)
+        return (emb, {}) if return_extra else emb
+    out1 = bundle.text_encoder(_tokens(bundle.tokenizer, prompts, device), output_hidden_states=True)
+    out2 = bundle.text_encoder_2(_tokens(bundle.tokenizer_2, prompts, device), output_hidden_states=True)
+    emb = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)  # (B,77,D1+D2)
+    return (emb, {"text_embeds": out2.text_embeds}) if return_extra else emb  # text_embeds (B,P)
+
+
+def add_time_ids(extra: dict, original_size, crop_top_left, target_size) -> dict:
+    """SDXL's micro-conditioning: ``extra`` plus "time_ids" (B,6) = (original h, w, crop top,
+    left, target h, w) per item, as StableDiffusionXLPipeline._get_add_time_ids (and SDXL's
+    training) lay them out. ``original_size``/``crop_top_left``: (B,2) tensors or one (2,) pair
+    for all; ``target_size``: (h, w). Families without "text_embeds" get ``extra`` unchanged."""
+    if "text_embeds" not in extra:
+        return extra
+    ref = extra["text_embeds"]  # (B,P): the batch size, device and dtype to follow
+    B = ref.shape[0]
+    cols = [torch.as_tensor(v, dtype=ref.dtype, device=ref.device).reshape(-1, 2).expand(B, 2)
+            for v in (original_size, crop_top_left, target_size)]
+    return {**extra, "time_ids": torch.cat(cols, dim=1)}  # (B,6)
+
+
+def cat_extra(*extras: dict) -> dict:
+    """Concatenate added-conditioning dicts along the batch (as ``torch.cat`` of embeddings)."""
+    return {k: torch.cat([e[k] for e in extras]) for k in extras[0]}
+
+
+def _vae_context(bundle: Bundle):
+    """SDXL's VAE overflows in fp16: its family runs it in float32 with autocast off."""
+    if getattr(FAMILIES[bundle.family], "VAE_FP32", False):
+        return torch.autocast(bundle.vae.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _per_frame(x: torch.Tensor, fn, chunk: int) -> torch.Tensor:
@@ -215,7 +283,8 @@ def encode_pixels(bundle: Bundle, x: torch.Tensor, generator: torch.Generator | 
     vae = bundle.vae
     x = x.to(device=vae.device, dtype=vae.dtype)
     fn = lambda im: vae.encode(im).latent_dist.sample(generator) * vae.config.scaling_factor  # noqa: E731
-    return _per_frame(x, fn, chunk) if x.ndim == 5 else fn(x)
+    with _vae_context(bundle):
+        return _per_frame(x, fn, chunk) if x.ndim == 5 else fn(x)
 
 
 @torch.no_grad()
@@ -228,12 +297,14 @@ def decode_latents(bundle: Bundle, z: torch.Tensor, chunk: int = 16) -> torch.Te
     vae = bundle.vae
     z = z.to(device=vae.device, dtype=vae.dtype)
     fn = lambda lat: vae.decode(lat / vae.config.scaling_factor).sample  # noqa: E731
-    return (_per_frame(z, fn, chunk) if z.ndim == 5 else fn(z)).clamp(-1, 1)
+    with _vae_context(bundle):
+        return (_per_frame(z, fn, chunk) if z.ndim == 5 else fn(z)).clamp(-1, 1)
 
 
 def unet_forward(bundle: Bundle, unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
-                 text_emb: torch.Tensor) -> torch.Tensor:
-    """One UNet call. x_t (B,C,H,W) or video (B,C,F,H,W); t scalar or (B,); text_emb (B,77,D).
+                 text_emb: torch.Tensor, extra: dict | None = None) -> torch.Tensor:
+    """One UNet call. x_t (B,C,H,W) or video (B,C,F,H,W); t scalar or (B,); text_emb (B,77,D);
+    extra: the UNet's ``added_cond_kwargs`` (SDXL: "text_embeds" (B,P), "time_ids" (B,6)).
     Returns the prediction (epsilon or v), same shape as x_t.
 
     diffusers 0.42's UNetMotionModel folds frames into the batch as (B*F) with each item's frames
@@ -247,4 +318,9 @@ def unet_forward(bundle: Bundle, unet: nn.Module, x_t: torch.Tensor, t: torch.Te
         return _hook(bundle, "forward")(bundle, unet, x_t, t, text_emb)
     if x_t.ndim == 5:
         text_emb = text_emb.repeat_interleave(x_t.shape[2], dim=0)  # (B,77,D) -> (B*F,77,D)
+    if bundle.family == "sdxl" and not (extra and {"text_embeds", "time_ids"} <= set(extra)):
+        raise ValueError("sdxl's UNet needs extra={'text_embeds', 'time_ids'} (models.encode_prompts"
+                         "(..., return_extra=True), then models.add_time_ids)")
+    if extra:
+        return unet(x_t, t, encoder_hidden_states=text_emb, added_cond_kwargs=extra).sample
     return unet(x_t, t, encoder_hidden_states=text_emb).sample

@@ -156,7 +156,7 @@ class Reference:
 
     @property
     def denoiser(self) -> "Reference":
-        """``denoise_fn(x_t, t, text_emb) -> pred`` for ``sampling.sample``."""
+        """``denoise_fn(x_t, t, text_emb, extra=None) -> pred`` for ``sampling.sample``."""
         return self
 
     @torch.no_grad()
@@ -184,17 +184,19 @@ class Reference:
             for n, m in unet.named_modules():
                 m.training = modes.get(n, False)
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        """x_t (B,C,H,W) or (B,C,F,H,W), t scalar or (B,), text_emb (B,77,D) -> pred like x_t."""
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor,
+                 extra: dict | None = None) -> torch.Tensor:
+        """x_t (B,C,H,W) or (B,C,F,H,W), t scalar or (B,), text_emb (B,77,D), extra: the UNet's
+        added conditioning (SDXL) -> pred like x_t."""
         with torch.no_grad():
             if not self.bundle.lora:
-                return unet_forward(self.bundle, self._unet, x_t, t, text_emb)
+                return unet_forward(self.bundle, self._unet, x_t, t, text_emb, extra)
             unet = self._unet
             with self._preserved(unet):
                 active = unet.active_adapters()
                 unet.eval()
                 unet.set_adapter("ref")
                 try:
-                    return unet_forward(self.bundle, unet, x_t, t, text_emb)
+                    return unet_forward(self.bundle, unet, x_t, t, text_emb, extra)
                 finally:
                     unet.set_adapter(active)

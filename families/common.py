@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections, as the anchors
 
@@ -30,6 +30,9 @@ class Parts:
     tokenizer: Any
     vae: nn.Module | None
     scheduler_config: dict
+    text_encoder_2: nn.Module | None = None  # SDXL's second encoder (CLIPTextModelWithProjection)
+    tokenizer_2: Any = None
+    force_zeros_for_empty_prompt: bool = False  # SDXL: guidance's unconditional input is zeros
 
 
 # ----------------------------------------------------------------------------- CLIP tokenizer
@@ -76,9 +79,12 @@ def clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def tiny_text_encoder(hidden: int, initializer_factor: float = 1.0, layers: int = 2) -> CLIPTextModel:
-    """A small CLIPTextModel with the full CLIP vocabulary (so the real tokenizer's ids are valid)."""
-    return CLIPTextModel(CLIPTextConfig(
+def tiny_text_encoder(hidden: int, initializer_factor: float = 1.0, layers: int = 2,
+                      with_projection: bool = False) -> CLIPTextModel:
+    """A small CLIPTextModel (or CLIPTextModelWithProjection, SDXL's second encoder) with the full
+    CLIP vocabulary (so the real tokenizer's ids are valid)."""
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(CLIPTextConfig(
         vocab_size=49408, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
         projection_dim=hidden, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,

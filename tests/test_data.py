@@ -96,7 +96,7 @@ def test_pickapic_pairs_drop_tie_and_put_winner_first(pickapic, caplog):
 def test_pickapic_winners_and_random_modes(pickapic):
     winners = data.PickAPicDataset(pickapic, mode="winners", resolution=8, max_bad_fraction=0.5)
     batch = data.collate([winners[i] for i in range(len(winners))])
-    assert set(batch) == {"prompt", "x0_w", "num_skipped"} and batch["x0_w"].shape == (5, 3, 8, 8)
+    assert set(batch) == {"prompt", "x0_w", "num_skipped", "original_size", "crop_top_left"} and batch["x0_w"].shape == (5, 3, 8, 8)
     assert (batch["x0_w"] > 0.5).all()
 
     def brightness(seed):
