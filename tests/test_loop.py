@@ -86,9 +86,11 @@ def spy(monkeypatch):
 
 
 def _errors(world, net, seen):
-    """Per-sample errors of ``net`` on what the step noised, recomputed from first principles:
+    """Per-sample errors of ``net`` on [the batch's winners; the losers (the data's, or the
+    sampler's output)] at the step's (t, eps), recomputed from first principles:
     x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, epsilon target, mean over values."""
-    x0, t, eps = seen["x0"], seen["t"], seen["eps"]
+    x0 = torch.cat([world.batch["x0_w"], seen.get("losers", world.batch["x0_l"])])
+    t, eps = seen["t"], seen["eps"]
     abar = sspo.make_schedule()["alphas_cumprod"][t].view(-1, 1, 1, 1)
     x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
     with torch.no_grad():
