@@ -40,7 +40,7 @@ class Config:
     eps_clip: float = _f(float("inf"), "dpo_cm/sdpo: clip kept weights into [1-eps_clip, 1+eps_clip]")
     # ---- Random Checkpoint Replay and loser generation (sspo, sspo_r, spin)
     save_every: int = _f(50, "optimizer updates between checkpoints (= replay pool snapshots)")
-    pool_storage: str = _f("memory", "replay snapshots: memory (fp32) | memory_bf16 | disk (safetensors)")
+    pool_storage: str = _f("memory", "replay snapshots: memory (fp32) | memory_bf16 (checkpoint 0 exact) | disk (safetensors)")
     loser_steps: int = _f(10, "DDIM steps to sample a replayed (losing) sample")
     loser_guidance: float = _f(3.0, "classifier-free guidance scale for replayed samples")
     # ---- optimisation
