@@ -192,3 +192,31 @@ def test_dpo_step_prefers_the_winner(world, spy, beta):
     torch.testing.assert_close(loss.detach(), want.mean(), rtol=1e-4, atol=1e-6)
     inside = -0.5 * beta * ((m_w - m_l) - (r_w - r_l))
     assert metrics["implicit_acc"].item() == (inside > 0).float().mean().item()
+
+
+@pytest.fixture(scope="module")
+def sd15_bundle(tmp_path_factory):
+    from families import sd15
+    return models.build_model("sd15", sd15.write_tiny(str(tmp_path_factory.mktemp("sd15"))))
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_bf16_autocast_noises_float32_latents(sd15_bundle, spy, kind):
+    """Under bf16 autocast the VAE returns bf16 latents; the step must noise float32 ones (a
+    bf16 schedule rounds abar_t to 1 at small t: no noise at all). Needs a VAE, so tiny sd15."""
+    bundle = sd15_bundle
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    batch = {"prompt": ["a cat", "a dog"], "x0_w": torch.rand(2, 3, 16, 16, generator=g) * 2 - 1,
+             "x0_l": torch.rand(2, 3, 16, 16, generator=g) * 2 - 1, "index": torch.tensor([0, 1])}
+    with torch.no_grad(), autocast():
+        assert models.encode_pixels(bundle, batch["x0_w"]).dtype == torch.bfloat16  # the hazard is real
+    sc = bundle.scheduler_config
+    schedule = sspo.make_schedule(sc["num_train_timesteps"], sc["beta_start"], sc["beta_end"], sc["beta_schedule"])
+    run = SimpleNamespace(cfg=config.Config(method=kind), bundle=bundle, policy=bundle.unet,
+                          reference=Reference(bundle) if kind != "sft" else None,
+                          ctx=SimpleNamespace(device=torch.device("cpu")), autocast=autocast, shape=(4, 8, 8),
+                          abar=schedule["alphas_cumprod"], schedule=schedule, prediction_type="epsilon",
+                          loss_kind=kind)
+    loss, _ = loop.training_step(run, batch, 0)
+    assert spy["x0"].dtype == spy["eps"].dtype == torch.float32 and torch.isfinite(loss)
