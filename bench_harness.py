@@ -83,6 +83,8 @@ class Harness:
             self.pools[s] = replay.CheckpointPool("uniform", seed=0, storage=s,
                                                   directory=os.path.join(pool_dir or ".", s))
             self.pools[s].add(self.bundle.trainable_state_dict(), 0)
+            if s == "memory_bf16":  # checkpoint 0 is kept exact: time the swap of a bf16 snapshot
+                self.pools[s].add(self.bundle.trainable_state_dict(), 1)
         if self.reference is not None and self.pools:
             self.reference.load(self.pools[p["storage"]].get(0))
         self.opt = None  # built on the first step (a swap-only harness needs no Adam state)
@@ -97,9 +99,10 @@ class Harness:
         return sum(p.numel() for p in self.bundle.trainable_parameters()) * dtype_bytes / 2**20
 
     def swap(self, storage: str, step: int = 0) -> None:
-        """Random Checkpoint Replay's swap: pick a checkpoint, copy it into the reference."""
+        """Random Checkpoint Replay's swap: copy a checkpoint into the reference (the newest, so
+        that a memory_bf16 pool swaps a bf16 snapshot; ``step`` keys nothing any more)."""
         pool = self.pools[storage]
-        self.reference.load(pool.get(pool.choose(step)))
+        self.reference.load(pool.get(len(pool) - 1))
 
     def generate(self, guidance: float) -> torch.Tensor:
         """Loser generation alone, called exactly as training_step calls it."""

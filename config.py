@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,7 @@ class Config:
     eps_clip: float = _f(float("inf"), "dpo_cm/sdpo: clip kept weights into [1-eps_clip, 1+eps_clip]")
     # ---- Random Checkpoint Replay and loser generation (sspo, sspo_r, spin)
     save_every: int = _f(50, "optimizer updates between checkpoints (= replay pool snapshots)")
-    pool_storage: str = _f("memory", "replay snapshots: memory (fp32) | memory_bf16 | disk (safetensors)")
+    pool_storage: str = _f("memory", "replay snapshots: memory (fp32) | memory_bf16 (checkpoint 0 exact) | disk (safetensors)")
     loser_steps: int = _f(10, "DDIM steps to sample a replayed (losing) sample")
     loser_guidance: float = _f(3.0, "classifier-free guidance scale for replayed samples")
     # ---- optimisation
@@ -198,6 +199,9 @@ def resolve(overrides: dict | None = None, argv: list[str] | None = None) -> Con
     _apply(cfg, METHOD_PRESETS[cfg.method], f"method preset {cfg.method}")
     _apply(cfg, updates, "overrides")
     validate(cfg)
+    check_consistency(cfg)
+    for message in ignored_settings(cfg, given=set(updates)):
+        warnings.warn(message, IgnoredSettingWarning, stacklevel=2)
     return cfg
 
 
@@ -226,6 +230,69 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"config key 'digits_classes' must hold digits 0-9, got {cfg.digits_classes!r}")
     if cfg.data != "digits" and not cfg.data_path:
         raise ValueError(f"data {cfg.data!r} needs --data_path=<local directory>")
+
+
+class IgnoredSettingWarning(UserWarning):
+    """A setting that has no effect for the chosen method, model or data (train.py prints one line)."""
+
+
+PAIR_DATA = ("digits", "pickapic")  # data sets with a winner and a loser per prompt
+
+
+def check_consistency(cfg: Config) -> None:
+    """Refuse, with one line, settings that contradict each other (rather than run something else)."""
+    if DATA_MODE_OF[cfg.method] in ("pairs", "random") and cfg.data not in PAIR_DATA:
+        raise ValueError(f"method {cfg.method!r} trains on preference pairs (data {' or '.join(PAIR_DATA)}); "
+                         f"data {cfg.data!r} has winners only: use sft, sspo or spin")
+    if cfg.init == "scratch" and cfg.model != "digits":
+        raise ValueError(f"init='scratch' is the digits model's own pretraining; model {cfg.model!r} "
+                         f"starts from model_path")
+    if cfg.init == "scratch" and cfg.model_path:
+        raise ValueError(f"init='scratch' starts from random weights, but model_path={cfg.model_path!r} "
+                         f"is given: drop one of them")
+
+
+def ignored_settings(cfg: Config, given: set[str] | None = None) -> list[str]:
+    """One line per setting that has no effect for this method/model/data, naming it and why.
+
+    Only settings away from their default count, and of those only the keys in ``given`` when
+    it is passed (``resolve`` passes the keys of the user's overrides, so that a preset's or a
+    method preset's own values never warn).
+    """
+    loss, defaults = LOSS_OF[cfg.method], Config()
+    why: dict[str, str] = {}
+    if loss != "sspo":
+        for key in ("ssr", "replay", "loser_steps"):
+            why[key] = (f"only sspo, sspo_r and spin replay checkpoints and sample losers; {cfg.method} "
+                        + ("has no reference" if loss == "sft" else "uses the initial model as reference"))
+    if loss == "sft":
+        why["beta"] = "sft has no preference term"
+        why["pool_storage"] = "sft keeps no checkpoint pool"
+    elif loss != "sspo" and cfg.pool_storage == "memory_bf16":
+        why["pool_storage"] = f"{cfg.method}'s pool holds only checkpoint 0, which memory_bf16 keeps exact"
+    if loss not in ("dpo_cm", "sdpo"):
+        why["tau"] = why["eps_clip"] = f"only dpo_cm and sdpo weight pairs; {cfg.method} does not"
+    if cfg.model != "animatediff":
+        why["num_frames"] = why["motion_adapter_path"] = f"only animatediff makes videos; {cfg.model} makes images"
+    if cfg.model != "digits":
+        for key in ("digits_base_steps", "digits_corrupt", "digits_classes", "cache_dir", "data_split"):
+            why[key] = f"only the digits model uses it; this run trains {cfg.model}"
+    else:
+        why["resolution"] = "the digits model is 8x8 pixels"
+        why["random_crop"] = why["hflip"] = "digits data is not augmented"
+        why["data_path"] = why["local_files_only"] = "the digits data and model are built locally"
+        if cfg.data_split != "align":
+            why["digits_classes"] = "classes filter the align split only"
+        if cfg.init == "scratch" or cfg.model_path:
+            why["digits_base_steps"] = "the run starts from " + ("random weights" if cfg.init == "scratch"
+                                                                  else "model_path, not the cached base")
+    out = [f"setting {key}={getattr(cfg, key)!r} has no effect: {reason}" for key, reason in why.items()
+           if getattr(cfg, key) != getattr(defaults, key) and (given is None or key in given)]
+    if (loss == "sspo" and cfg.replay != "initial" and cfg.save_every >= cfg.max_steps
+            and (given is None or given & {"replay", "save_every", "max_steps"})):
+        out.append(f"setting replay={cfg.replay!r} has no effect: save_every={cfg.save_every} >= max_steps="
+                   f"{cfg.max_steps}, so the pool never holds more than checkpoint 0")
+    return out
 
 
 def to_dict(cfg: Config) -> dict:

@@ -36,7 +36,9 @@ class CheckpointPool:
     strategy: "uniform" (RCR: uniform over every stored checkpoint, 0 included), "initial"
     (always 0: the usual fixed reference), "last" (the newest: SPIN-Diffusion's choice).
     storage: "memory" (CPU copies in the original dtype, exact), "memory_bf16" (CPU bf16, half
-    the memory), "disk" (one safetensors file per snapshot in ``directory``).
+    the memory, for every snapshot but checkpoint 0), "disk" (one safetensors file per snapshot
+    in ``directory``). Checkpoint 0 is always stored exactly: it is the initial model, the fixed
+    reference of Diffusion-DPO and the one replayed checkpoint every run shares.
     """
 
     def __init__(self, strategy: str = "uniform", seed: int = 0, storage: str = "memory",
@@ -67,14 +69,16 @@ class CheckpointPool:
             os.replace(tmp, path)  # atomic: a crash never leaves a half-written snapshot
             self._files.append(str(path))
         else:
-            dtype = torch.bfloat16 if self.storage == "memory_bf16" else None
+            # bf16 rounding (~3 significant digits) would make the replayed "initial model" a
+            # different network; checkpoint 0 keeps the original dtype.
+            dtype = torch.bfloat16 if self.storage == "memory_bf16" and index > 0 else None
             self._snapshots.append({k: v.detach().to("cpu", dtype=dtype if v.is_floating_point() else None,
                                                      copy=True) for k, v in state.items()})
         self.steps.append(int(step))
         return index
 
     def get(self, index: int) -> dict[str, torch.Tensor]:
-        """The snapshot's tensors (on CPU; bf16 for memory_bf16)."""
+        """The snapshot's tensors (on CPU; bf16 for memory_bf16, except checkpoint 0)."""
         if not 0 <= index < len(self):
             raise IndexError(f"Checkpoint {index} not in pool of {len(self)}.")
         if self.storage == "disk":

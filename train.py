@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import config as config_mod
@@ -36,12 +37,25 @@ def run(overrides: dict | None = None, argv: list[str] | None = None) -> Path:
         ctx.teardown()
 
 
+def _one_line_for_settings(show):
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, config_mod.IgnoredSettingWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+    return showwarning
+
+
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(config_mod.help_text())
         return 0
     try:
-        out = run(argv=argv)
+        with warnings.catch_warnings():  # ignored settings: one line each, from rank 0 only
+            rank0 = int(os.environ.get("RANK", "0")) == 0
+            warnings.simplefilter("always" if rank0 else "ignore", config_mod.IgnoredSettingWarning)
+            warnings.showwarning = _one_line_for_settings(warnings.showwarning)
+            out = run(argv=argv)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -244,11 +244,12 @@ def test_video_folder_samples_frames_uniformly(tmp_path, caplog):
     assert "clip.mp4: video too short: has 12 frames, expected at least num_frames=16" in caplog.text
 
 
-def test_video_folder_magictime_csv_and_same_crop_for_all_frames(tmp_path):
+def test_video_folder_magictime_csv(tmp_path):
+    # (the crop shared by frames is test_video_crop_is_shared_by_frames's: uniform gray frames
+    # here could not show it)
     _write_video(tmp_path / "v1.mp4", 6, size=(48, 16))
     (tmp_path / "captions.csv").write_text('videoid,name,is_transmit\nv1,"a flower, blooming",0\n')
-    ds = data_video.VideoFolderDataset(tmp_path, num_frames=6, resolution=16, random_crop=True,
-                                 captions=tmp_path / "captions.csv")
+    ds = data_video.VideoFolderDataset(tmp_path, num_frames=6, resolution=16, captions=tmp_path / "captions.csv")
     item = ds[0]
     assert item["prompt"] == "a flower, blooming" and item["x0_w"].shape == (3, 6, 16, 16)
     (tmp_path / "bad.csv").write_text("id,caption\nv1,x\n")

@@ -112,8 +112,22 @@ def test_digit_prompts_are_balanced():
     assert not set(prompts) & {digits.digit_caption(d, t) for d in range(10) for t in digits.TRAIN_TEMPLATES}
 
 
-def test_evaluate_digits_model_reports_every_condition(digits_bundle, judge):
-    res = digits.evaluate_model(digits_bundle, judge, n_per_condition=20, num_inference_steps=2, seed=0)
+def test_evaluate_digits_model_reports_every_condition(digits_bundle, judge, monkeypatch):
+    calls, real = {}, digits.generate_digits
+
+    def spy(bundle, prompts, guidance_scale, **kw):
+        calls[len(calls)] = (list(prompts), guidance_scale)
+        return real(bundle, prompts, guidance_scale=guidance_scale, **kw)
+
+    monkeypatch.setattr(digits, "generate_digits", spy)
+    res = digits.evaluate_model(digits_bundle, judge, n_per_condition=20, num_inference_steps=2, seed=0,
+                                guidance_scale=2.5)
+    # id = training caption templates, ood = held-out ones; cfg = the guidance asked for, nocfg = 1
+    train_caps = {digits.digit_caption(d, t) for d in range(10) for t in digits.TRAIN_TEMPLATES}
+    heldout_caps = {digits.digit_caption(d, t) for d in range(10) for t in digits.HELDOUT_TEMPLATES}
+    (p0, g0), (p1, g1), (p2, g2), (p3, g3) = (calls[i] for i in range(4))  # id_cfg, id_nocfg, ood_cfg, ood_nocfg
+    assert (g0, g1, g2, g3) == (2.5, 1.0, 2.5, 1.0)
+    assert set(p0) <= train_caps and set(p1) <= train_caps and set(p2) <= heldout_caps and set(p3) <= heldout_caps
     for split in ("id", "ood"):
         for g in ("cfg", "nocfg"):
             acc = res[f"{split}_{g}/accuracy"]

@@ -257,16 +257,23 @@ def test_losses_accept_low_precision_and_compute_float32(dt):
 
 
 def test_video_end_to_end_through_losses():
-    B = 3
+    B = 16
     shape = (2 * B, 4, 5, 8, 8)  # [winners; losers] (2B,C,F,H,W)
-    target = torch.randn(shape)
-    model_pred = (target + 0.3 * torch.randn(shape)).requires_grad_(True)
-    ref_pred = target + 0.3 * torch.randn(shape)
+    g = torch.Generator().manual_seed(12)
+    target = torch.randn(shape, generator=g)
+    ref_pred = target + 0.3 * torch.randn(shape, generator=g)
+    model_pred = (ref_pred + 3e-3 * torch.randn(shape, generator=g)).requires_grad_(True)
     m_w, m_l = sspo.per_sample_error(model_pred, target).chunk(2)  # (2B,) -> (B,), (B,)
     r_w, r_l = sspo.per_sample_error(ref_pred, target).chunk(2)
     loss, met = sspo.sspo_loss(m_w, m_l, r_w, r_l)
+    # by hand: one error per video, the mean over channels, frames and pixels; then B.5
+    hand_m = (model_pred.detach() - target).pow(2).mean(dim=(1, 2, 3, 4)).chunk(2)
+    hand_r = (ref_pred - target).pow(2).mean(dim=(1, 2, 3, 4)).chunk(2)
+    want, _ = paper_pseudocode_loss(hand_m[0], hand_m[1], hand_r[0], hand_r[1], 5000.0)
+    assert 0 < met["ssr_rate"] < 1, "both SFT and DPO mode must be exercised"
+    assert loss.shape == (B,) and torch.allclose(loss, want)
     loss.mean().backward()
-    assert loss.shape == (B,) and model_pred.grad.shape == shape and 0 <= met["ssr_rate"] <= 1
+    assert model_pred.grad.shape == shape and (model_pred.grad != 0).any()
 
 
 def test_importance_weight_v_prediction_uses_eps_error():

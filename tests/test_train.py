@@ -3,6 +3,7 @@ DDP (2 processes, gloo) == one process, resume == uninterrupted, NaN and SIGTERM
 and the real sd15 / animatediff code paths on tiny random-weight directories under torchrun."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -80,11 +81,16 @@ def test_every_method_trains_only_trainable_weights(method, extra, cache, tmp_pa
     for p, q in zip(base.text_encoder.parameters(), final.text_encoder.parameters()):
         assert torch.equal(p, q)  # the frozen text encoder is untouched
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(map(lambda r: r["loss"] == r["loss"], rows))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    if method in ("dpo", "spin", "sspo", "sspo_r"):
+        # update 1: the reference is checkpoint 0, the policy itself, so every pair has
+        # inside = 0 exactly: loss log 2, no pair "won", and SSR in DPO mode (m_w - r_w = 0)
+        assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and rows[0]["implicit_acc"] == 0.0
+        assert rows[1]["loss"] != pytest.approx(math.log(2), abs=1e-6)  # then the policy moves
     if method == "spin" or extra.get("ssr") == "none":
         assert all(r["ssr_rate"] == 0.0 for r in rows)  # no SSR: always DPO mode
     elif method in ("sspo", "sspo_r"):
-        assert all(0.0 <= r["ssr_rate"] <= 1.0 for r in rows)
+        assert rows[0]["ssr_rate"] == 0.0
     if method in ("spin", "sspo") and not extra:  # the reference follows the replay strategy
         refs = [r["ref_checkpoint"] for r in rows]
         assert refs[0] == 0.0 and (method != "spin" or refs[2:] == [1.0, 1.0])
@@ -268,22 +274,6 @@ def test_fresh_run_refuses_an_existing_run_and_resume_refuses_a_changed_config(c
     train.run({**args, "overwrite": True})  # starts over
     rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2  # the old run's log was cleared, not appended to
-
-
-def test_bf16_autocast_builds_x_t_in_float32(cache, tmp_path, monkeypatch):
-    seen = []
-    real = sspo.q_sample
-
-    def spy(x0, t, eps, abar):
-        seen.append((x0.dtype, eps.dtype))
-        return real(x0, t, eps, abar)
-
-    monkeypatch.setattr(sspo, "q_sample", spy)
-    train.run({**FAST, "cache_dir": cache, "method": "sspo", "max_steps": 2, "mixed_precision": "bf16",
-               "out_dir": str(tmp_path)})
-    assert seen and all(d == (torch.float32, torch.float32) for d in seen)
-    w = _weights(tmp_path, 2)
-    assert all(torch.isfinite(v).all() for v in w.values())
 
 
 def test_main_command_writes_samples_metrics_and_judged_eval(cache, tmp_path, capsys):
