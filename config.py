@@ -58,7 +58,7 @@ class Config:
     gradient_checkpointing: bool = _f(False, "recompute UNet activations in backward")
     lora_rank: int = _f(0, "0 = full fine-tuning (of the UNet, or motion modules); >0 = LoRA rank")
     # ---- data
-    resolution: int = _f(512, "image side for sd15/animatediff data")
+    resolution: int = _f(512, "image (or frame) side in pixels for every family but digits")
     num_frames: int = _f(16, "frames per clip (animatediff; cogvideox/wan: 4k+1, e.g. 49 / 81)")
     random_crop: bool = _f(False, "random instead of center crop")
     hflip: bool = _f(False, "random horizontal flips")
@@ -101,6 +101,7 @@ DATA_MODE_OF = {"sft": "winners", "sspo": "winners", "spin": "winners", "sspo_r"
 DATA_OF_MODEL = {"digits": ("digits",), "sd15": ("pickapic", "imagefolder"), "sdxl": ("pickapic", "imagefolder"),
                  "animatediff": ("videofolder", "videopairs"), "cogvideox": ("videofolder", "videopairs"),
                  "wan": ("videofolder", "videopairs")}
+VIDEO_MODELS = ("animatediff", "cogvideox", "wan")
 CHOICES = {
     "method": tuple(METHOD_PRESETS), "ssr": ("sign", "indicator", "none"),
     "replay": ("uniform", "initial", "last"),
@@ -236,7 +237,7 @@ class IgnoredSettingWarning(UserWarning):
     """A setting that has no effect for the chosen method, model or data (train.py prints one line)."""
 
 
-PAIR_DATA = ("digits", "pickapic")  # data sets with a winner and a loser per prompt
+PAIR_DATA = ("digits", "pickapic", "videopairs")  # data sets with a winner and a loser per prompt
 
 
 def check_consistency(cfg: Config) -> None:
@@ -272,8 +273,10 @@ def ignored_settings(cfg: Config, given: set[str] | None = None) -> list[str]:
         why["pool_storage"] = f"{cfg.method}'s pool holds only checkpoint 0, which memory_bf16 keeps exact"
     if loss not in ("dpo_cm", "sdpo"):
         why["tau"] = why["eps_clip"] = f"only dpo_cm and sdpo weight pairs; {cfg.method} does not"
+    if cfg.model not in VIDEO_MODELS:
+        why["num_frames"] = f"only {', '.join(VIDEO_MODELS)} make videos; {cfg.model} makes images"
     if cfg.model != "animatediff":
-        why["num_frames"] = why["motion_adapter_path"] = f"only animatediff makes videos; {cfg.model} makes images"
+        why["motion_adapter_path"] = f"only animatediff has a motion adapter; this run trains {cfg.model}"
     if cfg.model != "digits":
         for key in ("digits_base_steps", "digits_corrupt", "digits_classes", "cache_dir", "data_split"):
             why[key] = f"only the digits model uses it; this run trains {cfg.model}"

@@ -29,7 +29,7 @@ def _ignored(argv):
     (["--method=dpo", "--tau=0.5"], "tau", "only dpo_cm and sdpo"),
     (["--method=sspo", "--eps_clip=0.2"], "eps_clip", "only dpo_cm and sdpo"),
     (["--num_frames=8"], "num_frames", "digits makes images"),
-    (SD15 + ["--motion_adapter_path=/m"], "motion_adapter_path", "sd15 makes images"),
+    (SD15 + ["--motion_adapter_path=/m"], "motion_adapter_path", "only animatediff has a motion adapter"),
     (SD15 + ["--digits_base_steps=10"], "digits_base_steps", "only the digits model"),
     (SD15 + ["--data_split=pretrain"], "data_split", "only the digits model"),
     (["--resolution=256"], "resolution", "8x8 pixels"),
