@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import config
 import loop
+import noise
 import models
 import sampling
 import sspo
@@ -56,12 +57,11 @@ def _run(world, kind, drawn, **cfg):
     """What training_step reads of a loop.Run, with pool entry ``drawn`` loaded in the reference."""
     world.reference.load(world.pool.get(drawn))
     sc = world.bundle.scheduler_config
-    schedule = sspo.make_schedule(sc["num_train_timesteps"], sc["beta_start"], sc["beta_end"], sc["beta_schedule"])
     c = config.Config(**{"beta": 500.0, "loser_steps": 3, "loser_guidance": 3.0, **cfg})
     return SimpleNamespace(cfg=c, bundle=world.bundle, policy=world.bundle.unet, reference=world.reference,
                            ctx=SimpleNamespace(device=torch.device("cpu")), autocast=contextlib.nullcontext,
-                           shape=SHAPE, abar=schedule["alphas_cumprod"], schedule=schedule,
-                           prediction_type="epsilon", loss_kind=kind)
+                           shape=SHAPE, noise=noise.Process.from_config(sc, torch.device("cpu")),
+                           loss_kind=kind)
 
 
 @pytest.fixture
@@ -212,11 +212,10 @@ def test_bf16_autocast_noises_float32_latents(sd15_bundle, spy, kind):
     with torch.no_grad(), autocast():
         assert models.encode_pixels(bundle, batch["x0_w"]).dtype == torch.bfloat16  # the hazard is real
     sc = bundle.scheduler_config
-    schedule = sspo.make_schedule(sc["num_train_timesteps"], sc["beta_start"], sc["beta_end"], sc["beta_schedule"])
     run = SimpleNamespace(cfg=config.Config(method=kind), bundle=bundle, policy=bundle.unet,
                           reference=Reference(bundle) if kind != "sft" else None,
                           ctx=SimpleNamespace(device=torch.device("cpu")), autocast=autocast, shape=(4, 8, 8),
-                          abar=schedule["alphas_cumprod"], schedule=schedule, prediction_type="epsilon",
+                          noise=noise.Process.from_config(bundle.scheduler_config, torch.device("cpu")),
                           loss_kind=kind)
     loss, _ = loop.training_step(run, batch, 0)
     assert spy["x0"].dtype == spy["eps"].dtype == torch.float32 and torch.isfinite(loss)
