@@ -211,7 +211,6 @@ def test_bf16_autocast_noises_float32_latents(sd15_bundle, spy, kind):
              "x0_l": torch.rand(2, 3, 16, 16, generator=g) * 2 - 1, "index": torch.tensor([0, 1])}
     with torch.no_grad(), autocast():
         assert models.encode_pixels(bundle, batch["x0_w"]).dtype == torch.bfloat16  # the hazard is real
-    sc = bundle.scheduler_config
     run = SimpleNamespace(cfg=config.Config(method=kind), bundle=bundle, policy=bundle.unet,
                           reference=Reference(bundle) if kind != "sft" else None,
                           ctx=SimpleNamespace(device=torch.device("cpu")), autocast=autocast, shape=(4, 8, 8),
