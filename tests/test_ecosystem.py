@@ -130,10 +130,17 @@ def test_model_card_and_tokenizer_files(lora_run, tmp_path):
     (run / "eval.json").write_text(json.dumps({"pickscore": 21.5}))
     export.write_model_card(run)
     assert '"pickscore": 21.5' in (run / "final" / "README.md").read_text()
-    # the tokenizer of a saved pipeline has the files of the SD-1.5 release's tokenizer/
-    models.save_model(models.build_model("sd15", sd), tmp_path / "full")
-    names = set(os.listdir(tmp_path / "full" / "tokenizer"))
+    # save_merged_pipeline: the adapter in final/, the merged pipeline (with the SD-1.5 release's
+    # tokenizer files) in final/merged/, which plain diffusers loads
+    from diffusers import StableDiffusionPipeline
+    cfg = config.resolve({"config": "sd15_pickapic", "model_path": sd, "data_path": "unused", "lora_rank": 4,
+                          "save_merged_pipeline": True, "out_dir": str(tmp_path)})
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict(cfg)))
+    final = export.write_final(cfg, models.build_model("sd15", sd, lora_rank=4), tmp_path, 4)
+    assert (final / export.LORA_FILE).is_file() and (final / "README.md").is_file()
+    names = set(os.listdir(final / "merged" / "tokenizer"))
     assert {"vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"} <= names
+    StableDiffusionPipeline.from_pretrained(final / "merged", safety_checker=None)
 
 
 def test_animatediff_lora_loads_in_animatediff_pipeline(tmp_path):
