@@ -50,6 +50,8 @@ class Config:
     grad_accum: int = _f(1, "micro-steps per update; global batch = batch_size * grad_accum * world")
     lr: float = _f(1e-4, "AdamW learning rate (after warmup)")
     warmup_steps: int = _f(0, "linear learning-rate warmup, in updates")
+    lr_scheduler: str = _f("constant_with_warmup", "diffusers.optimization.get_scheduler: constant | "
+                           "constant_with_warmup | linear | cosine (linear/cosine decay to 0 at max_steps)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
@@ -74,11 +76,20 @@ class Config:
     seed: int = _f(0, "seed for init, data order, noise and replay choices")
     out_dir: str = _f("runs/digits_sspo", "output directory")
     resume: bool = _f(False, "continue from out_dir/checkpoints/latest")
+    resume_from_checkpoint: str = _f("", "'latest' (= --resume) or a checkpoint: step_N or a path to "
+                                     "out_dir/checkpoints/step_N")
     overwrite: bool = _f(False, "a fresh run may clear an out_dir that holds an earlier run")
     keep_checkpoints: int = _f(0, "training-state checkpoints to keep (0 = all)")
     log_every: int = _f(10, "updates between log lines / metrics.jsonl rows")
     sample_every: int = _f(100, "updates between sample grids (0 = only at the end)")
     num_sample_prompts: int = _f(10, "prompts in a sample grid")
+    validation_prompts: str = _f("", "sample-grid prompts: a text file (one per line) or prompts "
+                                 "separated by '|' ('' = the built-in set)")
+    report_to: str = _f("none", "none | tensorboard (out_dir/logs) | wandb (WANDB_MODE=offline works): "
+                        "every logged scalar and the sample grids")
+    tracker_project_name: str = _f("sspo", "wandb project name")
+    save_merged_pipeline: bool = _f(False, "LoRA on sd15/animatediff: also write the merged full pipeline "
+                                    "to final/merged (final/ always holds the diffusers-format adapter)")
     init: str = _f("pretrained", "pretrained | scratch (digits only: the base model's own pretraining)")
     data_split: str = _f("align", "digits split to train on: pretrain | align")
 
@@ -109,6 +120,18 @@ CHOICES = {
     "data": ("digits", "pickapic", "imagefolder", "videofolder", "videopairs"),
     "pool_storage": ("memory", "memory_bf16", "disk"), "mixed_precision": ("no", "bf16", "fp16"),
     "init": ("pretrained", "scratch"), "data_split": ("pretrain", "align"),
+    "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine"),
+    "report_to": ("none", "tensorboard", "wandb"),
+}
+# The diffusers training scripts' flag names (train_text_to_image*.py, the Diffusion-DPO example)
+# accepted as aliases of this project's keys on the command line.
+ALIASES = {
+    "pretrained_model_name_or_path": "model_path", "output_dir": "out_dir", "train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "learning_rate": "lr", "max_train_steps": "max_steps",
+    "checkpointing_steps": "save_every", "checkpoints_total_limit": "keep_checkpoints",
+    "lr_warmup_steps": "warmup_steps", "adam_weight_decay": "weight_decay", "rank": "lora_rank",
+    "beta_dpo": "beta", "train_data_dir": "data_path", "dataloader_num_workers": "num_workers",
+    "random_flip": "hflip", "validation_steps": "sample_every", "validation_prompt": "validation_prompts",
 }
 
 
@@ -167,7 +190,8 @@ def load_preset(name_or_path: str) -> dict:
 
 
 def parse_args(argv: list[str]) -> dict:
-    """``--key=value`` / ``--key value`` / bare ``--flag`` (a bool set to true) -> dict of strings."""
+    """``--key=value`` / ``--key value`` / bare ``--flag`` (a bool set to true) -> dict of strings.
+    The diffusers scripts' flag names (``ALIASES``) become the project's keys."""
     out, i = {}, 0
     while i < len(argv):
         arg = argv[i]
@@ -175,6 +199,7 @@ def parse_args(argv: list[str]) -> dict:
             raise ValueError(f"unexpected argument {arg!r}: use --key=value")
         key, eq, val = arg[2:].partition("=")
         key = key.replace("-", "_")
+        key = ALIASES.get(key, key)
         if not eq:
             if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                 val, i = argv[i + 1], i + 1
@@ -199,6 +224,8 @@ def resolve(overrides: dict | None = None, argv: list[str] | None = None) -> Con
         raise ValueError(f"config key 'method' must be one of {tuple(METHOD_PRESETS)}, got {cfg.method!r}")
     _apply(cfg, METHOD_PRESETS[cfg.method], f"method preset {cfg.method}")
     _apply(cfg, updates, "overrides")
+    if cfg.resume_from_checkpoint:
+        cfg.resume = True  # "latest" or a chosen checkpoint; prepare_out_dir keeps the run
     validate(cfg)
     check_consistency(cfg)
     for message in ignored_settings(cfg, given=set(updates)):
@@ -229,6 +256,10 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"config key 'digits_classes' must be comma-separated digits, got {cfg.digits_classes!r}") from None
     if any(not 0 <= c <= 9 for c in classes):
         raise ValueError(f"config key 'digits_classes' must hold digits 0-9, got {cfg.digits_classes!r}")
+    tracker = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(cfg.report_to)
+    if tracker and importlib.util.find_spec(tracker) is None:
+        raise ValueError(f"report_to={cfg.report_to} needs the {tracker} package: pip install {tracker} "
+                         f"(or --report_to=none)")
     if cfg.data != "digits" and not cfg.data_path:
         raise ValueError(f"data {cfg.data!r} needs --data_path=<local directory>")
 
@@ -306,5 +337,6 @@ def help_text() -> str:
     lines = ["usage: [torchrun ...] train.py [--config=PRESET] [--key=value ...]", "", "keys:"]
     for f in dataclasses.fields(Config):
         lines.append(f"  --{f.name}={f.default!r:<24} {f.metadata['help']}")
+    lines += ["", "aliases (diffusers training scripts): " + ", ".join(f"--{a} = --{k}" for a, k in ALIASES.items())]
     lines += ["", "method presets: " + json.dumps(METHOD_PRESETS)]
     return "\n".join(lines)

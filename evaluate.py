@@ -2,6 +2,7 @@
 
     python evaluate.py report RUN_DIR                # judge a digits run against its base
     python evaluate.py generate --family sd15 --checkpoint DIR --prompts FILE --out DIR [--lora PATH]
+        DIR: a pipeline, a run's final/ (full or LoRA) or checkpoints/step_N (on the run's base model)
     python evaluate.py score --generated DIR [--clip DIR] [--pickscore DIR] [--aesthetic-head FILE] ...
 
 The digits judge and its metrics are defined in digits.py; the model-based real-scale scorers and
@@ -14,9 +15,11 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 import digits
+import export
 import models
 
 
@@ -35,6 +38,7 @@ def report_digits_run(run_dir, n_per_condition: int = 100, num_inference_steps: 
         res[name] = digits.evaluate_model(models.build_model("digits", str(path)), judge, seed=seed,
                                           n_per_condition=n_per_condition, num_inference_steps=num_inference_steps)
     (run_dir / "eval.json").write_text(json.dumps(res, indent=1))
+    export.write_model_card(run_dir)  # the card in final/ now carries these numbers
     rows = ["condition              metric      base    final"]
     for key in res["final"]:
         rows.append(f"{key.split('/')[0]:<22} {key.split('/')[1]:<10} {res['base'][key]:7.3f}  {res['final'][key]:7.3f}")
@@ -56,14 +60,61 @@ def pipeline_from_bundle(bundle):
     return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
+def lora_weights(path) -> dict:
+    """LoRA weights in diffusers' format (keys ``unet.*lora*``) from a pytorch_lora_weights
+    .safetensors file, a folder holding one (a LoRA run's final/), or a LoRA run's
+    checkpoints/step_N (trainable.safetensors, converted with export.lora_layers). Raises
+    ValueError naming the file when it holds no LoRA keys (diffusers would load nothing, silently)."""
+    path = Path(path)
+    f = path if path.is_file() else next((path / n for n in (export.LORA_FILE, "trainable.safetensors")
+                                          if (path / n).is_file()), None)
+    if f is None:
+        raise FileNotFoundError(f"no LoRA weights at {path}: expected {export.LORA_FILE} or a checkpoints/step_N "
+                                f"directory (trainable.safetensors)")
+    sd = load_file(str(f))
+    if f.name == "trainable.safetensors":
+        try:
+            return {f"unet.{k}": v for k, v in export.lora_layers(sd).items()}
+        except ValueError:
+            sd = {}
+    lora = {k: v for k, v in sd.items() if "lora" in k}
+    if not lora:
+        raise ValueError(f"no LoRA keys in {f}: not a LoRA adapter (a full fine-tune's checkpoint loads with "
+                         f"--checkpoint instead)")
+    return lora
+
+
+def apply_lora(pipe, path) -> None:
+    """Load LoRA weights (any form ``lora_weights`` reads) into ``pipe`` and check they landed."""
+    pipe.load_lora_weights(lora_weights(path), adapter_name="sspo")
+    if not any(pipe.get_list_adapters().values()):
+        raise ValueError(f"the LoRA weights at {path} match no layer of this pipeline's UNet")
+
+
 def load_pipeline(family: str, checkpoint, *, lora=None, motion_adapter=None, scheduler: str = "ddim",
-                  device: str = "cpu", dtype: str = "float32"):
+                  device: str = "cpu", dtype: str = "float32", base=None):
     """A diffusers pipeline from a local checkpoint: a full pipeline directory (model_index.json),
-    or this project's save_model layout (unet/, text_encoder/, tokenizer/, scheduler/, vae/;
-    loaded with models.build_model), plus optional diffusers-format LoRA weights (`lora`)."""
+    this project's save_model layout (unet/, text_encoder/, tokenizer/, scheduler/, vae/; loaded
+    with models.build_model), or a run's LoRA final/ or checkpoints/step_N on top of ``base``
+    (default: the run's model_path in config.json); plus optional LoRA weights (``lora``)."""
     from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter, StableDiffusionPipeline
     ckpt = Path(checkpoint)
-    if (ckpt / "model_index.json").exists():
+    run_ckpt = (ckpt / "trainable.safetensors").is_file() or (ckpt / export.LORA_FILE).is_file()
+    if run_ckpt and not (ckpt / "model_index.json").exists():
+        cfg = export.run_config(ckpt) if base is None or (family == "animatediff" and not motion_adapter) else {}
+        base = base or cfg.get("model_path") or None
+        motion_adapter = motion_adapter or cfg.get("motion_adapter_path") or None
+        if not base:
+            raise ValueError(f"{ckpt} holds only trained weights; pass --base <the base model's directory>")
+        weights = load_file(str(ckpt / "trainable.safetensors")) if (ckpt / "trainable.safetensors").is_file() else {}
+        if weights and not any("lora_" in k for k in weights):  # full / motion-module fine-tune
+            bundle = models.build_model(family, path=str(base), motion_adapter_path=motion_adapter)
+            models.load_trainable(bundle, weights)
+            pipe = pipeline_from_bundle(bundle)
+        else:
+            pipe = load_pipeline(family, base, motion_adapter=motion_adapter, scheduler="saved")
+            apply_lora(pipe, ckpt)
+    elif (ckpt / "model_index.json").exists():
         if family == "animatediff":
             adapter = MotionAdapter.from_pretrained(motion_adapter, local_files_only=True) if motion_adapter else None
             pipe = AnimateDiffPipeline.from_pretrained(ckpt, motion_adapter=adapter, local_files_only=True)
@@ -76,7 +127,7 @@ def load_pipeline(family: str, checkpoint, *, lora=None, motion_adapter=None, sc
         raise FileNotFoundError(f"no checkpoint at {ckpt}: expected a diffusers pipeline directory (model_index.json) "
                                 "or a save_model directory (unet/, text_encoder/, tokenizer/, scheduler/, vae/)")
     if lora:
-        pipe.load_lora_weights(str(lora))
+        apply_lora(pipe, lora)
     if scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -119,8 +170,11 @@ def main(argv=None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="generate images/videos from a trained checkpoint")
     g.add_argument("--family", choices=["sd15", "animatediff"], default="sd15")
-    g.add_argument("--checkpoint", required=True, help="pipeline dir (model_index.json) or save_model dir")
-    g.add_argument("--lora", help="diffusers-format LoRA weights to load on top of --checkpoint")
+    g.add_argument("--checkpoint", required=True, help="pipeline dir (model_index.json), a run's final/, or a "
+                   "run's checkpoints/step_N (loaded on the run's base model, or --base)")
+    g.add_argument("--base", help="base model dir for a LoRA final/ or a checkpoints/step_N (default: the run's model_path)")
+    g.add_argument("--lora", help="LoRA weights on top of --checkpoint: pytorch_lora_weights.safetensors, "
+                   "a folder with it, or a LoRA run's checkpoints/step_N")
     g.add_argument("--motion-adapter", help="local MotionAdapter dir (animatediff)")
     g.add_argument("--prompts", required=True, help="prompt file or folder (csv/tsv/json/jsonl/parquet/txt)")
     g.add_argument("--column", help="caption column (default: first of caption/prompt/Prompt/text)")
@@ -157,8 +211,11 @@ def main(argv=None) -> None:
     elif args.cmd == "generate":
         from scorers import load_prompts
         prompts = load_prompts(args.prompts, args.column, args.limit)
-        pipe = load_pipeline(args.family, args.checkpoint, lora=args.lora, motion_adapter=args.motion_adapter,
-                             scheduler=args.scheduler, device=args.device, dtype=args.dtype)
+        try:
+            pipe = load_pipeline(args.family, args.checkpoint, lora=args.lora, motion_adapter=args.motion_adapter,
+                                 scheduler=args.scheduler, device=args.device, dtype=args.dtype, base=args.base)
+        except (ValueError, FileNotFoundError) as e:
+            p.exit(2, f"error: {e}\n")
         print(generate(pipe, prompts, Path(args.out), seed=args.seed, batch_size=args.batch_size,
                        num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
                        width=args.width, num_frames=args.num_frames))

@@ -15,7 +15,6 @@ begin), ``update`` per optimizer step, ``finish``. Files, logging and signals li
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import config as config_mod
 import data
 import data_video
 import digits
+import export
 import models
 import noise
 import replay
@@ -107,7 +107,7 @@ def prepare_out_dir(cfg: Config, ctx: runtime.Dist) -> None:
         raise ValueError(f"out_dir {out} already holds a run; pass --resume to continue it, "
                          f"--overwrite to start over, or another --out_dir")
     if ctx.rank == 0:
-        for name in ("checkpoints", "final", "samples", "replay", "metrics.jsonl", "eval.json"):
+        for name in ("checkpoints", "final", "samples", "replay", "logs", "wandb", "metrics.jsonl", "eval.json"):
             p = out / name
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     ctx.barrier()
@@ -191,8 +191,9 @@ def setup(cfg: Config, ctx: runtime.Dist) -> Run:
     params = bundle.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                             weight_decay=cfg.weight_decay)
-    warm = max(cfg.warmup_steps, 0)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    # diffusers' schedules (a LambdaLR whose state_dict holds no lambdas, so checkpoints stay data)
+    from diffusers.optimization import get_scheduler
+    lr_sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     # Built before DDP: with LoRA the reference is a second adapter on the same UNet.
@@ -215,8 +216,8 @@ def setup(cfg: Config, ctx: runtime.Dist) -> Run:
 def start(run: Run) -> int:
     """Resume from the latest checkpoint, or begin: config.json, checkpoint 0, first samples."""
     cfg, ctx, out = run.cfg, run.ctx, run.out
-    resumed = runtime.load_latest(out, run.bundle, run.opt, run.lr_sched, run.scaler, run.pool, cfg) \
-        if cfg.resume else None
+    resumed = runtime.load_latest(out, run.bundle, run.opt, run.lr_sched, run.scaler, run.pool, cfg,
+                                  cfg.resume_from_checkpoint or "latest") if cfg.resume else None
     if resumed is not None:
         run.logger.info(f"resumed from step {resumed}")
     else:
@@ -225,8 +226,8 @@ def start(run: Run) -> int:
             runtime.write_json(out / "config.json", config_mod.to_dict(cfg))
         if run.pool is not None:
             run.pool.add(run.bundle.trainable_state_dict(), 0)  # checkpoint 0 = the initial model
-        if cfg.sample_every and ctx.rank == 0:
-            runtime.save_samples(cfg, run.bundle, out, 0, run.shape)  # the starting point, for comparison
+        if cfg.sample_every:
+            run.logger.samples(run.bundle, 0, run.shape)  # the starting point, for comparison
     ctx.barrier()
     run.logger.info(f"{cfg.method} on {cfg.model}/{cfg.data}: {len(run.dataset)} items, global batch "
                     f"{cfg.batch_size} x {cfg.grad_accum} accum x {ctx.world} procs = "
@@ -353,16 +354,13 @@ def training_step(run: Run, batch: dict, step: int):
 
 
 def finish(run: Run, step: int) -> None:
-    """A finished run's model, in diffusers' layout, written atomically; its last samples."""
+    """A finished run's model (export.write_final: diffusers' layout, or the LoRA adapter in
+    diffusers' format), written atomically, with a model card; its last samples."""
     cfg, out = run.cfg, run.out
     if step >= cfg.max_steps and run.ctx.rank == 0:
-        tmp = out / "final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        models.save_model(run.bundle, tmp)
-        shutil.rmtree(out / "final", ignore_errors=True)
-        os.replace(tmp, out / "final")
+        export.write_final(cfg, run.bundle, out, step)
         if not cfg.sample_every or step % cfg.sample_every:
-            runtime.save_samples(cfg, run.bundle, out, step, run.shape)
+            run.logger.samples(run.bundle, step, run.shape)
     run.logger.close()
     run.ctx.barrier()
 
@@ -388,8 +386,8 @@ def train(cfg: Config, ctx: runtime.Dist) -> Path:
             if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
                 runtime.save_checkpoint(run.out, step, run.bundle, run.opt, run.lr_sched, run.scaler,
                                         run.pool, cfg, ctx)
-            if cfg.sample_every and step % cfg.sample_every == 0 and metrics is not None and ctx.rank == 0:
-                runtime.save_samples(cfg, run.bundle, run.out, step, run.shape)
+            if cfg.sample_every and step % cfg.sample_every == 0 and metrics is not None:
+                run.logger.samples(run.bundle, step, run.shape)
             if stopping:
                 run.logger.info(f"signal received: saved step {step}, exiting cleanly")
                 break

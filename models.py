@@ -113,9 +113,7 @@ def build_model(family: str, path: str | None = None, *, lora_rank: int = 0, tra
     motion_only = family == "animatediff" and train_motion_only and lora_rank == 0
     unet.requires_grad_(False)
     if lora_rank > 0:
-        from peft import LoraConfig
-        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
-                                    target_modules=LORA_TARGETS), adapter_name="default")
+        unet.add_adapter(lora_config(lora_rank), adapter_name="default")
     bundle = Bundle(family=family, unet=unet, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
                     vae=parts.vae, scheduler_config=parts.scheduler_config, lora=lora_rank > 0,
                     num_frames=num_frames if family in ("animatediff", *VIDEO_TRANSFORMERS) else 0,
@@ -127,6 +125,12 @@ def build_model(family: str, path: str | None = None, *, lora_rank: int = 0, tra
         unet.enable_gradient_checkpointing()
     unet.train()
     return bundle
+
+
+def lora_config(rank: int):
+    """The LoRA adapter every run trains: rank r, alpha r, gaussian init, attention projections."""
+    from peft import LoraConfig
+    return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
 
 
 def save_model(bundle: Bundle, path: str) -> None:

@@ -24,6 +24,7 @@ import config as config_mod
 import digits
 import models
 import sampling
+import trackers
 
 # ---------------------------------------------------------------------------------------------
 # torch.distributed (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT)
@@ -142,22 +143,34 @@ def latest_step(out: Path) -> int | None:
     return int(f.read_text().strip().split("_")[-1]) if f.exists() else None
 
 
+def chosen_step(out: Path, which: str) -> int:
+    """The step of checkpoint ``which`` (step_N, or a path to out/checkpoints/step_N)."""
+    name = Path(which).name
+    if not name.startswith("step_") or not (Path(out) / "checkpoints" / name).is_dir():
+        have = sorted(p.name for p in (Path(out) / "checkpoints").glob("step_*"))
+        raise FileNotFoundError(f"resume_from_checkpoint={which!r}: no such checkpoint in {Path(out) / 'checkpoints'} "
+                                f"(have: {', '.join(have) or 'none'})")
+    return int(name.split("_")[-1])
+
+
 # Keys whose change breaks "a resumed run equals an uninterrupted one" (max_steps may grow).
 TRAJECTORY_KEYS = ("method", "ssr", "replay", "model", "model_path", "data", "data_path", "beta",
                    "tau", "eps_clip", "save_every", "loser_steps", "loser_guidance", "batch_size",
-                   "grad_accum", "lr", "warmup_steps", "seed", "lora_rank", "mixed_precision", "cfg_drop")
+                   "grad_accum", "lr", "warmup_steps", "lr_scheduler", "seed", "lora_rank", "mixed_precision", "cfg_drop")
 
 
 def check_resume_config(saved: dict, now: dict) -> None:
-    diff = {k: (saved.get(k), now.get(k)) for k in TRAJECTORY_KEYS if saved.get(k) != now.get(k)}
+    keys = TRAJECTORY_KEYS + (("max_steps",) if now.get("lr_scheduler") in ("linear", "cosine") else ())
+    diff = {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}
     if diff:
         raise ValueError("--resume with a config that changes the run: " + ", ".join(
             f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()) + "; use a new --out_dir instead")
 
 
-def load_latest(out: Path, bundle, opt, lr_sched, scaler, pool, cfg) -> int | None:
-    """Restore everything from out/checkpoints/latest; returns its step, or None if none exists."""
-    step = latest_step(out)
+def load_latest(out: Path, bundle, opt, lr_sched, scaler, pool, cfg, which: str = "latest") -> int | None:
+    """Restore everything from out/checkpoints/latest (or ``which``: step_N or a path to such a
+    directory, as --resume_from_checkpoint); returns its step, or None if none exists."""
+    step = latest_step(out) if which == "latest" else chosen_step(out, which)
     if step is None:
         print(f"resume: no checkpoint in {out / 'checkpoints'}; starting from scratch", flush=True)
         return None
@@ -180,8 +193,10 @@ def load_latest(out: Path, bundle, opt, lr_sched, scaler, pool, cfg) -> int | No
 
 
 class Logger:
-    """Rank 0: a line per log interval, one JSON object per line in metrics.jsonl, tqdm when
-    stderr is a terminal. Metrics are averaged over ranks at log steps only."""
+    """Rank 0: a line per log interval (progress, rate and ETA: the only progress display when
+    stderr is not a terminal), one JSON object per line in metrics.jsonl, tqdm when stderr is a
+    terminal, and the same rows and the sample grids to the ``report_to`` tracker. Metrics are
+    averaged over ranks at log steps only."""
 
     def __init__(self, cfg, ctx: Dist, out: Path):
         self.cfg, self.ctx, self.out = cfg, ctx, out
@@ -190,6 +205,8 @@ class Logger:
         if ctx.rank == 0 and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=cfg.max_steps, desc=cfg.method, dynamic_ncols=True)
+        self.tracker = trackers.make(cfg.report_to, out, config_mod.to_dict(cfg), cfg.tracker_project_name) \
+            if ctx.rank == 0 else None
 
     def info(self, msg: str):
         if self.ctx.rank == 0:
@@ -209,21 +226,36 @@ class Logger:
             return
         sec = sum(self.window) / len(self.window)
         self.window = []
-        row.update(step=step, lr=lr, sec_per_step=sec, time=time.time())
+        rate = self.cfg.batch_size * self.cfg.grad_accum * self.ctx.world / sec
+        row.update(step=step, lr=lr, sec_per_step=sec, samples_per_sec=rate, time=time.time())
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.tracker:
+            self.tracker.log(row, step)
         eta = sec * (self.cfg.max_steps - step)
         parts = [f"step {step}/{self.cfg.max_steps}", f"loss {row['loss']:.4f}"]
         for key, name in (("implicit_acc", "acc"), ("ssr_rate", "ssr"), ("reward_margin", "margin")):
             if key in row:
                 parts.append(f"{name} {row[key]:.3f}")
-        parts += [f"lr {lr:.1e}", f"{sec:.2f} s/step", f"ETA {int(eta // 60)}m{int(eta % 60):02d}s"]
+        parts += [f"lr {lr:.1e}", f"{sec:.2f} s/step", f"{rate:.1f} samples/s", f"ETA {int(eta // 60)}m{int(eta % 60):02d}s"]
         self.info(" | ".join(parts))
+
+    def samples(self, bundle, step: int, shape: tuple) -> None:
+        """Rank 0: the sample grid of ``step`` (save_samples), also to the tracker."""
+        if self.ctx.rank != 0:
+            return
+        path = save_samples(self.cfg, bundle, self.out, step, shape)
+        if self.tracker:
+            with Image.open(path) as im:
+                self.tracker.image("samples", im.convert("RGB"), step)
 
     def close(self):
         if self.bar:
             self.bar.close()
+        if self.tracker:
+            self.tracker.close()
+            self.tracker = None
 
 
 class StopOnSignal:
@@ -264,22 +296,30 @@ SAMPLE_PROMPTS = [
 
 
 def sample_prompts(cfg, n: int) -> list[str]:
+    """The first ``n`` of ``cfg.validation_prompts`` (a file, one prompt per line, or prompts
+    separated by '|'), else the digits captions or the built-in set."""
+    if cfg.validation_prompts:
+        src = Path(cfg.validation_prompts)
+        text = src.read_text() if src.is_file() else cfg.validation_prompts.replace("|", "\n")
+        prompts = [p.strip() for p in text.splitlines() if p.strip()]
+        if not prompts:
+            raise ValueError(f"validation_prompts {cfg.validation_prompts!r} holds no prompt")
+        return prompts[:n]
     if cfg.model == "digits":
         return [digits.digit_caption(d % 10, digits.TRAIN_TEMPLATES[0]) for d in range(n)]
     return SAMPLE_PROMPTS[:n]
 
 
 def _grid(x: torch.Tensor, upscale: int = 1) -> Image.Image:
-    """(N,C,H,W) in [-1,1] -> one row-major grid image (5 columns)."""
+    """(N,C,H,W) in [-1,1] -> one row-major grid image (5 columns; black cells pad the last row)."""
+    from diffusers.utils import make_image_grid
     n, c, h, w = x.shape
     cols = min(5, n)
     rows = math.ceil(n / cols)
-    canvas = torch.full((c, rows * (h + 1), cols * (w + 1)), -1.0)
-    for i in range(n):
-        r, k = divmod(i, cols)
-        canvas[:, r * (h + 1):r * (h + 1) + h, k * (w + 1):k * (w + 1) + w] = x[i]
-    arr = ((canvas + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-    img = Image.fromarray(arr[..., 0] if c == 1 else arr[..., :3])
+    arr = ((x + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()  # (N,H,W,C)
+    cells = [Image.fromarray(a[..., 0] if c == 1 else a[..., :3]) for a in arr]
+    cells += [Image.new(cells[0].mode, cells[0].size)] * (rows * cols - n)
+    img = make_image_grid(cells, rows, cols)
     return img.resize((img.width * upscale, img.height * upscale), Image.NEAREST) if upscale > 1 else img
 
 

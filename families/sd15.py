@@ -73,10 +73,15 @@ def load(path: str | None, local_files_only: bool = True, **_) -> Parts:
 
 
 def write_tokenizer_files(folder: Path) -> None:
-    """The release's tokenizer/ holds vocab.json + merges.txt (transformers 5 writes tokenizer.json only)."""
+    """The release's tokenizer/ holds vocab.json, merges.txt, special_tokens_map.json and
+    tokenizer_config.json (transformers 5 writes tokenizer.json + tokenizer_config.json only)."""
     vocab, merges = clip_vocab_and_merges()
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    token = lambda t: {"content": t, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}  # noqa: E731
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": token("<|startoftext|>"), "eos_token": token("<|endoftext|>"),
+         "pad_token": "<|endoftext|>", "unk_token": token("<|endoftext|>")}, indent=2))
 
 
 def write_tiny(path: str) -> str:
