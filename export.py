@@ -28,9 +28,12 @@ import models
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name load_lora_weights looks for
 
 
+ADAPTER_FAMILIES = ("sd15", "animatediff", "sdxl")  # whose pipelines load a UNet LoRA file
+
+
 def pipeline_class(family: str):
-    from diffusers import AnimateDiffPipeline, StableDiffusionPipeline
-    return AnimateDiffPipeline if family == "animatediff" else StableDiffusionPipeline
+    import diffusers
+    return getattr(diffusers, models.PIPELINE_CLASS[family])
 
 
 def lora_layers(weights: dict) -> dict[str, torch.Tensor]:
@@ -79,12 +82,12 @@ def run_config(path) -> dict:
 
 
 def write_final(cfg, bundle: models.Bundle, out: Path, step: int) -> Path:
-    """``out/final``, written into ``final.tmp`` and renamed: a LoRA run of sd15/animatediff gets
+    """``out/final``, written into ``final.tmp`` and renamed: a LoRA run of sd15/animatediff/sdxl gets
     the adapter (and, with ``save_merged_pipeline``, the merged pipeline in ``merged/``); every
     other run the full model in diffusers' layout. Then the model card."""
     tmp, final = out / "final.tmp", out / "final"
     shutil.rmtree(tmp, ignore_errors=True)
-    if bundle.lora and bundle.family != "digits":
+    if bundle.lora and bundle.family in ADAPTER_FAMILIES:
         save_lora(bundle.trainable_state_dict(), tmp, bundle.family)
         if cfg.save_merged_pipeline:
             models.save_model(bundle, tmp / "merged")
@@ -111,11 +114,11 @@ _METHOD = {"sft": "supervised fine-tuning on the preferred samples",
 def model_card(cfg: dict, step: int, evaluation: dict | None = None) -> str:
     """A diffusers-style README.md: YAML header (base_model, tags) and what was trained how."""
     base = cfg.get("model_path") or _BASE.get(cfg["model"], "the embedded digits base model")
-    lora = cfg["lora_rank"] > 0 and cfg["model"] != "digits"
+    lora = cfg["lora_rank"] > 0 and cfg["model"] in ADAPTER_FAMILIES
     tags = ["diffusers", "text-to-video" if cfg["model"] == "animatediff" else "text-to-image",
             cfg["method"], "lora" if lora else "full-fine-tune"]
     head = ["---", f"base_model: {base}", "library_name: diffusers", "tags:", *[f"- {t}" for t in tags], "---"]
-    pipe = "AnimateDiffPipeline" if cfg["model"] == "animatediff" else "StableDiffusionPipeline"
+    pipe = models.PIPELINE_CLASS.get(cfg["model"], "DiffusionPipeline")
     lines = [f"# {cfg['method']} on {cfg['model']} / {cfg['data']}", "",
              f"Fine-tuned from `{base}` with {_METHOD.get(cfg['method'], cfg['method'])}.", "",
              "| setting | value |", "|---|---|",

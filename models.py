@@ -38,7 +38,7 @@ transformers.utils.logging.disable_progress_bar()
 FAMILIES = {"digits": digits, "sd15": sd15, "animatediff": animatediff, "sdxl": sdxl, "cogvideox": cogvideox,
             "wan": wan}
 PIPELINE_CLASS = {"sd15": "StableDiffusionPipeline", "animatediff": "AnimateDiffPipeline",
-                  "sdxl": "StableDiffusionXLPipeline"}
+                  "sdxl": "StableDiffusionXLPipeline", "cogvideox": "CogVideoXPipeline", "wan": "WanPipeline"}
 # Video transformer families define their own conversions (forward, encode_prompts, encode_pixels,
 # decode_latents, latent_shape, save); the functions below dispatch to them when present.
 VIDEO_TRANSFORMERS = ("cogvideox", "wan")

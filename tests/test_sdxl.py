@@ -147,7 +147,7 @@ def test_sdxl_every_method_trains_and_final_loads_in_plain_diffusers(tiny, tmp_p
     for method, lora in [("sspo", 0), ("sspo", 2), ("dpo", 0), ("sft", 0), ("spin", 0), ("sspo_r", 0),
                          ("dpo_cm", 0), ("sdpo", 0)]:
         out = tmp_path / f"{method}_{lora}"
-        train.run({**RUN, "method": method, "lora_rank": lora, "model_path": tiny,
+        train.run({**RUN, "method": method, "lora_rank": lora, "model_path": tiny, "save_merged_pipeline": bool(lora),
                    "data_path": str(tmp_path / "pick"), "out_dir": str(out)})
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows), method
@@ -161,7 +161,10 @@ def test_sdxl_every_method_trains_and_final_loads_in_plain_diffusers(tiny, tmp_p
             trained = _merged_lora(tiny, trained)
         from safetensors.torch import save_file
         save_file({k: v.contiguous() for k, v in trained.items()}, str(tmp_path / "trained.safetensors"))
-        r = subprocess.run([sys.executable, "-c", FRESH, str(out / "final"), str(tmp_path / "img.png"),
+        if key[1]:  # a LoRA run's final/ is the adapter in diffusers' format; merged/ the full pipeline
+            assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+        final = out / "final" / ("merged" if key[1] else "")
+        r = subprocess.run([sys.executable, "-c", FRESH, str(final), str(tmp_path / "img.png"),
                             str(tmp_path / "trained.safetensors")], capture_output=True, text=True, timeout=600,
                            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
