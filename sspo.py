@@ -88,12 +88,12 @@ reading, derived here because the paper's is not available.
    how far the policy has drifted from the data's generator.
 3. Dimensions: a Gaussian log-density sums over all D values of a sample (D = C*H*W: 64 pixels
    for the digits model, 16,384 latent values for SD-1.5 at 512 px; C*F*H*W for video), so with
-   per-value mean errors m, r:  log w_t = -lambda_t * D * (m - r). No temperature is applied;
-   this is the ratio's own scale. (Dividing by D, i.e. using the mean, shrank |log w| 16,384-fold
-   for SD-1.5 and left every weight near 1.) The scale stays usable because m - r is small: a
-   Diffusion-DPO policy keeps beta/2 * (m - r) of order one, so |m - r| ~ 1/beta, and
-   lambda_t * D / beta is of order one only where lambda_t is large (small t). |log w| is capped
-   at LOG_WEIGHT_CAP = 60 so exp() never overflows.
+   per-value mean errors m, r:  log w_t = -lambda_t * D * (m - r). No temperature is applied:
+   this is the ratio's own scale. (The per-value mean, i.e. dividing by D, has no derivation
+   behind it; it shrank |log w| 16,384-fold for SD-1.5 and left every weight near 1.) The scale
+   is usable because a fine-tuned policy's per-value gap m - r is small except near the data,
+   so w departs from 1 mostly at small t (measured in results/pair_weights.md); tau and the
+   clip bound the rest, and |log w| is capped at LOG_WEIGHT_CAP = 60 so exp() never overflows.
 4. A pair's weight is w_w * w_l (both images come from b and share t and eps):
        log w_pair = -lambda_t * D * ((m_w - r_w) + (m_l - r_l)).
 5. Parametrisations. v-prediction: eps - eps_hat = sqrt(abar_t) (v - v_hat) at fixed x_t, so the
@@ -105,16 +105,17 @@ reading, derived here because the paper's is not available.
    samplers (DDIM with eta = 0, which makes this codebase's replayed losers) have no transition
    density; the weight refers to the stochastic DDPM reverse process that Diffusion-DPO's bound
    uses. Flow matching is not covered yet.
-6. Where w is low: where the policy denoises the pair worse than b does (m - r > 0 over the
-   pair: the policy has moved away from the data's generator), amplified where lambda_t is
-   large. lambda_t falls from ~0.5 at t = 0 to ~0.006 at t = 999 for SD-1.5's schedule: near the
-   data the reverse step's noise sigma_t is tiny, so the same prediction gap separates the two
-   transition densities far more. At large t (the early, noisy reverse steps) both networks
-   predict eps almost exactly from x_t and lambda_t is small, so w stays near 1. This reading
-   therefore places low (and high) weights at the *late* reverse steps, small t, not at the early
-   ones where the [SDPO] abstract reports low weights; we do not reproduce that statement.
-   results/pair_weights.md (weights_report.py) measures it on the digits model and at SD-1.5's
-   latent shape.
+6. Where w is low: where the policy denoises the pair worse than b (m - r > 0 over the pair:
+   the policy has moved away from the data's generator), amplified where lambda_t is large:
+   near the data the reverse step's noise sigma_t is tiny, so the same prediction gap separates
+   the two transition densities far more. For SD-1.5's schedule lambda_t ~ 1/(2t) there (0.5 at
+   t = 0, 1; 0.05 at t = 10) and 0.003-0.007 for t >= 100. At large t (the early, noisy reverse
+   steps) lambda_t is small and both networks predict eps almost exactly, so w stays near 1.
+   This reading places low (and high) weights at the *late* reverse steps, small t, not at the
+   early ones where the [SDPO] abstract reports low weights; it does not reproduce that
+   statement. Measured (weights_report.py): after short Diffusion-DPO fine-tunes w < 1 for
+   most pairs (DPO raised the policy's error on both images) and falls well below 1 only for
+   t < ~100 (digits) or ~200 (SD-1.5's latent shape).
 7. Use: DPO-C&M masks pairs with w < tau (zero loss and gradient: too far off-policy) and clips
    the kept weights into [1 - eps_clip, 1 + eps_clip], as PPO clips its ratio; SDPO weights each
    kept pair's DPO loss by its clipped weight, self-normalised to mean 1 over the kept pairs.
