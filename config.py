@@ -37,8 +37,10 @@ class Config:
     data_path: str = _f("", "local dataset directory (not used for digits)")
     # ---- the objective
     beta: float = _f(500.0, "DPO beta, sspo.py convention: inside = -beta/2 * (...); 5000 = 2500 w/o the 1/2")
-    tau: float = _f(0.0, "dpo_cm/sdpo: mask pairs whose importance weight is below tau")
-    eps_clip: float = _f(float("inf"), "dpo_cm/sdpo: clip kept weights into [1-eps_clip, 1+eps_clip]")
+    tau: float = _f(0.8, "dpo_cm/sdpo: mask pairs whose importance weight (importance.pair_log_weight) is "
+                         "below tau; 0 = no mask. Shares masked: results/pair_weights.md")
+    eps_clip: float = _f(0.05, "dpo_cm/sdpo: clip kept weights into [1-eps_clip, 1+eps_clip]; inf = no "
+                              "clip (with tau=0: plain importance weighting)")
     # ---- Random Checkpoint Replay and loser generation (sspo, sspo_r, spin)
     save_every: int = _f(50, "optimizer updates between checkpoints (= replay pool snapshots)")
     pool_storage: str = _f("memory", "replay snapshots: memory (fp32) | memory_bf16 (checkpoint 0 exact) | disk (safetensors)")
@@ -99,8 +101,11 @@ class Config:
 METHOD_PRESETS: dict[str, dict] = {
     "sft": {},
     "dpo": {},
-    "dpo_cm": {"tau": 0.5, "eps_clip": 0.5},
-    "sdpo": {"tau": 0.0, "eps_clip": 0.5},
+    # tau/eps_clip chosen so that masking and clipping both act on a visible share of pairs on
+    # the digits model and at SD-1.5's latent shape (weights_report.py -> results/pair_weights.md).
+    # SDPO re-weights rather than drops: a lower tau and a wider clip band than DPO-C&M.
+    "dpo_cm": {"tau": 0.8, "eps_clip": 0.05},
+    "sdpo": {"tau": 0.7, "eps_clip": 0.1},
     "sspo": {"replay": "uniform", "ssr": "sign"},
     "sspo_r": {"replay": "uniform", "ssr": "sign"},
     "spin": {"replay": "last", "ssr": "none"},  # SPIN-Diffusion as compared in the paper

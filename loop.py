@@ -33,6 +33,7 @@ import noise
 import replay
 import runtime
 import sampling
+import importance
 import sspo
 from config import DATA_MODE_OF, LOSS_OF, Config
 
@@ -345,8 +346,8 @@ def training_step(run: Run, batch: dict, step: int):
         elif kind == "sspo":
             losses, metrics = sspo.sspo_loss(m_w, m_l, r_w, r_l, beta=cfg.beta, ssr=cfg.ssr)
         else:
-            log_w = run.noise.pair_log_weight(m_w, m_l, t)
-            fn = sspo.dpo_cm_loss if kind == "dpo_cm" else sspo.sdpo_loss
+            log_w = run.noise.pair_log_weight(m_w, m_l, r_w, r_l, t, num_values=target[0].numel())
+            fn = importance.dpo_cm_loss if kind == "dpo_cm" else importance.sdpo_loss
             losses, metrics = fn(m_w, m_l, r_w, r_l, log_w, beta=cfg.beta, tau=cfg.tau, eps_clip=cfg.eps_clip)
     loss = losses.mean()
     metrics["loss"] = loss.detach()

@@ -8,7 +8,7 @@ the same for every family:
     target(x0, eps, t)   -> target       eps or v (``sspo.training_target``) | eps - x0
     model_t(t)           -> timestep     what the network is called with: t itself (DDPM), or
                                          T * sigma_t (flows, as ``FlowMatchEulerDiscreteScheduler``)
-    pair_log_weight(m_w, m_l, t)         DPO-C&M / SDPO importance weight (``sspo.pair_log_weight``
+    pair_log_weight(m_w, m_l, r_w, r_l, t, D)  DPO-C&M / SDPO importance weight (``importance.pair_log_weight``
                                          | ``sspo_flow.flow_pair_log_weight``)
 Errors for every loss are ``sspo.per_sample_error(pred, target)``: noise / v errors for DDPM,
 velocity errors for flows (sspo_flow.py, derivations 1-3). Pure tensor code; imports only the math.
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+import importance
 import sspo
 import sspo_flow
 
@@ -81,10 +82,15 @@ class Process:
         """The network's timestep input for index t: t (DDPM) or T * sigma_t (flow, float32)."""
         return self.sigmas[t] * self.num_timesteps if self.kind == "flow" else t
 
-    def pair_log_weight(self, model_err_w: torch.Tensor, model_err_l: torch.Tensor,
-                        t: torch.Tensor) -> torch.Tensor:
-        """log(w_w w_l), (B,) detached, for DPO-C&M / SDPO (each pair shares t)."""
+    def pair_log_weight(self, model_err_w: torch.Tensor, model_err_l: torch.Tensor, ref_err_w: torch.Tensor,
+                        ref_err_l: torch.Tensor, t: torch.Tensor, num_values: int) -> torch.Tensor:
+        """log(w_w w_l), (B,) detached, for DPO-C&M / SDPO (each pair shares t): the policy's
+        against the reference's (behaviour policy's) reverse step, summed over the D =
+        ``num_values`` values of a sample (sspo.py, "Importance weights"). Flows: the same
+        reading with sspo_flow's posterior-step coefficient in place of kappa_t."""
         if self.kind == "flow":
-            return sspo_flow.flow_pair_log_weight(model_err_w, model_err_l, self.sigmas[t],
-                                                  sspo_flow.flow_sigma_next(t, self.sigmas))
-        return sspo.pair_log_weight(model_err_w, model_err_l, t, self.schedule, self.prediction_type)
+            log_w = sspo_flow.flow_pair_log_weight(model_err_w - ref_err_w, model_err_l - ref_err_l, self.sigmas[t],
+                                                   sspo_flow.flow_sigma_next(t, self.sigmas), scale=num_values)
+            return log_w.clamp(-importance.LOG_WEIGHT_CAP, importance.LOG_WEIGHT_CAP)
+        return importance.pair_log_weight(model_err_w, model_err_l, ref_err_w, ref_err_l, t, self.schedule,
+                                    num_values, self.prediction_type)

@@ -13,8 +13,10 @@ Papers
 [DDPO]  Diffusion-DPO: Wallace et al., Diffusion Model Alignment Using Direct Preference
         Optimization, CVPR 2024 (the loss restated as SSPO eq. 5).
 [SDPO]  SDPO: Importance-Sampled Direct Preference Optimization for Stable Diffusion Training,
-        arXiv 2505.21893. Only its abstract is available to this project; the importance weight
-        below is this project's derivation (see DESIGN.md), not the authors' code.
+        arXiv 2505.21893. Only its abstract is available to this project, and its v2
+        (2025-09-25) carries the authors' notice of "a critical error in the main theorem and
+        proof design"; the importance weight in importance.py is this project's reading, not
+        the authors' method or code.
 
 Glossary of symbols
 -------------------
@@ -31,11 +33,17 @@ v              sqrt(abar_t) * eps - sqrt(1 - abar_t) * x0     (the "v_prediction
 _w, _l         the preferred ("winning") and the dispreferred ("losing") sample of a pair; in
                SSPO the loser is sampled from a replayed checkpoint
 model_, ref_   the policy being trained and the (frozen or replayed) reference network
+b              the behaviour policy, which generated the training pair (see "Importance weights")
 m_w, m_l       the policy's per-sample error  mean((pred - target)^2), shape (B,)
 r_w, r_l       the reference's per-sample error, shape (B,)
 s              SSR sign of eq. 9: +1 where m_w - r_w > 0 (policy worse than the reference on
                the winner: "SFT mode"), -1 otherwise ("DPO mode"); never differentiated
 beta           KL-regularisation strength (see "beta convention")
+D              values per sample that a per-sample error averages over (C*H*W or C*F*H*W)
+lambda_t       beta_t / (2 alpha_t (1 - abar_{t-1})): KL between two DDPM reverse steps per unit
+               of squared eps-prediction gap (summed over D)
+w, tau,        pair importance weight; DPO-C&M/SDPO mask threshold and clip half-width
+eps_clip
 
 Beta convention
 ---------------
@@ -48,6 +56,11 @@ Errors are *means* over every non-batch dimension, and ``beta`` enters as
 1/2 (e.g. diffusers' training example) needs beta = 2500 for the same loss. Because the error
 is a per-dimension mean, the right beta depends on how many values are averaged (64 pixels for
 the digits model, 16,384 latent values for SD-1.5 at 512 px): choose it per model family.
+
+Importance weights (DPO-C&M, SDPO)
+----------------------------------
+The importance weight, its derivation (this project's reading of [SDPO]) and the two losses
+that use it live in importance.py.
 
 Every loss returns ``(per_sample_losses, metrics)``: per-sample losses of shape (B,) (the
 caller reduces, e.g. ``.mean()``) and a dict of detached 0-d float32 tensors.
@@ -316,115 +329,3 @@ def sspo_loss(model_err_w: torch.Tensor, model_err_l: torch.Tensor, ref_err_w: t
     metrics = _preference_metrics(inside, m_w, m_l, r_w, r_l, beta)
     metrics["ssr_rate"] = (s > 0).float().mean()
     return -F.logsigmoid(inside), metrics
-
-
-# ---------------------------------------------------------------------------------------------
-# Importance-sampled DPO (DPO-C&M, SDPO). This project's reading of [SDPO]; see DESIGN.md.
-# ---------------------------------------------------------------------------------------------
-
-
-def importance_lambda(t: torch.Tensor, schedule: dict) -> torch.Tensor:
-    """lambda_t = beta_t / (2 alpha_t (1 - abar_{t-1})), shape (B,) float32.
-
-    With q(x_{t-1} | x_t, x0) and p_theta(x_{t-1} | x_t) both Gaussian with the posterior
-    variance beta_tilde_t = beta_t (1 - abar_{t-1}) / (1 - abar_t), their KL is
-    lambda_t * ||eps - eps_theta||^2. At t = 0 (where abar_{-1} = 1 makes beta_tilde_0 = 0) we
-    use abar_{-1} := abar_0, i.e. 1 - abar_{-1} = beta_0, which keeps lambda_0 finite (~1/2).
-    """
-    betas, alphas, abar = (schedule[k].float() for k in ("betas", "alphas", "alphas_cumprod"))
-    abar_prev = torch.cat([abar[:1], abar[:-1]])  # abar_{t-1}, with abar_{-1} := abar_0
-    lam = betas / (2 * alphas * (1 - abar_prev))  # (T,)
-    return lam.to(t.device)[t]
-
-
-def importance_log_weight(err: torch.Tensor, t: torch.Tensor, schedule: dict,
-                          prediction_type: str = "epsilon") -> torch.Tensor:
-    """log w_t for one sample, w_t = p_theta(x_{t-1}|x_t) / q(x_{t-1}|x_t,x0) (project's [SDPO] reading).
-
-    E_q[log w_t] = -KL(q || p_theta) = -lambda_t ||eps - eps_theta||^2; with the per-dimension
-    mean error ``err`` this gives log_w = -lambda_t * err (<= 0, so w in (0, 1]). For a
-    v-prediction model ``err`` is a v error, and eps - eps_theta = sqrt(abar_t) (v - v_theta),
-    so the eps error is abar_t * err.
-    err: (B,) per-sample error; t: (B,) long. Returns (B,) float32, detached: importance
-    weights never carry gradient.
-    Zero terminal SNR (alphas[T-1] = 0): lambda_{T-1} is inf, but the v path needs only
-    lambda_t abar_t = beta_t abar_{t-1} / (2 (1 - abar_{t-1})) (abar_t / alpha_t = abar_{t-1},
-    with the true abar_{-1} = 1 in the numerator and abar_{-1} := abar_0 in the denominator as in
-    :func:`importance_lambda`), finite at every t; that product is what is used for v errors.
-    """
-    with torch.no_grad():
-        err = err.detach().float()
-        if prediction_type == "v_prediction":
-            betas, abar = schedule["betas"].float(), schedule["alphas_cumprod"].float()
-            num_prev = torch.cat([abar.new_ones(1), abar[:-1]])  # abar_{t-1}, abar_{-1} = 1
-            den_prev = torch.cat([abar[:1], abar[:-1]])  # as importance_lambda
-            lam_abar = betas * num_prev / (2 * (1 - den_prev))  # (T,) = lambda_t * abar_t
-            return -lam_abar.to(t.device)[t] * err
-        if prediction_type != "epsilon":
-            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
-        return -importance_lambda(t, schedule) * err
-
-
-def pair_log_weight(model_err_w: torch.Tensor, model_err_l: torch.Tensor, t: torch.Tensor,
-                    schedule: dict, prediction_type: str = "epsilon") -> torch.Tensor:
-    """log of a pair's weight w_w * w_l (both samples share t). (B,) float32, detached."""
-    return (importance_log_weight(model_err_w, t, schedule, prediction_type)
-            + importance_log_weight(model_err_l, t, schedule, prediction_type))
-
-
-def _clipped_weights(log_weight: torch.Tensor, tau: float, eps_clip: float):
-    with torch.no_grad():
-        w = log_weight.detach().float().exp()  # (B,)
-        mask = w >= tau
-        clipped = w.clamp(1.0 - eps_clip, 1.0 + eps_clip)  # eps_clip=inf -> no clipping
-        return w, mask, clipped
-
-
-def dpo_cm_loss(model_err_w: torch.Tensor, model_err_l: torch.Tensor, ref_err_w: torch.Tensor,
-                ref_err_l: torch.Tensor, log_weight: torch.Tensor, beta: float = 5000.0,
-                tau: float = 0.0, eps_clip: float = float("inf")) -> tuple[torch.Tensor, dict]:
-    """DPO-C&M ("clip and mask"), this project's reading of [SDPO] (only its abstract is known).
-
-        w    = exp(log_weight)                      pair importance weight w_w * w_l, no gradient
-        loss = 1[w >= tau] * clip(w, 1 - eps_clip, 1 + eps_clip) * dpo_loss
-
-    Pairs whose weight is below ``tau`` (uninformative timesteps) are masked: zero loss and zero
-    gradient. Identities: log_weight = 0 (all weights 1) gives Diffusion-DPO; tau = 0 with
-    eps_clip = inf gives plain importance-weighted DPO, w * dpo_loss.
-
-    Args: four per-sample errors (B,) as in :func:`dpo_loss`; log_weight (B,) from
-    :func:`pair_log_weight`; beta as in :func:`dpo_loss`; tau >= 0; eps_clip >= 0.
-    Returns per-sample losses (B,) (zero where masked) and metrics incl. "mask_rate" (fraction
-    of pairs masked out) and "mean_weight".
-    """
-    base, metrics = dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta)
-    w, mask, clipped = _clipped_weights(log_weight, tau, eps_clip)
-    loss = torch.where(mask, clipped * base, torch.zeros_like(base))  # masked: no loss, no grad
-    metrics.update(mask_rate=(~mask).float().mean(), mean_weight=w.mean())
-    return loss, metrics
-
-
-def sdpo_loss(model_err_w: torch.Tensor, model_err_l: torch.Tensor, ref_err_w: torch.Tensor,
-              ref_err_l: torch.Tensor, log_weight: torch.Tensor, beta: float = 5000.0,
-              tau: float = 0.0, eps_clip: float = float("inf")) -> tuple[torch.Tensor, dict]:
-    """SDPO, this project's reading of [SDPO]: importance-weighted Diffusion-DPO.
-
-        w~   = clip(w, 1 - eps_clip, 1 + eps_clip) on pairs with w >= tau (others masked)
-        loss = w~ / mean_{unmasked}(w~) * dpo_loss    (self-normalised over the kept pairs)
-
-    Identities: all weights 1 gives Diffusion-DPO; tau = 0 and eps_clip = inf gives plain
-    self-normalised importance weighting. Masked pairs: zero loss, zero gradient. The weights
-    average 1 over the kept pairs of the local batch (under DDP, each process's micro-batch); a
-    caller's ``.mean()`` over all B pairs then scales the loss by the kept fraction, as masking
-    in DPO-C&M does.
-    Args and returns as :func:`dpo_cm_loss`.
-    """
-    base, metrics = dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta)
-    w, mask, clipped = _clipped_weights(log_weight, tau, eps_clip)
-    with torch.no_grad():
-        kept = clipped * mask.float()
-        norm = kept.sum() / mask.float().sum().clamp_min(1.0)  # mean over unmasked pairs
-        weight = kept / norm.clamp_min(torch.finfo(torch.float32).tiny)
-    loss = torch.where(mask, weight * base, torch.zeros_like(base))
-    metrics.update(mask_rate=(~mask).float().mean(), mean_weight=w.mean())
-    return loss, metrics

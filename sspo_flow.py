@@ -257,7 +257,7 @@ def flow_importance_kappa(sigma: torch.Tensor, sigma_next, sigma_min: float = 1e
         kappa = (sigma_t - sigma_s)(sigma_t + sigma_s - 2 sigma_t sigma_s) / (2 sigma_s^2) >= 0.
     Ends: both levels are first clamped to [sigma_min, 1] and sigma_s to at most sigma_t. The
     posterior of a step that lands on the data (sigma_s = 0) is a point mass, so that step is
-    read as landing on sigma_min, as ``sspo.importance_lambda`` reads abar_{-1} as abar_0; at
+    read as landing on sigma_min, as ``importance.importance_coef`` reads abar_{-1} as abar_0; at
     sigma_t = 0 (or sigma_s = sigma_t) no step is taken and kappa = 0; at sigma_t = 1,
     SNR(1) = 0 and kappa = SNR(sigma_s) / 2. Finite for all sigma in [0, 1].
     """
@@ -273,7 +273,7 @@ def flow_importance_log_weight(err: torch.Tensor, sigma: torch.Tensor, sigma_nex
 
     w = p_theta(x_s | x_t) / q(x_s | x_t, x0) for the ancestral (posterior) step from sigma_t
     to sigma_s, with its expected log -KL = -kappa ||v - v_hat||^2: this project's [SDPO]
-    reading for a flow, the counterpart of ``sspo.importance_log_weight``. log w <= 0, w in (0, 1].
+    reading for a flow, the counterpart of ``importance.importance_log_weight``. log w <= 0, w in (0, 1].
     err: (B,) per-sample *velocity* error (mean over values, as ``sspo.per_sample_error``);
     sigma: (B,) level of the pair; sigma_next: (B,) or scalar, the level the step lands on
     (:func:`flow_sigma_next` for the training table, or the next level of the sampler that
@@ -294,6 +294,6 @@ def flow_importance_log_weight(err: torch.Tensor, sigma: torch.Tensor, sigma_nex
 def flow_pair_log_weight(model_err_w: torch.Tensor, model_err_l: torch.Tensor, sigma: torch.Tensor,
                          sigma_next, scale: float = 1.0, sigma_min: float = 1e-3) -> torch.Tensor:
     """log of a pair's weight w_w * w_l (winner and loser share sigma). (B,) float32, detached:
-    the ``log_weight`` argument of ``sspo.dpo_cm_loss`` and ``sspo.sdpo_loss``."""
+    the ``log_weight`` argument of ``importance.dpo_cm_loss`` and ``importance.sdpo_loss``."""
     return (flow_importance_log_weight(model_err_w, sigma, sigma_next, scale, sigma_min)
             + flow_importance_log_weight(model_err_l, sigma, sigma_next, scale, sigma_min))

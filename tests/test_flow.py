@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import CogVideoXDDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
+import importance
 import sspo
 import sspo_flow as fl
 
@@ -270,7 +271,8 @@ def test_flow_importance_weight_finite_at_ends_and_plugs_into_losses():
     expect = fl.flow_importance_log_weight(m_w, sig, nxt) + fl.flow_importance_log_weight(m_l, sig, nxt)
     assert torch.allclose(lw_pair, expect) and (lw_pair < 0).all()
     dpo, _ = sspo.dpo_loss(m_w, m_l, r_w, r_l, beta=500.0)
-    assert torch.allclose(sspo.sdpo_loss(m_w, m_l, r_w, r_l, torch.zeros(4), beta=500.0)[0], dpo)
-    cm, metrics = sspo.dpo_cm_loss(m_w, m_l, r_w, r_l, torch.tensor([0.0, 0.0, 0.0, -30.0]),
-                                   beta=500.0, tau=0.5)
+    assert torch.allclose(importance.sdpo_loss(m_w, m_l, r_w, r_l, torch.zeros(4), beta=500.0, tau=0.0,
+                                         eps_clip=float("inf"))[0], dpo)
+    cm, metrics = importance.dpo_cm_loss(m_w, m_l, r_w, r_l, torch.tensor([0.0, 0.0, 0.0, -30.0]),
+                                   beta=500.0, tau=0.5, eps_clip=float("inf"))
     assert cm[3] == 0 and metrics["mask_rate"] == 0.25

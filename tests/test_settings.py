@@ -48,7 +48,7 @@ def test_ignored_setting_warns_naming_it_and_why(argv, key, why):
 @pytest.mark.parametrize("argv", [
     [],                                                            # the README's default command
     ["--method=dpo"], ["--method=sft"], ["--method=dpo_cm"], ["--method=spin"],
-    ["--method=dpo", "--ssr=sign", "--tau=0"],                     # given, but at the default
+    ["--method=dpo", "--ssr=sign", "--tau=0.8"],                   # given, but at the default
     SD15 + ["--method=dpo"],                                       # the preset's pool_storage/loser_steps
     ["--config=animatediff_magictime", "--data_path=/v", "--method=sft"],
     ["--method=dpo_cm", "--tau=0.2", "--eps_clip=0.1"],            # used

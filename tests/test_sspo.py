@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+import importance
 import sspo
 
 torch.manual_seed(0)
@@ -183,63 +184,139 @@ def test_sspo_rejects_unknown_ssr_and_bad_shapes():
 
 
 # --------------------------------------------------------------------------- importance-sampled DPO
+# The weight is this project's reading of [SDPO], derived in sspo.py's module docstring.
 
-def test_importance_lambda_closed_form():
+def _reverse_step_mean_var(x_t, eps_hat, t, sch):
+    """A DDPM reverse step p(x_{t-1}|x_t) from an eps prediction: mean and the posterior
+    variance (abar_{-1} := abar_0 at t = 0, sspo.py's convention). float64, broadcast to x_t."""
+    b, a, ab = (sch[k].double() for k in ("betas", "alphas", "alphas_cumprod"))
+    ab_prev = torch.cat([ab[:1], ab[:-1]])
+    bt, at, abt, abp = (v[t].view(-1, *([1] * (x_t.ndim - 1))) for v in (b, a, ab, ab_prev))
+    mean = (x_t - bt / (1 - abt).sqrt() * eps_hat) / at.sqrt()
+    return mean, (bt * (1 - abp) / (1 - abt)).expand_as(x_t)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_log_weight_is_expected_gaussian_log_ratio_summed_over_values(prediction_type):
+    """importance_log_weight == E_{x_{t-1} ~ q(.|x_t,x0)}[log p_theta(x_{t-1}|x_t) - log p_b(x_{t-1}|x_t)]
+    = KL(q || p_b) - KL(q || p_theta), summed over all D values, computed here with
+    torch.distributions from the two networks' reverse steps (eps or v predictions)."""
+    from torch.distributions import Normal, kl_divergence
+    sch = sspo.make_schedule()
+    abar = sch["alphas_cumprod"].double()
+    g = torch.Generator().manual_seed(12)
+    t = torch.tensor([0, 3, 50, 300, 700, 999])
+    x0, eps = torch.randn(6, 4, 8, 8, generator=g).double(), torch.randn(6, 4, 8, 8, generator=g).double()
+    x_t = sspo.q_sample(x0, t, eps, abar)
+    eps_b = eps + 0.3 * torch.randn(x0.shape, generator=g).double()     # behaviour = reference
+    eps_th = eps_b + 0.05 * torch.randn(x0.shape, generator=g).double()  # the policy, nearby
+    mu_q, var = _reverse_step_mean_var(x_t, eps, t, sch)
+    std = var.sqrt()
+    want = [(kl_divergence(Normal(mu_q, std), Normal(_reverse_step_mean_var(x_t, e, t, sch)[0], std))
+             .flatten(1).sum(1)) for e in (eps_b, eps_th)]
+    want = want[0] - want[1]  # KL(q||p_b) - KL(q||p_theta), (B,)
+
+    def as_pred(e_hat):  # the same prediction in the network's own parametrisation
+        if prediction_type == "epsilon":
+            return e_hat
+        a = abar[t].view(-1, 1, 1, 1)
+        x0_hat = (x_t - (1 - a).sqrt() * e_hat) / a.sqrt()
+        return a.sqrt() * e_hat - (1 - a).sqrt() * x0_hat
+    target = sspo.training_target(x0, eps, t, abar, prediction_type)
+    m = sspo.per_sample_error(as_pred(eps_th), target)
+    r = sspo.per_sample_error(as_pred(eps_b), target)
+    got = importance.importance_log_weight(m, r, t, sch, num_values=4 * 8 * 8, prediction_type=prediction_type)
+    assert torch.allclose(got.double(), want, rtol=1e-3, atol=1e-5), (got, want)
+    assert want.abs().min() > 1e-3 and want.abs().max() > 0.1  # non-trivial: weights not all ~1
+
+
+def test_importance_coef_closed_forms():
     sch = sspo.make_schedule()
     b, a, ab = sch["betas"].double(), sch["alphas"].double(), sch["alphas_cumprod"].double()
     t = torch.tensor([1, 10, 500, 999])
-    want = b[t] / (2 * a[t] * (1 - ab[t - 1]))
-    assert torch.allclose(sspo.importance_lambda(t, sch).double(), want, rtol=1e-5)
-    # and equals the Gaussian KL between q(x_{t-1}|x_t,x0) and p_theta divided by ||eps - eps_theta||^2
-    beta_tilde = (1 - ab[t - 1]) / (1 - ab[t]) * b[t]
-    mean_coef = b[t] / (a[t].sqrt() * (1 - ab[t]).sqrt())  # mu_q - mu_p = coef * (eps_theta - eps)
-    assert torch.allclose(mean_coef ** 2 / (2 * beta_tilde), want)
-    assert torch.isfinite(sspo.importance_lambda(torch.tensor([0]), sch)).all()
+    lam = b[t] / (2 * a[t] * (1 - ab[t - 1]))
+    assert torch.allclose(importance.importance_coef(t, sch).double(), lam, rtol=1e-5)
+    assert torch.allclose(importance.importance_coef(t, sch, "v_prediction").double(), lam * ab[t], rtol=1e-5)
+    # lambda_t is largest near the data (~0.5 at t = 0, 1), ~1/(2t) for small t, smallest
+    # (~0.0033) near t = 420, 0.006 at t = 999 (SD-1.5's schedule)
+    lam_all = importance.importance_coef(torch.arange(1000), sch)
+    assert 0.4 < lam_all[0] < 0.6 and 0.005 < lam_all[999] < 0.007 and lam_all.argmax() <= 1
+    assert lam_all[50:].max() < 0.012 and lam_all.min() > 0.003
+    with pytest.raises(ValueError, match="prediction_type"):
+        importance.importance_coef(t, sch, "sample")
 
 
-@pytest.mark.parametrize("fn", [sspo.dpo_cm_loss, sspo.sdpo_loss])
+def test_weight_is_low_where_policy_fits_worse_and_lowest_at_small_t():
+    """Derivation, item 6: w < 1 where the policy's errors exceed the reference's, and the same
+    per-value gap lowers w most at small t (lambda_t largest); w = 1 on-policy."""
+    sch = sspo.make_schedule()
+    t = torch.tensor([2, 10, 50, 200, 500, 999])
+    r = torch.full((6,), 0.1)
+    m = r + 1e-4  # policy worse than the reference (behaviour) on both images of each pair
+    kw = dict(schedule=sch, num_values=4 * 64 * 64)  # SD-1.5's latent size
+    lw = importance.pair_log_weight(m, m, r, r, t, **kw)
+    assert (lw < 0).all()
+    assert lw[0] < lw[1] < lw[2] < lw[3:].min()  # lowest at small t (lambda_t ~ 1/(2t) there)
+    assert lw[0].exp() < 0.5 and lw[3:].exp().min() > 0.97
+    assert torch.allclose(importance.pair_log_weight(r, r, m, m, t, **kw), -lw)  # roles swapped: 1/w
+    assert (importance.pair_log_weight(m, m, m, m, t, **kw) == 0).all()  # on-policy: exactly 1
+    # winner better, loser worse by the same gap: the pair weight is exactly 1
+    assert torch.allclose(importance.pair_log_weight(r - 1e-4, m, r, r, t, **kw), torch.zeros(6), atol=1e-5)
+
+
+def test_log_weight_detached_capped_and_checked():
+    sch = sspo.make_schedule()
+    m, r = torch.rand(8, requires_grad=True), torch.rand(8)
+    t = torch.randint(0, 1000, (8,))
+    lw = importance.importance_log_weight(m, r, t, sch, num_values=64)
+    assert not lw.requires_grad
+    assert torch.allclose(importance.pair_log_weight(m, m, r, r, t, sch, num_values=64), 2 * lw)
+    huge = importance.pair_log_weight(r + 10, r + 10, r, r, torch.zeros(8, dtype=torch.long), sch, num_values=10 ** 6)
+    assert (huge == -importance.LOG_WEIGHT_CAP).all()
+    with pytest.raises(ValueError, match="num_values"):
+        importance.importance_log_weight(m, r, t, sch, num_values=0)
+
+
+@pytest.mark.parametrize("fn", [importance.dpo_cm_loss, importance.sdpo_loss])
 def test_unit_weights_give_dpo(fn):
     m = _errs(seed=8)
-    loss, _ = fn(*m, log_weight=torch.zeros(64), tau=0.5, eps_clip=0.2)
-    assert torch.allclose(loss, sspo.dpo_loss(*m)[0])
+    loss, met = fn(*m, log_weight=torch.zeros(64), tau=0.5, eps_clip=0.2)
+    assert torch.equal(loss, sspo.dpo_loss(*m)[0])
+    assert met["mask_rate"] == 0 and met["clip_rate"] == 0 and met["mean_weight"] == 1
 
 
 def test_dpo_cm_tau0_noclip_is_plain_weighting_and_sdpo_self_normalised():
     m = _errs(seed=9)
-    logw = -torch.rand(64)
+    logw = 3 * torch.randn(64)  # weights far from 1 on both sides
     dpo = sspo.dpo_loss(*m)[0]
-    a, _ = sspo.dpo_cm_loss(*m, log_weight=logw, tau=0.0, eps_clip=float("inf"))
+    a, met = importance.dpo_cm_loss(*m, log_weight=logw, tau=0.0, eps_clip=float("inf"))
     assert torch.allclose(a, logw.exp() * dpo)
-    b, _ = sspo.sdpo_loss(*m, log_weight=logw, tau=0.0, eps_clip=float("inf"))
+    assert met["mask_rate"] == 0 and met["clip_rate"] == 0
+    b, _ = importance.sdpo_loss(*m, log_weight=logw, tau=0.0, eps_clip=float("inf"))
     assert torch.allclose(b, logw.exp() / logw.exp().mean() * dpo)
 
 
-@pytest.mark.parametrize("fn", [sspo.dpo_cm_loss, sspo.sdpo_loss])
+@pytest.mark.parametrize("fn", [importance.dpo_cm_loss, importance.sdpo_loss])
 def test_masked_pairs_zero_loss_zero_grad_and_weights_not_differentiated(fn):
     m_w, m_l, r_w, r_l = _errs(seed=10)
     m_w.requires_grad_(True)
-    logw = torch.log(torch.linspace(0.05, 1.0, 64)).requires_grad_(True)
+    logw = torch.log(torch.linspace(0.05, 2.0, 64)).requires_grad_(True)
     loss, met = fn(m_w, m_l, r_w, r_l, log_weight=logw, tau=0.5, eps_clip=0.2)
-    masked = logw.detach().exp() < 0.5
+    w = logw.detach().exp()
+    masked = w < 0.5
     assert masked.any() and (~masked).any()
     assert (loss[masked] == 0).all() and (loss[~masked] > 0).all()
     assert abs(met["mask_rate"].item() - masked.float().mean().item()) < 1e-6
+    outside = (~masked) & ((w < 0.8) | (w > 1.2))  # kept pairs the clip changes
+    assert abs(met["clip_rate"].item() - (outside.sum() / (~masked).sum()).item()) < 1e-6
     loss.sum().backward()
     assert (m_w.grad[masked] == 0).all() and (m_w.grad[~masked] != 0).all()
     assert logw.grad is None  # no gradient flows into importance weights
-    if fn is sspo.dpo_cm_loss:  # kept weights are clipped into [0.8, 1.2]
-        w = logw.detach().exp().clamp(0.8, 1.2)
-        assert torch.allclose(loss[~masked], (w * sspo.dpo_loss(m_w, m_l, r_w, r_l)[0])[~masked])
-
-
-def test_importance_log_weight_is_detached_and_nonpositive():
-    sch = sspo.make_schedule()
-    err = torch.rand(8, requires_grad=True)
-    t = torch.randint(0, 1000, (8,))
-    lw = sspo.importance_log_weight(err, t, sch)
-    assert not lw.requires_grad and (lw <= 0).all()
-    pl = sspo.pair_log_weight(err, err, t, sch)
-    assert torch.allclose(pl, 2 * lw)
+    dpo = sspo.dpo_loss(m_w, m_l, r_w, r_l)[0]
+    wc = w.clamp(0.8, 1.2)  # kept weights are clipped into [0.8, 1.2]
+    if fn is importance.sdpo_loss:
+        wc = wc / wc[~masked].mean()
+    assert torch.allclose(loss[~masked], (wc * dpo)[~masked])
 
 
 # --------------------------------------------------------------------------- dtypes and video
@@ -252,7 +329,7 @@ def test_losses_accept_low_precision_and_compute_float32(dt):
         l_lo, _ = fn(*lo)
         l_hi, _ = fn(*[x.float() for x in lo])
         assert l_lo.dtype == torch.float32 and torch.equal(l_lo, l_hi)
-    l_lo, _ = sspo.sdpo_loss(*lo, log_weight=torch.zeros(64, dtype=dt))
+    l_lo, _ = importance.sdpo_loss(*lo, log_weight=torch.zeros(64, dtype=dt), tau=0.5, eps_clip=0.2)
     assert l_lo.dtype == torch.float32
 
 
@@ -276,20 +353,66 @@ def test_video_end_to_end_through_losses():
     assert model_pred.grad.shape == shape and (model_pred.grad != 0).any()
 
 
-def test_importance_weight_v_prediction_uses_eps_error():
-    """eps - eps_theta = sqrt(abar_t) (v - v_theta): the same prediction error measured in v
-    space must give the same weight as in eps space."""
-    sch = sspo.make_schedule()
-    abar = sch["alphas_cumprod"]
-    B = 6
-    x0, eps = torch.randn(B, 4, 8, 8), torch.randn(B, 4, 8, 8)
-    t = torch.tensor([1, 50, 200, 500, 800, 999])
-    x_t = sspo.q_sample(x0, t, eps, abar)
-    eps_hat = eps + 0.1 * torch.randn_like(eps)  # a model's eps prediction
-    a = abar[t].view(-1, 1, 1, 1)
-    x0_hat = (x_t - (1 - a).sqrt() * eps_hat) / a.sqrt()
-    v_hat = a.sqrt() * eps_hat - (1 - a).sqrt() * x0_hat  # the same prediction, in v space
-    v = sspo.training_target(x0, eps, t, abar, "v_prediction")
-    lw_eps = sspo.importance_log_weight(sspo.per_sample_error(eps_hat, eps), t, sch)
-    lw_v = sspo.importance_log_weight(sspo.per_sample_error(v_hat, v), t, sch, "v_prediction")
-    assert torch.allclose(lw_eps, lw_v, rtol=1e-3, atol=1e-6)
+@pytest.mark.parametrize("fn", [importance.dpo_cm_loss, importance.sdpo_loss])
+def test_zero_terminal_snr_v_prediction_is_finite(fn):
+    """abar_T = 0 (diffusers' rescale_betas_zero_snr): at t = T-1 the eps coefficient lambda_t
+    is infinite (alpha_T = 0), the v coefficient beta_t abar_{t-1} / (2 (1 - abar_{t-1})) is not."""
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    sch = {k: getattr(sched, k) for k in ("betas", "alphas", "alphas_cumprod")}
+    assert sch["alphas_cumprod"][-1] == 0 and sch["alphas"][-1] == 0
+    g = torch.Generator().manual_seed(13)
+    B, t = 4, torch.tensor([999, 999, 998, 0])
+    x0 = torch.randn(2 * B, 4, 8, 8, generator=g)  # [winners; losers]
+    eps = torch.randn(B, 4, 8, 8, generator=g).repeat(2, 1, 1, 1)
+    t2 = t.repeat(2)
+    v = sspo.training_target(x0, eps, t2, sch["alphas_cumprod"], "v_prediction")
+    ref_pred = v + 0.3 * torch.randn(v.shape, generator=g)
+    model_pred = (ref_pred + 0.05 * torch.randn(v.shape, generator=g)).requires_grad_(True)
+    m_w, m_l = sspo.per_sample_error(model_pred, v).chunk(2)  # (2B,) -> (B,), (B,)
+    r_w, r_l = sspo.per_sample_error(ref_pred, v).chunk(2)
+    log_w = importance.pair_log_weight(m_w, m_l, r_w, r_l, t, sch, num_values=256, prediction_type="v_prediction")
+    assert torch.isfinite(log_w).all() and (log_w[:2] != 0).all()  # finite, and not switched off
+    loss, met = fn(m_w, m_l, r_w, r_l, log_w, beta=5000.0, tau=0.5, eps_clip=0.2)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(model_pred.grad).all()
+    assert all(torch.isfinite(x) for x in met.values())
+    # the eps coefficient at alpha_T = 0 is set to 0 (weight 1), not inf/nan
+    coef = importance.importance_coef(torch.tensor([999, 0]), sch, "epsilon")
+    assert coef[0] == 0 and torch.isfinite(coef).all()
+
+
+def _drifted_batch(B, small_t_gap, floor_gap, seed=14):
+    """A fixed batch of per-sample errors (B,) x4 and t (B,), stratified over [0, 1000) as in
+    training. The policy's excess error m - r follows the t-profile measured by
+    weights_report.py after a short Diffusion-DPO fine-tune (results/pair_weights.md): large
+    near the data, ``small_t_gap * exp(-t/100)``, plus ``floor_gap`` everywhere, +-50%."""
+    g = torch.Generator().manual_seed(seed)
+    t = ((torch.arange(B) + torch.rand(B, generator=g)) * 1000 / B).long()  # (B,)
+    r_w, r_l = (0.05 + 0.5 * torch.exp(-t / 300) * (1 + 0.2 * torch.rand(B, generator=g)) for _ in range(2))
+    gap = lambda: (small_t_gap * torch.exp(-t / 100) + floor_gap) * (1 + 0.5 * torch.randn(B, generator=g))
+    return r_w + gap(), r_l + gap(), r_w, r_l, t
+
+
+@pytest.mark.parametrize("D, beta, small_t_gap, floor_gap", [
+    (64, 500.0, 0.2, 2e-3),           # digits: 1x8x8, the digits preset's beta
+    (4 * 64 * 64, 5000.0, 2e-3, 5e-4),  # SD-1.5's latent shape and beta
+])
+@pytest.mark.parametrize("method", ["dpo_cm", "sdpo"])
+def test_weights_change_the_gradient_at_default_settings(method, D, beta, small_t_gap, floor_gap):
+    """At the config defaults, masking and clipping act on this batch, and the gradient differs
+    from Diffusion-DPO's far beyond float noise (before: weights >= 0.9 made them equal)."""
+    import config
+    cfg = config.resolve({"method": method})
+    m_w, m_l, r_w, r_l, t = _drifted_batch(128, small_t_gap, floor_gap)
+    log_w = importance.pair_log_weight(m_w, m_l, r_w, r_l, t, sspo.make_schedule(), num_values=D)
+    grads = []
+    for fn in (sspo.dpo_loss, getattr(importance, f"{method}_loss")):
+        mw, ml = m_w.clone().requires_grad_(True), m_l.clone().requires_grad_(True)
+        kw = {} if fn is sspo.dpo_loss else dict(log_weight=log_w, tau=cfg.tau, eps_clip=cfg.eps_clip)
+        loss, met = fn(mw, ml, r_w, r_l, beta=beta, **kw)
+        loss.mean().backward()
+        grads.append(torch.cat([mw.grad, ml.grad]))
+    assert met["mask_rate"] > 0 and met["clip_rate"] > 0
+    rel = (grads[1] - grads[0]).norm() / grads[0].norm()
+    assert rel > 0.01, rel  # float noise is ~1e-7

@@ -12,6 +12,7 @@ import torch
 import models
 import noise
 import sampling
+import importance
 import sspo
 import sspo_flow
 import train
@@ -69,11 +70,11 @@ def test_cogvideo_zero_terminal_snr_is_safe_in_the_loop(tiny):
     x_t, target = p.q_sample(x0, t, eps), p.target(x0, eps, t)
     assert p.abar[-1] == 0 and torch.equal(x_t[2], eps[2]) and torch.equal(target[2], -x0[2])
     assert torch.equal(p.model_t(t), t)
-    err = torch.tensor([0.3, 0.2, 0.5])
-    log_w = p.pair_log_weight(err, err, t)
+    err, ref = torch.tensor([0.3, 0.2, 0.5]), torch.tensor([0.1, 0.1, 0.1])
+    log_w = p.pair_log_weight(err, err, ref, ref, t, num_values=16)
     assert torch.isfinite(log_w).all() and (log_w <= 0).all()
-    lam_abar = sspo.importance_lambda(t[:2], p.schedule) * p.abar[t[:2]]
-    torch.testing.assert_close(log_w[:2], -2 * lam_abar * err[:2])
+    lam_abar = importance.importance_coef(t[:2], p.schedule, "v_prediction")  # = lambda_t * abar_t
+    torch.testing.assert_close(log_w[:2], -2 * 16 * lam_abar * (err - ref)[:2])
     # eps from v stays finite at the terminal step (eps = x_t there)
     assert torch.equal(sspo.eps_from_v(target, x_t, t, p.abar)[2], x_t[2])
 
@@ -95,9 +96,9 @@ def test_wan_flow_noise_process_matches_scheduler(tiny):
     for i in range(3):
         torch.testing.assert_close(p.q_sample(x0, t, eps)[i:i + 1], ref.scale_noise(x0[i:i + 1], ts[i:i + 1], eps[i:i + 1]))
     torch.testing.assert_close(p.target(x0, eps, t), eps - x0)
-    err = torch.tensor([0.3, 0.2, 0.5])
-    torch.testing.assert_close(p.pair_log_weight(err, err, t), sspo_flow.flow_pair_log_weight(
-        err, err, p.sigmas[t], sspo_flow.flow_sigma_next(t, p.sigmas)))
+    err, ref = torch.tensor([0.3, 0.2, 0.5]), torch.tensor([0.1, 0.25, 0.1])
+    torch.testing.assert_close(p.pair_log_weight(err, err, ref, ref, t, num_values=8), sspo_flow.flow_pair_log_weight(
+        err - ref, err - ref, p.sigmas[t], sspo_flow.flow_sigma_next(t, p.sigmas), scale=8))
 
 
 def _write_videos(root: Path, n: int = 2, frames: int = FRAMES):
