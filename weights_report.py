@@ -5,7 +5,7 @@ pairs that the default ``tau`` masks and the default ``eps_clip`` clips.
 
 Writes ``results/pair_weights.png`` (weight vs t, with tau and the clip bands) and
 ``results/pair_weights.md`` (the shares, computed here). The weight is importance.pair_log_weight's
-(this project's reading of [SDPO], derived in sspo.py's module docstring). A policy's weights
+(this project's reading of [SDPO], derived in importance.py's module docstring). A policy's weights
 against its own reference are all exactly 1, so each model is measured after short
 Diffusion-DPO fine-tunes away from its reference (two lengths), the situation DPO-C&M and SDPO
 meet during training:
@@ -230,7 +230,7 @@ def markdown(rows: list[dict], seconds: float) -> str:
         "# Pair importance weights of DPO-C&M and SDPO over t",
         "",
         "Written by `python weights_report.py` (do not edit by hand). The weight is",
-        "`importance.pair_log_weight` (this project's reading of [SDPO]; derivation in `sspo.py`'s module",
+        "`importance.pair_log_weight` (this project's reading of [SDPO]; derivation in `importance.py`'s module",
         "docstring): log w = -lambda_t * D * ((m_w - r_w) + (m_l - r_l)), policy errors m against",
         "the reference's r. Each policy is its reference after a short Diffusion-DPO fine-tune",
         "(weights of a policy against itself are all 1). See `pair_weights.png`.",
