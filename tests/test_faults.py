@@ -39,12 +39,17 @@ def finished(tmp_path_factory):
 
 @pytest.fixture
 def copy(finished, tmp_path):
-    """A private copy of the finished run: (its argv for train.main, its directory)."""
+    """A private copy of the finished run: (its argv for train.main, its directory). (train.main
+    judges a finished digits run, which takes a while: tests that finish one call train.run.)"""
     cache, out = finished
     dst = tmp_path / "run"
     shutil.copytree(out, dst)
     argv = [f"--{k}={v}" for k, v in {**FAST, "method": "sspo", "cache_dir": cache, "out_dir": dst}.items()]
     return argv, dst
+
+
+def _resume(argv, *more):
+    return train.run(argv=argv + ["--resume", *more])
 
 
 def _ck(out: Path, step: int) -> Path:
@@ -66,7 +71,7 @@ def test_1_a_crafted_checkpoint_runs_nothing(copy, tmp_path, capsys):
     marker = tmp_path / "pwned"
     for step in (2, 4):  # a crafted pickle where the old format kept the training state
         torch.save({"step": step, "x": _Evil(marker)}, _ck(out, step) / "state.pt")
-    assert train.main(argv + ["--resume"]) == 0
+    _resume(argv)
     assert not marker.exists()
     assert "resumed from step 4" in capsys.readouterr().out
     # the format: tensors in safetensors, everything else JSON; packing refuses other objects
@@ -82,7 +87,7 @@ def test_2_lost_latest_pointer_resumes_from_newest_complete(copy, capsys):
     argv, out = copy
     (out / "checkpoints" / "latest").unlink()
     before = (_ck(out, 2) / "trainable.safetensors").stat().st_mtime_ns
-    assert train.main(argv + ["--resume", "--max_steps=5"]) == 0
+    _resume(argv, "--max_steps=5")
     assert "resumed from step 4" in capsys.readouterr().out
     assert (_ck(out, 2) / "trainable.safetensors").stat().st_mtime_ns == before  # not rewritten
     assert runtime.latest_step(out) == 5
@@ -94,7 +99,7 @@ def test_3_truncated_checkpoint_falls_back_then_refuses(copy, capsys):
     argv, out = copy
     f = _ck(out, 4) / "trainable.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # a partial copy
-    assert train.main(argv + ["--resume"]) == 0
+    _resume(argv)
     o = capsys.readouterr().out
     warn = [line for line in o.splitlines() if line.startswith("warning:")]
     assert len(warn) == 1 and "step_000004" in warn[0] and "trainable.safetensors is" in warn[0]
@@ -164,7 +169,7 @@ def test_6_resume_truncates_metrics_to_the_checkpoint(copy):
     shutil.rmtree(_ck(out, 4))  # killed after logging steps 3-4, before their checkpoint
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "loss"')  # and a torn last line
-    assert train.main(argv + ["--resume"]) == 0
+    _resume(argv)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
 
