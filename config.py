@@ -71,7 +71,7 @@ class Config:
     # ---- run
     seed: int = _f(0, "seed for init, data order, noise and replay choices")
     out_dir: str = _f("runs/digits_sspo", "output directory")
-    resume: bool = _f(False, "continue from out_dir/checkpoints/latest")
+    resume: bool = _f(False, "continue from the newest complete checkpoint in out_dir/checkpoints")
     overwrite: bool = _f(False, "a fresh run may clear an out_dir that holds an earlier run")
     keep_checkpoints: int = _f(0, "training-state checkpoints to keep (0 = all)")
     log_every: int = _f(10, "updates between log lines / metrics.jsonl rows")
