@@ -77,7 +77,7 @@ class Config:
     # ---- run
     seed: int = _f(0, "seed for init, data order, noise and replay choices")
     out_dir: str = _f("runs/digits_sspo", "output directory")
-    resume: bool = _f(False, "continue from out_dir/checkpoints/latest")
+    resume: bool = _f(False, "continue from the newest complete checkpoint in out_dir/checkpoints")
     resume_from_checkpoint: str = _f("", "'latest' (= --resume) or a checkpoint: step_N or a path to "
                                      "out_dir/checkpoints/step_N")
     overwrite: bool = _f(False, "a fresh run may clear an out_dir that holds an earlier run")
@@ -238,7 +238,29 @@ def resolve(overrides: dict | None = None, argv: list[str] | None = None) -> Con
     return cfg
 
 
+INFINITE_OK = ("eps_clip", "max_grad_norm")  # inf = no clipping
+
+
+def validate_numbers(cfg: Config) -> None:
+    """NaN anywhere, inf where it means nothing, out-of-range AdamW betas or corrupt fraction:
+    refused with one line naming the field (before they can turn the weights into NaN)."""
+    for f in dataclasses.fields(Config):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and v != v:
+            raise ValueError(f"config key {f.name!r} must be a number, got nan")
+        if isinstance(v, float) and abs(v) == float("inf") and f.name not in INFINITE_OK:
+            raise ValueError(f"config key {f.name!r} must be finite, got {v}")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(cfg, key) < 1.0:
+            raise ValueError(f"config key {key!r} must be in [0, 1), got {getattr(cfg, key)}")
+    if not 0.0 <= cfg.digits_corrupt <= 1.0:
+        raise ValueError(f"config key 'digits_corrupt' must be in [0, 1], got {cfg.digits_corrupt}")
+    if cfg.loser_guidance < 0:
+        raise ValueError(f"config key 'loser_guidance' must be >= 0, got {cfg.loser_guidance}")
+
+
 def validate(cfg: Config) -> None:
+    validate_numbers(cfg)
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"config key {key!r} must be one of {allowed}, got {getattr(cfg, key)!r}")

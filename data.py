@@ -23,8 +23,10 @@ re-created per epoch and see the new value; ``persistent_workers=True`` workers 
 Bad input: foreseeable problems at construction (missing directory/file/column, unknown mode)
 raise one readable ValueError/FileNotFoundError. Items that cannot be decoded at load time are
 logged (file, row, reason, running count), counted in ``dataset.num_skipped`` and returned as
-``None``; once more than ``max_bad_fraction`` of the items fetched (counting at least 100) are
-bad, a RuntimeError stops the run. Counters are per process (per DataLoader worker).
+``None``; once more than ``max_bad_fraction`` of the distinct items fetched (counting at least
+100) are bad, ``TooManyBadItems`` stops the run, naming the count, the budget and the first
+files. A bad item met again in a later epoch is not counted again. Counters are per process
+(per DataLoader worker, and so per epoch when workers are re-created).
 """
 from __future__ import annotations
 
@@ -54,6 +56,10 @@ def seeded_rng(seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng([int(seed) % 2**63, *(int(k) for k in keys)])
 
 
+class TooManyBadItems(RuntimeError):
+    """More unreadable items than the bad-item budget allows (train.py: one line, exit code 2)."""
+
+
 def check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -76,10 +82,19 @@ def _plan_crop(width: int, height: int, resolution: int, random_crop: bool, hfli
     return (w, h), (left, top, left + resolution, top + resolution), flip
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB by its real range: 16-bit grayscale ("I;16*", or "I" as PIL
+    opens 16-bit PNGs) is scaled by 255/65535 (PIL's own convert clips it to 255, all white)."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        arr = np.asarray(img, dtype=np.float64) * (255.0 / 65535.0)
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
 def _apply_crop(img: Image.Image, plan) -> torch.Tensor:
     """PIL image -> (3,R,R) float32 in [-1,1]."""
     size, box, flip = plan
-    img = img.convert("RGB")
+    img = to_rgb(img)
     if img.size != size:
         img = img.resize(size, Image.BILINEAR)
     img = img.crop(box)
@@ -101,6 +116,10 @@ class BaseDataset(Dataset):
         self.max_bad_fraction = float(max_bad_fraction)
         self.num_seen = 0     # item fetches in this process
         self.num_skipped = 0  # of which unreadable (returned None)
+        self.bad: list[str] = []  # distinct unreadable items, in the order met
+        self._bad_set: set[str] = set()
+        self._fetched: np.ndarray | None = None  # which indices were fetched at least once
+        self.num_distinct = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the augmentation / caption-drop draws of this epoch."""
@@ -129,14 +148,31 @@ class BaseDataset(Dataset):
                     "crop_top_left" + suffix: (top, w - right if flip else left)}
         return torch.stack([_apply_crop(img, plan) for img in images]), geometry
 
+    def _fetch(self, index: int) -> None:
+        """Count a fetch of item ``index`` (distinct items counted once, whatever the epoch)."""
+        self.num_seen += 1
+        if self._fetched is None:
+            self._fetched = np.zeros(len(self), dtype=bool)
+        if not self._fetched[index]:
+            self._fetched[index] = True
+            self.num_distinct += 1
+
     def _skip(self, where: str, why: str) -> None:
+        """Count (once per distinct item) and log an unreadable item; stop once more than
+        max_bad_fraction of the distinct items fetched (at least 100 counted) are bad."""
         self.num_skipped += 1
-        log.warning("skipping %s: %s (%d of %d items skipped so far)",
-                    where, why, self.num_skipped, self.num_seen)
-        if self.num_skipped > self.max_bad_fraction * max(self.num_seen, _MIN_SEEN):
-            raise RuntimeError(
-                f"too many unreadable items: {self.num_skipped} of {self.num_seen} fetched "
-                f"(max_bad_fraction={self.max_bad_fraction}); last one: {where}: {why}")
+        if where in self._bad_set:
+            return None  # met again in a later epoch: logged and counted already
+        self._bad_set.add(where)
+        self.bad.append(where)
+        log.warning("skipping %s: %s (%d of %d distinct items unreadable so far)",
+                    where, why, len(self.bad), self.num_distinct)
+        budget = self.max_bad_fraction * max(self.num_distinct, _MIN_SEEN)
+        if len(self.bad) > budget:
+            raise TooManyBadItems(
+                f"too many unreadable items: {len(self.bad)} of {self.num_distinct} distinct items "
+                f"fetched, over the budget of {budget:g} (max_bad_fraction={self.max_bad_fraction}); "
+                f"first: {'; '.join(self.bad[:3])}; last: {where}: {why}")
         return None
 
 
@@ -227,7 +263,7 @@ class PickAPicDataset(BaseDataset):
         return value["bytes"] if isinstance(value, dict) else value  # HF Image struct or raw bytes
 
     def __getitem__(self, i: int) -> dict | None:
-        self.num_seen += 1
+        self._fetch(i)
         f, row, rng = int(self.file_ids[i]), int(self.rows[i]), self._item_rng(i)
         w = int(self.winner[i])
         wanted = {"pairs": [w, 1 - w], "winners": [w], "random": [w if self.coin[i] else 1 - w]}
@@ -290,7 +326,7 @@ class ImageFolderDataset(BaseDataset):
         return len(self.entries)
 
     def __getitem__(self, i: int) -> dict | None:
-        self.num_seen += 1
+        self._fetch(i)
         name, text = self.entries[i]
         path, rng = self.root / name, self._item_rng(i)
         prompt = self._prompt(text, rng)

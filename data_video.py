@@ -86,7 +86,7 @@ class VideoFolderDataset(BaseDataset):
         return len(self.entries)
 
     def __getitem__(self, i: int) -> dict | None:
-        self.num_seen += 1
+        self._fetch(i)
         name, text = self.entries[i]
         path, rng = self.root / name, self._item_rng(i)
         prompt = self._prompt(text, rng)

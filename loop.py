@@ -15,6 +15,7 @@ begin), ``update`` per optimizer step, ``finish``. Files, logging and signals li
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ import sampling
 import importance
 import sspo
 from config import DATA_MODE_OF, LOSS_OF, Config
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks: data, model, per-pair noise
@@ -125,6 +128,11 @@ def pair_noise(seed: int, step: int, indices: torch.Tensor, shape: tuple, proces
         eps.append(torch.randn(shape, generator=g))
         z.append(torch.randn(shape, generator=g))
     return torch.cat(ts), torch.stack(eps), torch.stack(z)
+
+
+def vae_generators(seed: int, step: int, indices: torch.Tensor, purpose: int) -> list:
+    """Per-item generators of the VAE posterior noise of winners (1) / losers (2), as pair_noise."""
+    return [torch.Generator().manual_seed(hash((seed, step, i, purpose)) & (2 ** 63 - 1)) for i in indices.tolist()]
 
 
 def _nonfinite_message(what: str, step: int, cfg: Config, out: Path) -> str:
@@ -220,6 +228,8 @@ def start(run: Run) -> int:
     resumed = runtime.load_latest(out, run.bundle, run.opt, run.lr_sched, run.scaler, run.pool, cfg,
                                   cfg.resume_from_checkpoint or "latest") if cfg.resume else None
     if resumed is not None:
+        if ctx.rank == 0:
+            runtime.truncate_metrics(out, resumed)  # rows after the checkpoint are logged again
         run.logger.info(f"resumed from step {resumed}")
     else:
         if ctx.rank == 0:
@@ -243,9 +253,13 @@ def batches(run: Run, step: int):
     while True:
         run.sampler.set_epoch(epoch, start=within * run.cfg.batch_size)
         run.dataset.set_epoch(epoch)
+        skipped = 0
         for b in run.loader:
+            skipped += b["num_skipped"]
             if b["prompt"]:  # an all-unreadable batch (every item skipped and counted) is passed over
                 yield b
+        if skipped:
+            log.warning("epoch %d: %d unreadable items skipped on rank %d", epoch, skipped, run.ctx.rank)
         epoch, within = epoch + 1, 0
 
 
@@ -310,7 +324,8 @@ def training_step(run: Run, batch: dict, step: int):
     with torch.no_grad(), autocast():
         # float32 from here on: under bf16 autocast the VAE returns bf16 latents, and a bf16
         # schedule rounds abar_t to 1 at small t (no noise added at all).
-        x0_w = models.encode_pixels(bundle, batch["x0_w"].to(device)).float()  # (B,*shape)
+        x0_w = models.encode_pixels(bundle, batch["x0_w"].to(device),  # (B,*shape)
+                                    vae_generators(cfg.seed, step, batch["index"], 1)).float()
         text, extra = models.encode_prompts(bundle, prompts, return_extra=True)  # (B,77,D), SDXL: text_embeds
     extra_w, extra_l = image_conditions(bundle, batch, extra)
     t, eps, z_T = (v.to(device) for v in pair_noise(cfg.seed, step, batch["index"], run.shape, run.noise))
@@ -323,7 +338,8 @@ def training_step(run: Run, batch: dict, step: int):
                                        num_inference_steps=cfg.loser_steps, guidance_scale=cfg.loser_guidance)
         else:  # a preference pair from the data set
             with torch.no_grad(), autocast():
-                x0_l = models.encode_pixels(bundle, batch["x0_l"].to(device))
+                x0_l = models.encode_pixels(bundle, batch["x0_l"].to(device),
+                                            vae_generators(cfg.seed, step, batch["index"], 2))
         x0 = torch.cat([x0_w, x0_l.float()])  # [winners; losers]: (2B,*shape)
         t2, eps2, text2 = torch.cat([t, t]), torch.cat([eps, eps]), torch.cat([text, text])
         extra2 = models.cat_extra(extra_w, extra_l)  # SDXL: each image's own time_ids
@@ -367,7 +383,7 @@ def finish(run: Run, step: int) -> None:
 
 
 def train(cfg: Config, ctx: runtime.Dist) -> Path:
-    """Train until max_steps (or a SIGTERM: then save and stop); returns the output dir."""
+    """Train until max_steps and return the output dir; on SIGTERM save and raise Preempted."""
     run = setup(cfg, ctx)
     step = start(run)
     stream = batches(run, step)
@@ -390,9 +406,10 @@ def train(cfg: Config, ctx: runtime.Dist) -> Path:
             if cfg.sample_every and step % cfg.sample_every == 0 and metrics is not None:
                 run.logger.samples(run.bundle, step, run.shape)
             if stopping:
-                run.logger.info(f"signal received: saved step {step}, exiting cleanly")
                 break
     finally:
         stop.restore()
     finish(run, step)
+    if step < cfg.max_steps:
+        raise runtime.Preempted(step)  # train.py: exit code 143, never "done:"
     return run.out

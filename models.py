@@ -276,12 +276,18 @@ def _per_frame(x: torch.Tensor, fn, chunk: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_pixels(bundle: Bundle, x: torch.Tensor, generator: torch.Generator | None = None,
+def encode_pixels(bundle: Bundle, x: torch.Tensor, generator: torch.Generator | list | None = None,
                   chunk: int = 16) -> torch.Tensor:
     """Pixels in [-1,1] -> diffusion-space x0. digits: identity (B,1,8,8). sd15: (B,3,H,W) ->
-    (B,4,H/8,W/8) * scaling_factor, a sample of the VAE posterior. Video (B,3,F,H,W) -> (B,4,F,h,w)."""
+    (B,4,H/8,W/8) * scaling_factor, a sample of the VAE posterior. Video (B,3,F,H,W) -> (B,4,F,h,w).
+    ``generator``: one for the batch, or a list of B (each item encoded alone with its own, so an
+    item's latent does not depend on the rest of the batch)."""
     if bundle.vae is None:
         return x
+    if isinstance(generator, list):
+        if len(generator) != len(x):
+            raise ValueError(f"{len(generator)} generators for a batch of {len(x)}")
+        return torch.cat([encode_pixels(bundle, x[i:i + 1], g, chunk) for i, g in enumerate(generator)])
     if _hook(bundle, "encode_pixels"):  # 3D VAEs: (B,3,F,H,W) -> (B,C,F_lat,h,w), frames not independent
         return _hook(bundle, "encode_pixels")(bundle, x, generator)
     vae = bundle.vae

@@ -37,8 +37,10 @@ class CheckpointPool:
     (always 0: the usual fixed reference), "last" (the newest: SPIN-Diffusion's choice).
     storage: "memory" (CPU copies in the original dtype, exact), "memory_bf16" (CPU bf16, half
     the memory, for every snapshot but checkpoint 0), "disk" (one safetensors file per snapshot
-    in ``directory``). Checkpoint 0 is always stored exactly: it is the initial model, the fixed
-    reference of Diffusion-DPO and the one replayed checkpoint every run shares.
+    in ``directory``, read when chosen). Checkpoint 0 is always stored exactly: it is the initial
+    model, the fixed reference of Diffusion-DPO and the one replayed checkpoint every run shares.
+    Every storage saves each snapshot once as a file in ``directory`` (``state_dict``), so that
+    checkpoints only name them.
     """
 
     def __init__(self, strategy: str = "uniform", seed: int = 0, storage: str = "memory",
@@ -53,7 +55,7 @@ class CheckpointPool:
         self.directory = Path(directory) if directory else None
         self.steps: list[int] = []
         self._snapshots: list[dict[str, torch.Tensor]] = []  # memory storages
-        self._files: list[str] = []                          # disk storage (paths)
+        self._files: list[str | None] = []                   # file names in directory (None: not yet written)
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -62,27 +64,32 @@ class CheckpointPool:
         """Store a snapshot taken after ``step`` optimizer updates; returns its index."""
         index = len(self.steps)
         if self.storage == "disk":
-            self.directory.mkdir(parents=True, exist_ok=True)
-            path = self.directory / f"replay_{index:04d}_step{step:08d}.safetensors"
-            tmp = path.with_suffix(".tmp")
-            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
-            os.replace(tmp, path)  # atomic: a crash never leaves a half-written snapshot
-            self._files.append(str(path))
+            self._files.append(self._write(index, step, state))
         else:
             # bf16 rounding (~3 significant digits) would make the replayed "initial model" a
             # different network; checkpoint 0 keeps the original dtype.
             dtype = torch.bfloat16 if self.storage == "memory_bf16" and index > 0 else None
             self._snapshots.append({k: v.detach().to("cpu", dtype=dtype if v.is_floating_point() else None,
                                                      copy=True) for k, v in state.items()})
+            self._files.append(None)  # written to ``directory`` by the first state_dict() after this
         self.steps.append(int(step))
         return index
+
+    def _write(self, index: int, step: int, state: dict[str, torch.Tensor]) -> str:
+        """One snapshot -> directory/replay_IIII_stepSSSSSSSS.safetensors (atomic); its file name."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"replay_{index:04d}_step{step:08d}.safetensors"
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+        os.replace(tmp, path)  # atomic: a crash never leaves a half-written snapshot
+        return path.name
 
     def get(self, index: int) -> dict[str, torch.Tensor]:
         """The snapshot's tensors (on CPU; bf16 for memory_bf16, except checkpoint 0)."""
         if not 0 <= index < len(self):
             raise IndexError(f"Checkpoint {index} not in pool of {len(self)}.")
         if self.storage == "disk":
-            return load_file(self._files[index])
+            return load_file(str(self.directory / self._files[index]))
         return self._snapshots[index]
 
     def choose(self, step: int) -> int:
@@ -98,28 +105,32 @@ class CheckpointPool:
         return int(torch.randint(len(self), (1,), generator=g))
 
     def state_dict(self) -> dict:
-        """Everything needed to resume: memory storages include the snapshots themselves."""
-        d = {"strategy": self.strategy, "seed": self.seed, "storage": self.storage,
-             "directory": str(self.directory) if self.directory else None, "steps": list(self.steps)}
-        if self.storage == "disk":
-            d["files"] = list(self._files)
-        else:
-            d["snapshots"] = self._snapshots
-        return d
+        """Everything needed to resume, as plain JSON-able values: the snapshots are files in
+        ``directory``, each written once (memory storages write new snapshots here, the first
+        time they are saved) and named here, never copied into a checkpoint."""
+        if self.directory is None:
+            raise ValueError("CheckpointPool.state_dict() needs a directory to write its snapshots to")
+        for i, name in enumerate(self._files):
+            if name is None:
+                self._files[i] = self._write(i, self.steps[i], self._snapshots[i])
+        return {"strategy": self.strategy, "seed": self.seed, "storage": self.storage,
+                "steps": list(self.steps), "files": list(self._files)}
 
     def load_state_dict(self, d: dict) -> None:
+        """Restore from ``state_dict()``; the files are looked up in this pool's ``directory``."""
         if d["storage"] != self.storage:
             raise ValueError(f"Pool state was saved with storage '{d['storage']}', this pool uses '{self.storage}'.")
+        if len(d["steps"]) != len(d["files"]):
+            raise ValueError("Corrupt pool state: steps and snapshot files differ in length.")
+        files = [Path(f).name for f in d["files"]]  # names only: never a path outside directory
+        missing = [f for f in files if not (self.directory / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"Replay snapshot files missing from {self.directory}: {missing}")
+        snapshots = []
+        if self.storage != "disk":
+            snapshots = [load_file(str(self.directory / f)) for f in files]
         self.strategy, self.seed, self.steps = d["strategy"], int(d["seed"]), list(d["steps"])
-        if self.storage == "disk":
-            missing = [f for f in d["files"] if not os.path.isfile(f)]
-            if missing:
-                raise FileNotFoundError(f"Replay snapshot files missing: {missing}")
-            self._files = list(d["files"])
-        else:
-            self._snapshots = [dict(s) for s in d["snapshots"]]
-        if len(self.steps) != (len(self._files) if self.storage == "disk" else len(self._snapshots)):
-            raise ValueError("Corrupt pool state: steps and snapshots differ in length.")
+        self._files, self._snapshots = files, snapshots
 
 
 class Reference:

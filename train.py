@@ -6,7 +6,8 @@
 
 Order of work: resolve the config (config.py); on digits, build the misaligned base if it is not
 cached (digits.py, its own small loop); train (loop.py); on digits, judge the final model
-against its base (evaluate.py). Exit codes: 0 done, 2 bad input or settings.
+against its base (evaluate.py). Exit codes: 0 done, 2 bad input, settings or files (one line
+on stderr), 143 preempted by SIGTERM (checkpoint saved; --resume continues it).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import warnings
 from pathlib import Path
 
 import config as config_mod
+import data
 import digits
 import evaluate
 import loop
@@ -27,13 +29,17 @@ def run(overrides: dict | None = None, argv: list[str] | None = None) -> Path:
     """Resolve the config, set up (or join) torch.distributed, train; returns the output dir."""
     cfg = config_mod.resolve(overrides, argv)
     ctx = runtime.setup_distributed()
+    close_logs = None
     try:
+        close_logs = runtime.setup_logging(Path(cfg.out_dir), ctx.rank)
         if cfg.model == "digits" and not cfg.model_path and cfg.init == "pretrained":
             if ctx.rank == 0:
                 digits.ensure_base(cfg.cache_dir, cfg.digits_base_steps, cfg.digits_corrupt)
             ctx.barrier()
         return loop.train(cfg, ctx)
     finally:
+        if close_logs:
+            close_logs()
         ctx.teardown()
 
 
@@ -50,22 +56,38 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(config_mod.help_text())
         return 0
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         with warnings.catch_warnings():  # ignored settings: one line each, from rank 0 only
-            rank0 = int(os.environ.get("RANK", "0")) == 0
             warnings.simplefilter("always" if rank0 else "ignore", config_mod.IgnoredSettingWarning)
             warnings.showwarning = _one_line_for_settings(warnings.showwarning)
             out = run(argv=argv)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except runtime.Preempted as e:
+        if rank0:
+            print(str(e), flush=True)  # "preempted at step N, checkpoint saved"
+        return 143
+    except (ValueError, FloatingPointError, data.TooManyBadItems) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
-    if int(os.environ.get("RANK", "0")) == 0:
+    except OSError as e:  # a missing, read-only or full path: which one, and what to do
+        msg = _one_line(e) if e.strerror is None else (
+            f"{e.strerror}: {e.filename}; check that the path exists, is writable and has free space "
+            f"(existing checkpoints are kept)")
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    if rank0:
         cfg = json.loads((out / "config.json").read_text())
         if cfg["model"] == "digits" and (out / "final").exists():
             evaluate.report_digits_run(out)  # the independent judge: how well it follows prompts
         print(f"done: {out} (samples/, metrics.jsonl, checkpoints/, final/"
               f"{', eval.json' if (out / 'eval.json').exists() else ''})")
     return 0
+
+
+def _one_line(e: Exception) -> str:
+    """The message itself, also when a DataLoader worker wrapped it in its traceback text."""
+    lines = [line for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+    return lines[-1].split(f"{type(e).__name__}: ", 1)[-1] if len(lines) > 1 else lines[0]
 
 
 if __name__ == "__main__":

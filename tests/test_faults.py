@@ -1,0 +1,291 @@
+"""What a cluster, a shared checkpoint or a bad file can do to a run (issue 13, items 1-12).
+
+Each test names its item; each failed on the code before its fix. Digits runs are tiny (a
+5-update base, 4 updates, checkpoints at 2 and 4); the one sd15 test uses the random tiny SD-1.5
+stand-in in the real layout."""
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import config
+import data
+import digits
+import loop
+import runtime
+import train
+from families import sd15
+
+FAST = dict(digits_base_steps=5, batch_size=4, loser_steps=4, log_every=1, sample_every=0,
+            save_every=2, max_steps=4, lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished SSPO digits run (checkpoints at steps 2 and 4) and the cache it used."""
+    cache = str(tmp_path_factory.mktemp("cache"))
+    out = tmp_path_factory.mktemp("run")
+    train.run({**FAST, "method": "sspo", "cache_dir": cache, "out_dir": str(out)})
+    return cache, out
+
+
+@pytest.fixture
+def copy(finished, tmp_path):
+    """A private copy of the finished run: (its argv for train.main, its directory). (train.main
+    judges a finished digits run, which takes a while: tests that finish one call train.run.)"""
+    cache, out = finished
+    dst = tmp_path / "run"
+    shutil.copytree(out, dst)
+    argv = [f"--{k}={v}" for k, v in {**FAST, "method": "sspo", "cache_dir": cache, "out_dir": dst}.items()]
+    return argv, dst
+
+
+def _resume(argv, *more):
+    return train.run(argv=argv + ["--resume", *more])
+
+
+def _ck(out: Path, step: int) -> Path:
+    return out / "checkpoints" / f"step_{step:06d}"
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):  # unpickling this calls os.system
+        return os.system, (f"touch {self.marker}",)
+
+
+# ------------------------------------------------------------------ 1. a checkpoint cannot run code
+
+def test_1_a_crafted_checkpoint_runs_nothing(copy, tmp_path, capsys):
+    argv, out = copy
+    marker = tmp_path / "pwned"
+    for step in (2, 4):  # a crafted pickle where the old format kept the training state
+        torch.save({"step": step, "x": _Evil(marker)}, _ck(out, step) / "state.pt")
+    _resume(argv)
+    assert not marker.exists()
+    assert "resumed from step 4" in capsys.readouterr().out
+    # the format: tensors in safetensors, everything else JSON; packing refuses other objects
+    assert sorted(p.name for p in _ck(out, 4).iterdir()) == [
+        "state.json", "state.pt", "state.safetensors", "trainable.safetensors"]
+    with pytest.raises(TypeError, match="cannot store a _Evil"):
+        runtime.pack_state({"x": _Evil(marker)}, {})
+
+
+# ------------------------------------------------------------------ 2. a lost `latest` pointer
+
+def test_2_lost_latest_pointer_resumes_from_newest_complete(copy, capsys):
+    argv, out = copy
+    (out / "checkpoints" / "latest").unlink()
+    before = (_ck(out, 2) / "trainable.safetensors").stat().st_mtime_ns
+    _resume(argv, "--max_steps=5")
+    assert "resumed from step 4" in capsys.readouterr().out
+    assert (_ck(out, 2) / "trainable.safetensors").stat().st_mtime_ns == before  # not rewritten
+    assert runtime.latest_step(out) == 5
+
+
+# ------------------------------------------------------------------ 3. a truncated newest checkpoint
+
+def test_3_truncated_checkpoint_falls_back_then_refuses(copy, capsys):
+    argv, out = copy
+    f = _ck(out, 4) / "trainable.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # a partial copy
+    _resume(argv)
+    o = capsys.readouterr().out
+    warn = [line for line in o.splitlines() if line.startswith("warning:")]
+    assert len(warn) == 1 and "step_000004" in warn[0] and "trainable.safetensors is" in warn[0]
+    assert "resumed from step 2" in o
+    for step in (2, 4):  # now every checkpoint is damaged: refuse, one line, exit code 2
+        g = _ck(out, step) / "state.safetensors"
+        g.write_bytes(g.read_bytes()[:100])
+    assert train.main(argv + ["--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: resume: no usable checkpoint") and "Traceback" not in err[0]
+
+
+# ------------------------------------------------------------------ 4. SIGTERM is not success
+
+def test_4_sigterm_exits_143_and_never_prints_done(finished, tmp_path, monkeypatch, capsys):
+    real = runtime.Logger.step
+
+    def step_then_signal(self, step, *a, **k):
+        real(self, step, *a, **k)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(runtime.Logger, "step", step_then_signal)
+    argv = [f"--{k}={v}" for k, v in {**FAST, "method": "sft", "max_steps": 10, "save_every": 100,
+                                       "cache_dir": finished[0], "out_dir": tmp_path}.items()]
+    assert train.main(argv) == 143
+    o = capsys.readouterr().out
+    assert "preempted at step 3, checkpoint saved" in o and "done:" not in o
+    assert runtime.latest_step(tmp_path) == 3
+
+
+# ------------------------------------------------------------------ 5. sd15 resume is bitwise
+
+def _write_pickapic(root: Path, n: int = 6):
+    import io
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def jpeg(seed):
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(buf, "JPEG")
+        return buf.getvalue()
+    root.mkdir(parents=True)
+    pq.write_table(pa.table({"caption": [f"photo {i}" for i in range(n)], "jpg_0": [jpeg(2 * i) for i in range(n)],
+                             "jpg_1": [jpeg(2 * i + 1) for i in range(n)], "label_0": [1.0, 0.0] * (n // 2)}),
+                   root / "train-00000-of-00001.parquet")
+
+
+def test_5_sd15_resume_is_bitwise(tmp_path):
+    sd = sd15.write_tiny(str(tmp_path / "sd15"))
+    _write_pickapic(tmp_path / "pickapic")
+    args = dict(model="sd15", model_path=sd, data="pickapic", data_path=str(tmp_path / "pickapic"), method="dpo",
+                max_steps=3, batch_size=2, save_every=2, resolution=16, log_every=1, sample_every=0,
+                num_sample_prompts=1, lr=1e-3)
+    train.run({**args, "out_dir": str(tmp_path / "straight")})
+    train.run({**args, "max_steps": 2, "out_dir": str(tmp_path / "split")})
+    train.run({**args, "resume": True, "out_dir": str(tmp_path / "split")})
+    a = load_file(str(_ck(tmp_path / "straight", 3) / "trainable.safetensors"))
+    b = load_file(str(_ck(tmp_path / "split", 3) / "trainable.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------ 6. metrics.jsonl after a resume
+
+def test_6_resume_truncates_metrics_to_the_checkpoint(copy):
+    argv, out = copy
+    shutil.rmtree(_ck(out, 4))  # killed after logging steps 3-4, before their checkpoint
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss"')  # and a torn last line
+    _resume(argv)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------ 7. replay snapshots stored once
+
+def test_7_replay_snapshots_are_files_written_once(finished):
+    out = finished[1]
+    files = sorted(p.name for p in (out / "replay").glob("*.safetensors"))
+    assert files == ["replay_0000_step00000000.safetensors", "replay_0001_step00000002.safetensors",
+                     "replay_0002_step00000004.safetensors"]
+    for step, n in ((2, 2), (4, 3)):
+        manifest = json.loads((_ck(out, step) / "state.json").read_text())
+        assert manifest["state"]["pool"]["files"] == files[:n]  # named, not copied
+        state = load_file(str(_ck(out, step) / "state.safetensors"))
+        weights = load_file(str(_ck(out, step) / "trainable.safetensors"))
+        n_state, n_weights = (sum(v.numel() for v in d.values()) for d in (state, weights))
+        assert n_state < 2.1 * n_weights  # AdamW's two moments and RNG state, no model copies
+
+
+# ------------------------------------------------------------------ 8. 16-bit images
+
+def test_8_sixteen_bit_png_keeps_its_range(tmp_path):
+    arr = np.tile(np.linspace(0, 65535, 16).astype(np.uint16), (16, 1))  # black -> white ramp
+    Image.fromarray(arr).save(tmp_path / "ramp16.png")
+    assert Image.open(tmp_path / "ramp16.png").mode.startswith("I")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "ramp16.png", "text": "ramp"}) + "\n")
+    x = data.ImageFolderDataset(tmp_path, resolution=16)[0]["x0_w"]  # (3,16,16) in [-1,1]
+    want = torch.from_numpy(np.round(arr[0] / 257.0).astype(np.float32)) / 127.5 - 1
+    assert torch.allclose(x[0, 8], want, atol=1e-6) and torch.equal(x[0], x[2])
+    assert abs(float(x.mean())) < 0.02  # not saturated to white
+
+
+# ------------------------------------------------------------------ 9. the bad-sample budget
+
+def test_9_bad_samples_counted_once_and_stop_in_one_line(tmp_path, monkeypatch, capsys):
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "ok.png")
+    (tmp_path / "bad1.png").write_bytes(b"not a png")
+    lines = [json.dumps({"file_name": n, "text": "t"}) for n in ["ok.png"] * 3 + ["bad1.png"]]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    ds = data.ImageFolderDataset(tmp_path, resolution=8, max_bad_fraction=0.015)  # budget 1.5
+    for _ in range(3):  # three epochs re-read the same bad file: still one bad sample
+        assert [ds[i] is None for i in range(4)] == [False, False, False, True]
+    assert ds.bad == [str(tmp_path / "bad1.png")]
+    (tmp_path / "bad2.png").write_bytes(b"")
+    (tmp_path / "metadata.jsonl").write_text("\n".join(lines + [json.dumps({"file_name": "bad2.png", "text": "t"})]))
+    ds = data.ImageFolderDataset(tmp_path, resolution=8, max_bad_fraction=0.015)
+    ds[3]
+    with pytest.raises(data.TooManyBadItems) as e:
+        ds[4]
+    msg = str(e.value)
+    assert "\n" not in msg and "2 of 2 distinct" in msg and "budget of 1.5" in msg and "bad1.png" in msg
+    # train.main: one line and exit code 2, also when a DataLoader worker wrapped the message
+    wrapped = "Caught TooManyBadItems in DataLoader worker process 0.\nOriginal Traceback ...\n" \
+              f"data.TooManyBadItems: {msg}"
+    monkeypatch.setattr(loop, "train", lambda cfg, ctx: (_ for _ in ()).throw(data.TooManyBadItems(wrapped)))
+    assert train.main(["--init=scratch", f"--out_dir={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {msg}"
+
+
+# ------------------------------------------------------------------ 10. skips are logged
+
+def test_10_logging_configured_with_skip_counts_per_epoch(finished, tmp_path, monkeypatch, capsys):
+    real_get = digits.DigitsDataset.__getitem__
+    monkeypatch.setattr(digits.DigitsDataset, "__len__", lambda self: 8)  # 2 batches per epoch
+
+    def get(self, i):
+        if i == 5:
+            data.log.warning("skipping item %d: unreadable (test)", i)
+            return None
+        return real_get(self, i)
+
+    monkeypatch.setattr(digits.DigitsDataset, "__getitem__", get)
+    train.run({**FAST, "method": "sft", "max_steps": 4, "cache_dir": finished[0], "out_dir": str(tmp_path)})
+    text = (tmp_path / "logs" / "rank0.log").read_text()
+    assert "skipping item 5: unreadable (test)" in text
+    assert "epoch 0: 1 unreadable items skipped on rank 0" in text  # (epoch 1 ends with the run)
+    assert "epoch 0: 1 unreadable items skipped" in capsys.readouterr().err  # rank 0's console
+
+
+# ------------------------------------------------------------------ 11. filesystem errors
+
+def test_11_filesystem_errors_are_one_line_and_keep_the_run(copy, tmp_path, monkeypatch, capsys):
+    argv, out = copy
+    (tmp_path / "a_file").write_text("x")
+    assert train.main(argv + [f"--out_dir={tmp_path / 'a_file' / 'run'}"]) == 2  # not a directory
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Not a directory" in err[0] and "a_file" in err[0]
+    assert train.main(argv + ["--config=sd15_pickapic", f"--model_path={tmp_path}",
+                              f"--data_path={tmp_path / 'missing'}", f"--out_dir={tmp_path / 'r2'}"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    # a full disk while writing the step 6 checkpoint: one line, exit 2, steps 2 and 4 intact
+    real = runtime.save_file
+
+    def full(tensors, path, *a, **k):
+        if "step_000006" in str(path):
+            raise OSError(28, "No space left on device", path)
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(runtime, "save_file", full)
+    assert train.main(argv + ["--resume", "--max_steps=6"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "step 6" in err[0]
+    assert runtime.latest_step(out) == 4 and not list((out / "checkpoints").glob(".tmp*"))
+    runtime.read_checkpoint(_ck(out, 4))  # still complete
+
+
+# ------------------------------------------------------------------ 12. bad numbers
+
+@pytest.mark.parametrize("arg,field", [("--max_grad_norm=nan", "max_grad_norm"), ("--lr=inf", "lr"),
+                                       ("--beta=-5", "beta"), ("--batch_size=0", "batch_size"),
+                                       ("--adam_beta2=1.5", "adam_beta2"), ("--tau=nan", "tau")])
+def test_12_bad_numbers_refused_naming_the_field(arg, field, capsys):
+    with pytest.raises(ValueError, match=f"config key '{field}'"):
+        config.resolve(argv=[arg])
+    assert train.main([arg]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and field in err[0]
+    assert config.resolve(argv=["--eps_clip=inf", "--max_grad_norm=inf"]).eps_clip == float("inf")
