@@ -350,7 +350,7 @@ def ignored_settings(cfg: Config, given: set[str] | None = None) -> list[str]:
     out = [f"setting {key}={getattr(cfg, key)!r} has no effect: {reason}" for key, reason in why.items()
            if getattr(cfg, key) != getattr(defaults, key) and (given is None or key in given)]
     if (loss == "sspo" and cfg.replay != "initial" and cfg.save_every >= cfg.max_steps
-            and (given is None or given & {"replay", "save_every", "max_steps"})):
+            and (given is None or "replay" in given)):
         out.append(f"setting replay={cfg.replay!r} has no effect: save_every={cfg.save_every} >= max_steps="
                    f"{cfg.max_steps}, so the pool never holds more than checkpoint 0")
     return out

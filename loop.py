@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoints
 import config as config_mod
 import data
 import data_video
@@ -136,7 +137,7 @@ def vae_generators(seed: int, step: int, indices: torch.Tensor, purpose: int) ->
 
 
 def _nonfinite_message(what: str, step: int, cfg: Config, out: Path) -> str:
-    last = runtime.latest_step(out)
+    last = checkpoints.latest_step(out)
     where = f"step {last}" if last is not None else "none (no checkpoint yet)"
     return (f"non-finite {what} at update {step} ({cfg.method}, lr {cfg.lr}, beta {cfg.beta}); "
             f"stopping. The last good checkpoint is {where} in {out / 'checkpoints'}; "
@@ -181,12 +182,12 @@ def setup(cfg: Config, ctx: runtime.Dist) -> Run:
     loss_kind = LOSS_OF[cfg.method]
     preference = loss_kind != "sft"
     prepare_out_dir(cfg, ctx)
+    dataset = _Indexed(build_dataset(cfg))  # before the model: a bad data path fails fast
     bundle = build_bundle(cfg)
     for m in (bundle.unet, bundle.text_encoder, bundle.text_encoder_2, bundle.vae):
         if m is not None:
             m.to(device)
 
-    dataset = _Indexed(build_dataset(cfg))
     sampler = data.ResumableDistributedSampler(dataset, num_replicas=ctx.world, rank=ctx.rank,
                                                shuffle=True, seed=cfg.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
@@ -225,11 +226,11 @@ def setup(cfg: Config, ctx: runtime.Dist) -> Run:
 def start(run: Run) -> int:
     """Resume from the latest checkpoint, or begin: config.json, checkpoint 0, first samples."""
     cfg, ctx, out = run.cfg, run.ctx, run.out
-    resumed = runtime.load_latest(out, run.bundle, run.opt, run.lr_sched, run.scaler, run.pool, cfg,
+    resumed = checkpoints.load_latest(out, run.bundle, run.opt, run.lr_sched, run.scaler, run.pool, cfg,
                                   cfg.resume_from_checkpoint or "latest") if cfg.resume else None
     if resumed is not None:
         if ctx.rank == 0:
-            runtime.truncate_metrics(out, resumed)  # rows after the checkpoint are logged again
+            checkpoints.truncate_metrics(out, resumed)  # rows after the checkpoint are logged again
         run.logger.info(f"resumed from step {resumed}")
     else:
         if ctx.rank == 0:
@@ -401,7 +402,7 @@ def train(cfg: Config, ctx: runtime.Dist) -> Path:
             if step % cfg.save_every == 0 and metrics is not None and run.loss_kind == "sspo":
                 run.pool.add(run.bundle.trainable_state_dict(), step)
             if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
-                runtime.save_checkpoint(run.out, step, run.bundle, run.opt, run.lr_sched, run.scaler,
+                checkpoints.save_checkpoint(run.out, step, run.bundle, run.opt, run.lr_sched, run.scaler,
                                         run.pool, cfg, ctx)
             if cfg.sample_every and step % cfg.sample_every == 0 and metrics is not None:
                 run.logger.samples(run.bundle, step, run.shape)

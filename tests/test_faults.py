@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import checkpoints
 import config
 import data
 import digits
@@ -78,7 +79,7 @@ def test_1_a_crafted_checkpoint_runs_nothing(copy, tmp_path, capsys):
     assert sorted(p.name for p in _ck(out, 4).iterdir()) == [
         "state.json", "state.pt", "state.safetensors", "trainable.safetensors"]
     with pytest.raises(TypeError, match="cannot store a _Evil"):
-        runtime.pack_state({"x": _Evil(marker)}, {})
+        checkpoints.pack_state({"x": _Evil(marker)}, {})
 
 
 # ------------------------------------------------------------------ 2. a lost `latest` pointer
@@ -90,7 +91,7 @@ def test_2_lost_latest_pointer_resumes_from_newest_complete(copy, capsys):
     _resume(argv, "--max_steps=5")
     assert "resumed from step 4" in capsys.readouterr().out
     assert (_ck(out, 2) / "trainable.safetensors").stat().st_mtime_ns == before  # not rewritten
-    assert runtime.latest_step(out) == 5
+    assert checkpoints.latest_step(out) == 5
 
 
 # ------------------------------------------------------------------ 3. a truncated newest checkpoint
@@ -128,7 +129,7 @@ def test_4_sigterm_exits_143_and_never_prints_done(finished, tmp_path, monkeypat
     assert train.main(argv) == 143
     o = capsys.readouterr().out
     assert "preempted at step 3, checkpoint saved" in o and "done:" not in o
-    assert runtime.latest_step(tmp_path) == 3
+    assert checkpoints.latest_step(tmp_path) == 3
 
 
 # ------------------------------------------------------------------ 5. sd15 resume is bitwise
@@ -260,21 +261,22 @@ def test_11_filesystem_errors_are_one_line_and_keep_the_run(copy, tmp_path, monk
     assert len(err) == 1 and "Not a directory" in err[0] and "a_file" in err[0]
     assert train.main(argv + ["--config=sd15_pickapic", f"--model_path={tmp_path}",
                               f"--data_path={tmp_path / 'missing'}", f"--out_dir={tmp_path / 'r2'}"]) == 2
-    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    lines = [l for l in capsys.readouterr().err.strip().splitlines() if not l.startswith("warning: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "missing" in lines[0]  # (the digits keys warn)
     # a full disk while writing the step 6 checkpoint: one line, exit 2, steps 2 and 4 intact
-    real = runtime.save_file
+    real = checkpoints.save_file
 
     def full(tensors, path, *a, **k):
         if "step_000006" in str(path):
             raise OSError(28, "No space left on device", path)
         return real(tensors, path, *a, **k)
 
-    monkeypatch.setattr(runtime, "save_file", full)
+    monkeypatch.setattr(checkpoints, "save_file", full)
     assert train.main(argv + ["--resume", "--max_steps=6"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device" in err[0] and "step 6" in err[0]
-    assert runtime.latest_step(out) == 4 and not list((out / "checkpoints").glob(".tmp*"))
-    runtime.read_checkpoint(_ck(out, 4))  # still complete
+    assert checkpoints.latest_step(out) == 4 and not list((out / "checkpoints").glob(".tmp*"))
+    checkpoints.read_checkpoint(_ck(out, 4))  # still complete
 
 
 # ------------------------------------------------------------------ 12. bad numbers

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoints
 import config
 import models
 from families import animatediff, sd15
@@ -149,8 +150,8 @@ def test_resume_is_bitwise_identical(cache, tmp_path):
     train.run({**args, "resume": True, "out_dir": str(tmp_path / "split")})
     a, b = _weights(tmp_path / "straight", 5), _weights(tmp_path / "split", 5)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    sa = runtime.read_checkpoint(tmp_path / "straight/checkpoints/step_000005")[1]["state"]
-    sb = runtime.read_checkpoint(tmp_path / "split/checkpoints/step_000005")[1]["state"]
+    sa = checkpoints.read_checkpoint(tmp_path / "straight/checkpoints/step_000005")[1]["state"]
+    sb = checkpoints.read_checkpoint(tmp_path / "split/checkpoints/step_000005")[1]["state"]
     assert sa["pool"]["steps"] == sb["pool"]["steps"] == [0, 2, 4]
 
 
@@ -166,7 +167,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(cache, tmp_path, monkeypatch):
     monkeypatch.setattr(sspo, "sspo_loss", poisoned)
     with pytest.raises(FloatingPointError, match=r"non-finite loss at update 2.*last good checkpoint is step 2"):
         train.run({**FAST, "cache_dir": cache, "method": "sspo", "out_dir": str(tmp_path)})
-    assert runtime.latest_step(tmp_path) == 2
+    assert checkpoints.latest_step(tmp_path) == 2
     w = _weights(tmp_path, 2)
     assert all(torch.isfinite(v).all() for v in w.values())
     assert not (tmp_path / "checkpoints" / "step_000003").exists()
@@ -185,11 +186,11 @@ def test_sigterm_saves_and_exits_cleanly(cache, tmp_path, monkeypatch):
         train.run({**FAST, "cache_dir": cache, "method": "sft", "max_steps": 10, "save_every": 100,
                    "out_dir": str(tmp_path)})
     out = tmp_path
-    assert runtime.latest_step(out) == 3 and not (out / "final").exists()
+    assert checkpoints.latest_step(out) == 3 and not (out / "final").exists()
     monkeypatch.setattr(runtime.Logger, "step", real)
     train.run({**FAST, "cache_dir": cache, "method": "sft", "max_steps": 5, "save_every": 100,
                "resume": True, "out_dir": str(tmp_path)})
-    assert runtime.latest_step(out) == 5 and (out / "final").exists()
+    assert checkpoints.latest_step(out) == 5 and (out / "final").exists()
 
 
 # ------------------------------------------------------------------------------- real code paths
