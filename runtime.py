@@ -144,7 +144,8 @@ def latest_step(out: Path) -> int | None:
 
 # Keys whose change breaks "a resumed run equals an uninterrupted one" (max_steps may grow).
 TRAJECTORY_KEYS = ("method", "ssr", "replay", "model", "model_path", "data", "data_path", "beta",
-                   "tau", "eps_clip", "save_every", "loser_steps", "loser_guidance", "batch_size",
+                   "tau", "eps_clip", "save_every", "loser_steps", "loser_guidance", "loser_scheduler",
+                   "loser_every", "batch_size",
                    "grad_accum", "lr", "warmup_steps", "seed", "lora_rank", "mixed_precision", "cfg_drop")
 
 
