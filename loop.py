@@ -273,7 +273,9 @@ def update(run: Run, stream, step: int, stop: runtime.StopOnSignal) -> dict | No
     if ref_idx is not None and ref_idx != run.loaded_ref:
         run.reference.load(run.pool.get(ref_idx))  # in place: one reference module, or a LoRA adapter
         run.loaded_ref = ref_idx
-    if k > 1 and (run.replayed is None or run.replayed["step"] != gen_step):
+    if k == 1:
+        run.replayed = None
+    elif run.replayed is None or run.replayed["step"] != gen_step:
         run.replayed = {"step": gen_step, "ref": ref_idx, "batches": []}  # a new cycle
     sums: dict[str, torch.Tensor] = {}
     for micro in range(cfg.grad_accum):
