@@ -3,6 +3,7 @@ the results table and curves into results/. It sits on top of everything (it imp
 entry point train.py and the evaluation), and nothing imports it.
 
     python benchmark.py table [--quick] [--seeds N] [--jobs 2] [--out results/]
+    python benchmark.py frontier [--quick] [--seeds N] [--jobs N] [--out results/]
 """
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ def _ssr_curve(run_dir: Path) -> list:
     return [(r["step"], r["ssr_rate"]) for r in rows if r.get("ssr_rate") is not None]
 
 
-def _run_one(name: str, seed: int, out: Path, size: dict, common: dict, base_curve: dict,
+def _run_one(name: str, overrides: dict, seed: int, out: Path, size: dict, common: dict, base_curve: dict,
              keep_checkpoints: bool, threads: int = 0) -> dict:
     """Train one (method, seed) with train.run and judge its final model and checkpoints."""
     if threads:
@@ -94,7 +95,7 @@ def _run_one(name: str, seed: int, out: Path, size: dict, common: dict, base_cur
     run_dir = out / "runs" / name.replace(" ", "_").replace("=", "-") / f"seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
     t0 = time.time()
-    run_dir = Path(train.run({**common, **METHODS[name], "seed": seed, "out_dir": str(run_dir),
+    run_dir = Path(train.run({**common, **overrides, "seed": seed, "out_dir": str(run_dir),
                               "sample_every": 0}))
     train_s = time.time() - t0
     bundle = models.build_model("digits", path=str(run_dir / "final"))
@@ -109,11 +110,14 @@ def _run_one(name: str, seed: int, out: Path, size: dict, common: dict, base_cur
     return row
 
 
-def run_table(out: Path, size: dict, methods=None, keep_checkpoints: bool = False, jobs: int = 1) -> dict:
+def run_table(out: Path, size: dict, methods=None, keep_checkpoints: bool = False, jobs: int = 1,
+              specs: dict | None = None) -> dict:
     """Train every method for every seed with train.run, judge the final models and the
     checkpoints (learning curves). Generation seed = training seed: all methods see the same noise.
     jobs > 1 runs (method, seed) pairs in that many worker processes with one torch thread each
-    (on a small CPU, two single-thread runs side by side beat one two-thread run)."""
+    (on a small CPU, two single-thread runs side by side beat one two-thread run).
+    specs: name -> train.run overrides (None = not trained: the base); default METHODS."""
+    specs = METHODS if specs is None else specs
     out.mkdir(parents=True, exist_ok=True)
     judge = digits.DigitsJudge.from_splits()
     print(f"judge accuracy on real eval digits: {judge.real_accuracy:.4f}", flush=True)
@@ -129,9 +133,10 @@ def run_table(out: Path, size: dict, methods=None, keep_checkpoints: bool = Fals
                                                  num_inference_steps=size["curve_inference_steps"],
                                                  conditions=CURVE_CONDITIONS)
     results = {"size": size, "judge_accuracy": judge.real_accuracy, "base_model": str(base_dir), "runs": {}}
-    names = list(methods or METHODS)
-    todo = [(n, s) for n in names if METHODS[n] is not None for s in range(size["seeds"])]
-    args = {key: (key[0], key[1], out, size, common, base_curve[key[1]], keep_checkpoints) for key in todo}
+    names = list(methods or specs)
+    todo = [(n, s) for n in names if specs[n] is not None for s in range(size["seeds"])]
+    args = {key: (key[0], specs[key[0]], key[1], out, size, common, base_curve[key[1]], keep_checkpoints)
+            for key in todo}
     if jobs > 1:
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
@@ -142,7 +147,7 @@ def run_table(out: Path, size: dict, methods=None, keep_checkpoints: bool = Fals
     for name in names:  # the table's order, whatever order the runs finished in
         for seed in range(size["seeds"]):
             results["runs"].setdefault(name, []).append(
-                done[(name, seed)] if METHODS[name] is not None else
+                done[(name, seed)] if specs[name] is not None else
                 {"seed": seed, "train_seconds": 0.0, "final": base_final[seed], "curve": [], "ssr": []})
     return results
 
@@ -257,6 +262,134 @@ def cmd_table(args) -> None:
     print(f"wrote {out / 'table.md'}, table.json, curve_*.png, ssr_rate.png in {results['seconds'] / 60:.1f} min")
 
 
+# ----------------------------------------------------------------------------- loser sampling frontier
+
+def _losers(scheduler: str, steps: int, guidance: float, every: int) -> dict:
+    return {"method": "sspo", "loser_scheduler": scheduler, "loser_steps": steps,
+            "loser_guidance": guidance, "loser_every": every}
+
+
+# SSPO with each loser-sampling setting (scheduler x steps x guidance x regeneration interval).
+# The first is the digits preset (today's default); the UniPC-6 settings are the SD-1.5 preset's
+# choice at digits' guidance scale.
+FRONTIER = {
+    "ddim 10, cfg 3, every 1": _losers("ddim", 10, 3.0, 1),
+    "dpmsolver++ 10, cfg 3, every 1": _losers("dpmsolver++", 10, 3.0, 1),
+    "euler 10, cfg 3, every 1": _losers("euler", 10, 3.0, 1),
+    "unipc 6, cfg 3, every 1": _losers("unipc", 6, 3.0, 1),
+    "unipc 6, no cfg, every 1": _losers("unipc", 6, 1.0, 1),
+    "ddim 10, cfg 3, every 4": _losers("ddim", 10, 3.0, 4),
+    "unipc 6, cfg 3, every 4": _losers("unipc", 6, 3.0, 4),
+    "dpmsolver++ 4, cfg 3, every 4": _losers("dpmsolver++", 4, 3.0, 4),
+}
+FRONTIER_SIZES = {
+    "full": dict(SIZES["full"], seeds=3, train={"max_steps": 300, "batch_size": 16}),
+    # save_every 4: a multiple of every loser_every above
+    "quick": dict(SIZES["quick"], seeds=2, train={**SIZES["quick"]["train"], "max_steps": 8, "save_every": 4}),
+}
+FRONTIER_CONDITIONS = ("id_cfg", "ood_cfg")
+
+
+def frontier_costs(specs: dict, batch: int, repeats: int, log=print) -> dict:
+    """name -> {ratio, q1, q3, sspo_ms, dpo_ms}: a full SSPO update (loop.update, per update of
+    one loser_every cycle, reference reloaded at each cycle) over a Diffusion-DPO update, digits,
+    full fine-tuning, timed round-robin in one process as bench.py does (one torch thread)."""
+    import bench
+    from bench_harness import Harness
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        p = dict(bench.profile("digits", cuda=False, quick=False), batch=batch, warmup=1, repeats=repeats)
+        h = Harness("digits", False, p, torch.device("cpu"), storages=("memory",))
+        count = iter(range(10**9))
+        losers = {n: {"scheduler": o["loser_scheduler"], "steps": o["loser_steps"],
+                      "guidance": o["loser_guidance"], "every": o["loser_every"]} for n, o in specs.items()}
+        fns = {"dpo": lambda: h.cycle("dpo", losers[next(iter(losers))], next(count))}
+        fns.update({n: (lambda n=n: h.cycle("sspo", losers[n], next(count))) for n in specs})
+        # one Run per loser setting: the harness keeps one, so rebuild it whenever the setting changes
+        def fresh(fn, n):
+            def call():
+                if getattr(h, "_loop_setting", None) != n:
+                    h.__dict__.pop("_loop_run", None)
+                    h._loop_setting = n
+                return fn()
+            return call
+        fns = {n: fresh(fn, n) for n, fn in fns.items()}
+        times = bench.measure(fns, p["warmup"], p["repeats"], log=log)
+    finally:
+        torch.set_num_threads(threads)
+    dpo = float(np.median(times["dpo"]))
+    out = {}
+    for n in specs:
+        per_update = np.asarray(times[n]) / losers[n]["every"]
+        q1, med, q3 = np.percentile(per_update / dpo, [25, 50, 75])
+        out[n] = {"ratio": float(med), "q1": float(q1), "q3": float(q3),
+                  "sspo_ms": float(np.median(per_update)), "dpo_ms": dpo}
+    return out
+
+
+def write_frontier(results: dict, out: Path, command: str) -> None:
+    """loser_frontier.md (table) and loser_frontier.png (accuracy and FD against cost ratio)."""
+    size, summary, costs = results["size"], results["summary"], results["costs"]
+    L = ["# Loser sampling: the quality-cost frontier on digits\n",
+         f"`{command}` — {results['date']}; {size['seeds']} seeds; train overrides "
+         f"{json.dumps(size['train'])}; {size['n_final']} generated digits per condition, "
+         f"{size['inference_steps']} DDIM steps, guidance 3 for evaluation.\n",
+         "cost = full SSPO update (loop.update: swap + loser generation + training pass, per update "
+         "of a loser_every cycle) / Diffusion-DPO update, digits, full fine-tuning, batch "
+         f"{results['cost_batch']}, median of {results['cost_repeats']} round-robin repeats "
+         "[q1, q3]. acc / FD: final judge accuracy and Frechet distance, mean ± std over seeds.\n",
+         "| setting (scheduler, steps, guidance, regenerated every) | cost vs DPO | "
+         + " | ".join(f"{c} acc | {c} FD" for c in FRONTIER_CONDITIONS) + " |",
+         "|" + "---|" * (2 + 2 * len(FRONTIER_CONDITIONS))]
+    for name, c in costs.items():
+        cells = [f"{summary[name][f'{cond}/{k}'][0]:.3f} ± {summary[name][f'{cond}/{k}'][1]:.3f}"
+                 for cond in FRONTIER_CONDITIONS for k in ("accuracy", "frechet")]
+        L.append(f"| {name} | {c['ratio']:.2f} [{c['q1']:.2f}, {c['q3']:.2f}] | " + " | ".join(cells) + " |")
+    (out / "loser_frontier.md").write_text("\n".join(L) + "\n")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, metric in zip(axes, ("accuracy", "frechet")):
+        for i, (name, c) in enumerate(costs.items()):
+            m, sd = summary[name][f"{FRONTIER_CONDITIONS[0]}/{metric}"]
+            ax.errorbar(c["ratio"], m, yerr=sd, xerr=[[c["ratio"] - c["q1"]], [c["q3"] - c["ratio"]]],
+                        fmt="o", capsize=3, color=plt.cm.tab10(i % 10), label=name)
+        ax.set_xlabel("full SSPO update / Diffusion-DPO update (time)")
+        ax.set_ylabel(f"final {metric} ({FRONTIER_CONDITIONS[0]}; mean ± std over seeds)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "loser_frontier.png", dpi=110)
+    plt.close(fig)
+
+
+def cmd_frontier(args) -> None:
+    size = copy.deepcopy(FRONTIER_SIZES["quick" if args.quick else "full"])
+    if args.seeds is not None:
+        size["seeds"] = args.seeds
+    specs = {n: FRONTIER[n] for n in (args.settings or FRONTIER)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    batch, repeats = size["train"]["batch_size"], (3 if args.quick else 7)
+    costs = frontier_costs(specs, batch, repeats, log=lambda s: print(s, flush=True))
+    runs = len(specs) * size["seeds"]
+    train_s = sum(c["sspo_ms"] for c in costs.values()) / 1e3 * size["train"]["max_steps"] * size["seeds"]
+    print(f"frontier: {len(specs)} settings x {size['seeds']} seeds = {runs} runs of "
+          f"{size['train']['max_steps']} updates; expected duration ~{train_s / max(args.jobs, 1) / 60 * 1.5:.0f} min "
+          f"with --jobs {args.jobs} (training time from the costs just measured at one thread, "
+          f"+50% for evaluation)", flush=True)
+    results = run_table(out / "frontier", size, keep_checkpoints=False, jobs=args.jobs, specs=specs)
+    results.update(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), seconds=time.time() - t0,
+                   costs=costs, cost_batch=batch, cost_repeats=repeats, summary=summarize(results))
+    (out / "loser_frontier.json").write_text(json.dumps(results, indent=1))
+    write_frontier(results, out, "python benchmark.py " + " ".join(sys.argv[1:]))
+    print((out / "loser_frontier.md").read_text())
+    print(f"wrote {out / 'loser_frontier.md'}, loser_frontier.png, loser_frontier.json in "
+          f"{results['seconds'] / 60:.1f} min")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -271,9 +404,19 @@ def main(argv=None) -> None:
                    help="(method, seed) runs in parallel worker processes, one torch thread each")
     t.add_argument("--out", default="results", help="output folder")
     t.add_argument("--readme", action="store_true", help="also put table.md into README.md")
+    f = sub.add_parser("frontier", help="SSPO per loser-sampling setting on digits: cost vs DPO and final "
+                                         "quality; write loser_frontier.md/png/json")
+    f.add_argument("--quick", action="store_true", help="CI smoke size (tiny base, 8 updates, 2 seeds)")
+    f.add_argument("--seeds", type=int, help="training seeds per setting (default 3; quick 2)")
+    f.add_argument("--settings", nargs="+", choices=list(FRONTIER), help="subset of settings (default all)")
+    f.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
+                   help="(setting, seed) runs in parallel worker processes, one torch thread each")
+    f.add_argument("--out", default="results", help="output folder")
     args = p.parse_args(argv)
     if args.cmd == "table":
         cmd_table(args)
+    elif args.cmd == "frontier":
+        cmd_frontier(args)
 
 
 if __name__ == "__main__":
