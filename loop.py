@@ -267,13 +267,13 @@ def update(run: Run, stream, step: int, stop: runtime.StopOnSignal) -> dict | No
     multiples of save_every, which config.validate makes a multiple of k, so c is a function of
     gen_step alone and a resume inside a cycle regenerates the very same losers."""
     cfg, ctx = run.cfg, run.ctx
-    k = loser_every(run)
-    gen_step = step - step % k  # the update whose checkpoint and z_T make this update's losers
+    every = loser_every(run)
+    gen_step = step - step % every  # the update whose checkpoint and z_T make this update's losers
     ref_idx = run.pool.choose(gen_step) if run.pool is not None else None
     if ref_idx is not None and ref_idx != run.loaded_ref:
         run.reference.load(run.pool.get(ref_idx))  # in place: one reference module, or a LoRA adapter
         run.loaded_ref = ref_idx
-    if k == 1:
+    if every == 1:
         run.replayed = None
     elif run.replayed is None or run.replayed["step"] != gen_step:
         run.replayed = {"step": gen_step, "ref": ref_idx, "batches": []}  # a new cycle

@@ -138,8 +138,10 @@ def test_quick_benchmark_end_to_end(tmp_path):
     res = json.loads((tmp_path / "bench.json").read_text())
     measures = {(t["mode"], t["measure"]) for t in res["timings"]}
     for mode in ("ft", "lora"):
-        for m in ("sft", "dpo", "sspo_nogen", "sspo", "gen_cfg", "gen_nocfg"):
+        for m in ("sft", "dpo", "sspo_nogen", "sspo", "gen_cfg", "gen_nocfg", "dpo_update", "sspo_preset",
+                  "gen_preset"):
             assert (mode, m) in measures
     assert all(t["median_ms"] > 0 for t in res["timings"])
     md = (tmp_path / "bench.md").read_text()
     assert "SSPO step w/o generation / DPO step" in md and "SSPO memory / DPO memory" in md
+    assert "full SSPO step / DPO step at the preset's loser settings" in md
