@@ -3,6 +3,9 @@
     python bench.py                      # digits + SD-1.5-shaped UNet -> results/bench.{md,json}
     python bench.py --quick              # digits only, few repeats (CI, < 2 minutes on 2 cores)
     python bench.py --model sd15 --sd15-full-ft   # also time/measure full fine-tuning of SD-1.5
+    python bench.py --model sd15 --cuda-check     # on one GPU (< 5 min): the real-size SD-1.5 UNet
+                                                  # (64x64, bf16, grad. ckpt, LoRA 4) at the preset's
+                                                  # loser settings vs DPO; keeps the other models' rows
 
 What is timed is the real code path: ``loop.training_step`` (encode prompts, per-pair noise,
 loser generation via ``sampling.sample``, one reference forward on 2B, one policy forward on
@@ -23,23 +26,27 @@ memory; the host RAM they would take is reported as its own column.
 
 The SD-1.5-shaped UNet is the real configuration (859.5M parameters, random weights) with a
 small random CLIP text encoder (hidden 768) and no VAE: everything runs in latent space, since
-encoding the winners is the same work for every method. On CPU its latents are 16x16 and loser
-generation uses 2 DDIM steps (the per-step cost is reported, so the preset's 20 steps follow);
-on CUDA it runs the real size (64x64 latents, bf16 autocast, gradient checkpointing, 20 steps).
-Full fine-tuning of it is timed on CPU only with --sd15-full-ft (AdamW over 860M parameters
-needs ~18 GB of RAM and minutes per update on 2 cores); its checkpoint swap is always timed.
+encoding the winners is the same work for every method. On CUDA it runs at the real size (64x64
+latents, bf16 autocast, gradient checkpointing). On CPU (2 cores shared with other jobs) it keeps
+the real block layout, attention and cross-attention width but divides the block widths by 10
+(32, 64, 128, 128) and runs 16x16 latents with one torch thread, and it also times 8x8 latents
+("sd15@8"): what matters is the ratio of generation to training, and the two sizes show how much
+it moves with size. Full fine-tuning of it is timed only with --sd15-full-ft; its checkpoint swap
+is always timed.
 
-Knobs of loser generation: ``loser_steps`` (linear: one UNet call per DDIM step),
-``loser_guidance`` (> 1 runs the UNet on 2B instead of B per step) and how often losers are
-regenerated (loop.py: every update; the "every 4th update" row is what reusing them would
-save, derived from the measured per-step cost, not a config option). The full SSPO step swaps
-the reference on every update, RCR's worst case (loop.py skips the copy when the same
-checkpoint is drawn again).
+"Full SSPO step at the preset's loser settings" is ``loop.update`` itself, end to end: one
+timed call is one cycle of ``loser_every`` updates (the first swaps in a checkpoint, always
+reloaded: RCR's worst case, and samples the losers with the preset's scheduler, steps and
+guidance; the others retrain on those pairs with that same checkpoint as reference), reported
+per update, against ``loop.update`` for Diffusion-DPO. The other rows time ``training_step``
+directly: ``sspo`` swaps and generates on every update with the profile's steps. Outliers
+(Tukey's fences) are listed, not dropped; medians and IQRs are over all repeats.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import gc
 import json
@@ -59,22 +66,47 @@ from bench_harness import Harness
 
 ROOT = Path(__file__).resolve().parent
 METHODS = ("sft", "dpo", "sspo_nogen", "sspo")  # optimizer steps; "sspo" includes generation + swap
-def profile(model: str, cuda: bool, quick: bool) -> dict:
+# The SD-1.5 UNet's block widths divided by 10 (same blocks, layers, attention, cross-attention 768):
+# what 2 shared CPU cores can time with enough repeats; the real width runs on CUDA.
+SD15_CPU_WIDTH = (32, 64, 128, 128)
+
+
+def preset_losers(model: str) -> dict:
+    """Loser sampling of the model's preset (configs/digits.py, configs/sd15_pickapic.py)."""
+    import config
+    c = dataclasses.replace(config.Config(), **{k: v for k, v in config.load_preset(
+        "digits" if model == "digits" else "sd15_pickapic").items()})
+    return {"scheduler": c.loser_scheduler, "steps": c.loser_steps, "guidance": c.loser_guidance,
+            "every": c.loser_every}
+
+
+def profile(model: str, cuda: bool, quick: bool, cuda_check: bool = False) -> dict:
     """Benchmark settings per model. Knobs follow configs/digits.py and configs/sd15_pickapic.py
-    (beta, guidance, pool storage); sizes and repeats are cut where 2 CPU cores demand it."""
+    (beta, guidance, loser sampling, pool storage); sizes and repeats are cut where 2 CPU cores
+    demand it. "sd15@8" is the CPU's second latent size (timings only)."""
+    loser = preset_losers(model)
     if model == "digits":
         p = dict(latent=8, channels=1, batch=32, loser_steps=10, preset_loser_steps=10,
                  guidance=3.0, beta=500.0, lora_rank=4, storage="memory", grad_ckpt=False,
                  bf16=False, full_ft=True, warmup=1, repeats=6, child_steps=3)
+        p.update(loser=loser, scheduler="ddim", memory=True, threads=0, width=None)
         if quick:  # a smaller batch: CI needs the table, not tight error bars
             p.update(batch=8, warmup=1, repeats=3, child_steps=2)
         return p
-    p = dict(latent=16, channels=4, batch=1, loser_steps=2, preset_loser_steps=20, guidance=7.5,
-             beta=5000.0, lora_rank=8, storage="disk", grad_ckpt=False, bf16=False,
-             full_ft=False, warmup=1, repeats=2, child_steps=1)
-    if cuda:  # the real size and the preset's precision / checkpointing / sampling steps
-        p.update(latent=64, loser_steps=20, grad_ckpt=True, bf16=True, full_ft=True,
-                 warmup=2, repeats=10, child_steps=2)
+    # CPU: reduced width (SD15_CPU_WIDTH) and latents, one torch thread (two threads on two
+    # shared cores spin-wait on each other: 50x slower), the preset's loser sampling end to end.
+    p = dict(latent=16, channels=4, batch=1, loser_steps=loser["steps"], preset_loser_steps=loser["steps"],
+             guidance=loser["guidance"], beta=5000.0, lora_rank=8, storage="disk", grad_ckpt=False,
+             bf16=False, full_ft=False, warmup=1, repeats=5, child_steps=1, loser=loser,
+             scheduler=loser["scheduler"], memory=True, threads=1, width=SD15_CPU_WIDTH)
+    if model == "sd15@8":  # the second size: does generation / training change with the latent size?
+        p.update(latent=8, memory=False)
+    if cuda:  # the real size and the preset's precision / checkpointing / sampling
+        p.update(latent=64, width=None, threads=0, grad_ckpt=True, bf16=True, full_ft=True,
+                 warmup=2, repeats=10, child_steps=2, levers=True)
+    if cuda_check:  # one GPU, < 5 minutes: LoRA rank 4, batch 1, no full fine-tuning
+        p.update(lora_rank=4, full_ft=False, repeats=12 if cuda else 3, warmup=2 if cuda else 1,
+                 latent=64 if cuda else 8)
     if quick:
         p.update(latent=8, repeats=2)
     return p
@@ -83,10 +115,14 @@ def profile(model: str, cuda: bool, quick: bool) -> dict:
 # ----------------------------------------------------------------------------- statistics, timing
 
 def summarize(samples_ms: list[float]) -> dict:
-    """Median and interquartile range (numpy's linear-interpolation quartiles)."""
-    q1, med, q3 = np.percentile(np.asarray(samples_ms, dtype=float), [25, 50, 75])
+    """Median and interquartile range (numpy's linear-interpolation quartiles); outliers are
+    the samples outside Tukey's fences [q1 - 1.5 IQR, q3 + 1.5 IQR] (reported, not dropped)."""
+    x = np.asarray(samples_ms, dtype=float)
+    q1, med, q3 = np.percentile(x, [25, 50, 75])
+    iqr = q3 - q1
+    out = [float(v) for v in x if v < q1 - 1.5 * iqr or v > q3 + 1.5 * iqr]
     return {"median_ms": float(med), "q1_ms": float(q1), "q3_ms": float(q3),
-            "iqr_ms": float(q3 - q1), "n": len(samples_ms)}
+            "iqr_ms": float(iqr), "n": len(samples_ms), "outliers_ms": out}
 
 
 def measure(fns: dict, warmup: int, repeats: int, sync=lambda: None, log=print) -> dict:
@@ -148,6 +184,8 @@ def child_main(spec: dict) -> dict:
     else:
         method, p = spec["method"], spec["p"]
         with tempfile.TemporaryDirectory() as tmp:
+            if p.get("threads"):
+                torch.set_num_threads(p["threads"])
             h = Harness(spec["model"], spec["mode"] == "lora", dict(p, storage="disk"), device,
                         reference=method != "sft", storages=() if method == "sft" else ("disk",),
                         pool_dir=tmp)
@@ -179,11 +217,21 @@ def run_child(spec: dict) -> dict:
 def bench_model(model: str, p: dict, device: torch.device, log=print) -> tuple[list, list, dict]:
     """Peak memory (fresh child per method), then timings in this process. Returns
     (timing rows, memory rows, extra facts such as snapshot sizes)."""
+    threads = torch.get_num_threads()
+    if p.get("threads"):
+        torch.set_num_threads(p["threads"])
+    try:
+        return _bench_model(model, p, device, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bench_model(model: str, p: dict, device: torch.device, log=print) -> tuple[list, list, dict]:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     modes = ("ft", "lora") if p["full_ft"] else ("lora",)
     timings, memory, extra = [], [], {}
     # Memory first, while this process holds no model (an SD-1.5 child alone needs GBs of RAM).
-    for mode in modes:
+    for mode in modes if p.get("memory", True) else ():
         for method in ("sft", "dpo", "sspo"):
             r = run_child({"kind": "method", "model": model, "mode": mode, "method": method,
                            "p": p, "device": str(device)})
@@ -196,15 +244,33 @@ def bench_model(model: str, p: dict, device: torch.device, log=print) -> tuple[l
             h = Harness(model, mode == "lora", p, device, storages=(p["storage"], other),
                         pool_dir=os.path.join(tmp, mode))
             extra[f"snapshot_mb_{mode}"] = {"memory": h.snapshot_mb(4), "memory_bf16": h.snapshot_mb(2)}
+            extra["attention"] = sorted({type(a).__name__ for a in h.bundle.unet.attn_processors.values()})
             fns = {}
+            loser, count = p["loser"], iter(range(10**9))
             if mode in modes:
                 fns = {m: (lambda m=m: h.step(m)) for m in METHODS}
+                # loop.update itself: a DPO update, and one cycle of loser_every SSPO updates
+                # at the preset's loser settings (timed per cycle, reported per update).
+                fns["dpo_update"] = lambda: h.cycle("dpo", loser, next(count))
+                fns["sspo_preset"] = lambda: h.cycle("sspo", loser, next(count))
                 fns["gen_cfg"] = lambda: h.generate(p["guidance"])
                 fns["gen_nocfg"] = lambda: h.generate(1.0)  # guidance 1 = conditional pass only
+                fns["gen_preset"] = lambda: h.generate(loser["guidance"], loser["steps"], loser["scheduler"])
+                if p.get("levers"):  # CUDA: the same generation without bf16 autocast
+                    fns["gen_preset_fp32"] = lambda: h.generate(loser["guidance"], loser["steps"],
+                                                                loser["scheduler"], autocast=False)
             for s in (p["storage"], other):
                 fns[f"swap_{s}"] = lambda s=s: h.swap(s)
             log(f"[{model}/{mode}] timing {', '.join(fns)}")
-            for name, ms in measure(fns, p["warmup"], p["repeats"], sync, log).items():
+            measured = measure(fns, p["warmup"], p["repeats"], sync, log)
+            if "sspo_preset" in measured:  # one cycle = loser_every updates
+                measured["sspo_preset"] = [ms / loser["every"] for ms in measured["sspo_preset"]]
+            if mode in modes and p.get("levers"):  # channels-last: the UNet converted in place
+                h.bundle.unet.to(memory_format=torch.channels_last)
+                measured.update(measure({"gen_preset_channels_last": fns["gen_preset"]}, p["warmup"],
+                                        p["repeats"], sync, log))
+                h.bundle.unet.to(memory_format=torch.contiguous_format)
+            for name, ms in measured.items():
                 row = dict(model=model, mode=mode, measure=name, **summarize(ms))
                 timings.append(row)
                 log(f"[{model}/{mode}] {name}: median {row['median_ms']:.1f} ms, IQR {row['iqr_ms']:.1f}")
@@ -232,11 +298,19 @@ def ratio_rows(timings: list, memory: list, profiles: dict) -> list:
             t = lambda k: T.get((model, mode, k))
             swap = t(f"swap_{p['storage']}")
             add(model, mode, "SSPO step w/o generation / DPO step", t("sspo_nogen"), t("dpo"), 1.05)
+            add(model, mode, "full SSPO step / DPO step at the preset's loser settings", t("sspo_preset"),
+                t("dpo_update"), 1.8 if model == "sd15" else None)
+            add(model, mode, "loser generation at the preset's settings / DPO step", t("gen_preset"),
+                t("dpo_update"))
+            add(model, mode, "generation at the preset's settings, bf16 / fp32", t("gen_preset"),
+                t("gen_preset_fp32"))
+            add(model, mode, "generation at the preset's settings, channels-last / default",
+                t("gen_preset_channels_last"), t("gen_preset"))
             add(model, mode, "full SSPO step / DPO step", t("sspo"), t("dpo"))
             add(model, mode, f"swap ({p['storage']}) / full SSPO step", swap, t("sspo"),
                 0.02 if mode == "lora" else None)
             add(model, mode, f"swap ({p['storage']}) / SSPO step w/o generation", swap, t("sspo_nogen"))
-            add(model, mode, f"generation ({p['loser_steps']} DDIM steps, CFG) / full SSPO step",
+            add(model, mode, f"generation ({p['loser_steps']} {p.get('scheduler', 'ddim')} steps, CFG) / full SSPO step",
                 t("gen_cfg"), t("sspo"))
             add(model, mode, "generation without CFG / with CFG", t("gen_nocfg"), t("gen_cfg"))
             if t("gen_cfg") and t("sspo_nogen"):
@@ -278,7 +352,12 @@ def machine_info(device: torch.device) -> dict:
 
 MEASURE_TEXT = {"sft": "SFT step", "dpo": "Diffusion-DPO step", "sspo_nogen": "SSPO step, losers given",
                 "sspo": "SSPO step, full (swap + generation)", "gen_cfg": "loser generation, CFG",
-                "gen_nocfg": "loser generation, no CFG"}
+                "gen_nocfg": "loser generation, no CFG",
+                "dpo_update": "Diffusion-DPO update (loop.update)",
+                "sspo_preset": "SSPO update at the preset's loser settings (loop.update, per update of a cycle)",
+                "gen_preset": "loser generation at the preset's settings",
+                "gen_preset_fp32": "loser generation at the preset's settings, fp32",
+                "gen_preset_channels_last": "loser generation at the preset's settings, channels-last"}
 
 
 def write_markdown(res: dict, path: Path) -> None:
@@ -290,19 +369,24 @@ def write_markdown(res: dict, path: Path) -> None:
          f"peft {m['peft']}, Python {m['python']}; {m['date']}; load average at start "
          f"{m['loadavg_start']}, at end {m.get('loadavg_end')}; {res['runtime_s']:.0f} s in all.", "",
          "## Settings", "",
-         "| model | latent | batch (pairs) | loser steps (preset) | guidance | beta | LoRA rank | "
-         "grad. ckpt | bf16 | pool storage | warm-up + repeats |", "|" + "---|" * 11]
+         "| model | UNet widths | latent | batch (pairs) | loser steps (preset) | guidance | "
+         "preset's losers: scheduler, steps, guidance, every | beta | LoRA rank | "
+         "grad. ckpt | bf16 | pool storage | warm-up + repeats |", "|" + "---|" * 13]
     for model, p in res["profiles"].items():
-        L.append(f"| {model} | {p['channels']}x{p['latent']}x{p['latent']} | {p['batch']} | "
-                 f"{p['loser_steps']} ({p['preset_loser_steps']}) | {p['guidance']} | {p['beta']:g} | "
-                 f"{p['lora_rank']} | {p['grad_ckpt']} | {p['bf16']} | {p['storage']} | "
+        lo = p.get("loser") or {}
+        width = "x".join(map(str, p["width"])) if p.get("width") else "real"
+        L.append(f"| {model} | {width} | {p['channels']}x{p['latent']}x{p['latent']} | {p['batch']} | "
+                 f"{p['loser_steps']} ({p['preset_loser_steps']}) | {p['guidance']} | "
+                 f"{lo.get('scheduler')}, {lo.get('steps')}, {lo.get('guidance')}, {lo.get('every')} | "
+                 f"{p['beta']:g} | {p['lora_rank']} | {p['grad_ckpt']} | {p['bf16']} | {p['storage']} | "
                  f"{p['warmup']} + {p['repeats']} |")
-    L += ["", "## Time per call (ms)", "", "| model | mode | measurement | median | IQR | q1 - q3 | n |",
-          "|" + "---|" * 7]
+    L += ["", "## Time per call (ms)", "",
+          "| model | mode | measurement | median | IQR | q1 - q3 | n | outliers (Tukey) |", "|" + "---|" * 8]
     for r in res["timings"]:
         what = MEASURE_TEXT.get(r["measure"], r["measure"].replace("swap_", "checkpoint swap, pool "))
+        outl = ", ".join(f"{v:.0f}" for v in r.get("outliers_ms", [])) or "-"
         L.append(f"| {r['model']} | {r['mode']} | {what} | {r['median_ms']:.1f} | {r['iqr_ms']:.1f} | "
-                 f"{r['q1_ms']:.1f} - {r['q3_ms']:.1f} | {r['n']} |")
+                 f"{r['q1_ms']:.1f} - {r['q3_ms']:.1f} | {r['n']} | {outl} |")
     L += ["", f"## Peak memory (MB; {res['memory_note']})", "",
           "| model | mode | method | peak | baseline | above baseline | host RAM per snapshot, memory / bf16 |",
           "|" + "---|" * 7]
@@ -326,10 +410,33 @@ def write_markdown(res: dict, path: Path) -> None:
 NOTES = [" ".join(par.split()) for par in __doc__.split("\n\n")[2:]]
 
 
+def merge_previous(res: dict, path: Path) -> None:
+    """Keep the rows of models this run did not measure from an earlier bench.json (e.g. a GPU
+    run of sd15 keeps the CPU's digits rows), with a note naming where they came from."""
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    kept = [m for m in old.get("profiles", {}) if m not in res["profiles"]]
+    if not kept:
+        return
+    for key in ("timings", "memory", "ratios"):
+        res[key] = [r for r in old.get(key, []) if r["model"] in kept] + res[key]
+    res["profiles"] = {**{m: old["profiles"][m] for m in kept}, **res["profiles"]}
+    res["extra"] = {**{m: v for m, v in old.get("extra", {}).items() if m in kept}, **res["extra"]}
+    om = old.get("machine", {})
+    res["notes"] = res["notes"] + [f"Rows of {', '.join(kept)} are kept from an earlier run: "
+                                   f"`{old.get('command')}` on {om.get('cpu')} {om.get('gpu', '')}, "
+                                   f"device `{om.get('device')}`, {om.get('date')}."]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Speed and memory of SSPO vs SFT and Diffusion-DPO.")
     ap.add_argument("--quick", action="store_true", help="digits only, few repeats (CI)")
-    ap.add_argument("--model", default="all", choices=("digits", "sd15", "all"), help="which model(s)")
+    ap.add_argument("--model", default="all", choices=("digits", "sd15", "all"),
+                    help="which model(s); sd15 on CPU also times a second latent size (sd15@8)")
+    ap.add_argument("--cuda-check", action="store_true",
+                    help="sd15 only: on CUDA the real-size UNet, 64x64, bf16, LoRA 4 (< 5 min on one "
+                         "H100); on CPU the same at reduced size. Rows of other models are kept")
     ap.add_argument("--out", default="results", help="directory for bench.md and bench.json")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
     ap.add_argument("--sd15-full-ft", action="store_true", help="also full fine-tuning of SD-1.5 on CPU")
@@ -343,9 +450,13 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
+    if args.cuda_check:
+        args.model = "sd15"
     models_ = ["digits"] if args.quick and args.model == "all" else \
         (["digits", "sd15"] if args.model == "all" else [args.model])
-    profiles = {m: profile(m, device.type == "cuda", args.quick) for m in models_}
+    if "sd15" in models_ and device.type == "cpu" and not args.cuda_check:
+        models_.append("sd15@8")
+    profiles = {m: profile(m, device.type == "cuda", args.quick, args.cuda_check) for m in models_}
     for p in profiles.values():
         p.update({k: v for k, v in (("repeats", args.repeats), ("warmup", args.warmup)) if v is not None})
     if "sd15" in profiles and args.sd15_full_ft:
@@ -365,6 +476,7 @@ def main(argv=None) -> int:
     res["runtime_s"] = time.perf_counter() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    merge_previous(res, out / "bench.json")
     (out / "bench.json").write_text(json.dumps(res, indent=2))
     write_markdown(res, out / "bench.md")
     for r in res["ratios"]:

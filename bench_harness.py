@@ -3,6 +3,7 @@ optimizer and one fixed batch, driving the training loop's own ``loop.training_s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from types import SimpleNamespace
 
@@ -18,7 +19,9 @@ SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block
 
 
 
-def build_bundle(model: str, lora_rank: int, grad_ckpt: bool):
+def build_bundle(model: str, lora_rank: int, grad_ckpt: bool, width: tuple | None = None):
+    """digits, or the SD-1.5-shaped UNet (random weights) with ``width`` = its block_out_channels
+    (None: the real (320, 640, 1280, 1280); the CPU bench divides them by 10, same layout)."""
     # Project modules import lazily: the memory child that only allocates a tensor (tests) and
     # the CLI's --help stay fast.
     import models
@@ -28,7 +31,7 @@ def build_bundle(model: str, lora_rank: int, grad_ckpt: bool):
     from diffusers import UNet2DConditionModel
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        unet = UNet2DConditionModel(**SD15_UNET)
+        unet = UNet2DConditionModel(**dict(SD15_UNET, **({"block_out_channels": tuple(width)} if width else {})))
         text_encoder = common.tiny_text_encoder(768).requires_grad_(False).eval()
     # The same steps as models.build_model (which only loads sd15 from a directory; writing
     # 3.4 GB of random weights to disk to load them back would measure nothing of interest).
@@ -57,11 +60,14 @@ class Harness:
                  reference: bool = True, storages: tuple = (), pool_dir: str | None = None):
         import config, noise, replay, sspo
         self.p, self.device = p, device
-        self.bundle = build_bundle(model, p["lora_rank"] if lora else 0, p["grad_ckpt"])
+        self.bundle = build_bundle(model, p["lora_rank"] if lora else 0, p["grad_ckpt"], p.get("width"))
+        if p.get("channels_last"):
+            self.bundle.unet.to(memory_format=torch.channels_last)
         self.bundle.unet.to(device)
         self.bundle.text_encoder.to(device)
         self.cfg = config.Config(method="sspo", beta=p["beta"], loser_steps=p["loser_steps"],
-                                 loser_guidance=p["guidance"], batch_size=p["batch"])
+                                 loser_guidance=p["guidance"], batch_size=p["batch"],
+                                 loser_scheduler=p.get("scheduler", "ddim"))
         sc = self.bundle.scheduler_config
         self.schedule = sspo.make_schedule(sc["num_train_timesteps"], sc["beta_start"],
                                            sc["beta_end"], sc["beta_schedule"])
@@ -104,15 +110,48 @@ class Harness:
         pool = self.pools[storage]
         self.reference.load(pool.get(len(pool) - 1))
 
-    def generate(self, guidance: float) -> torch.Tensor:
-        """Loser generation alone, called exactly as training_step calls it."""
+    def generate(self, guidance: float, steps: int | None = None, scheduler: str | None = None,
+                 autocast: bool = True) -> torch.Tensor:
+        """Loser generation alone, called as training_step calls it (default: the profile's
+        steps and scheduler, under the profile's autocast)."""
         import sampling
         z = torch.randn(self.p["batch"], *self.shape, generator=torch.Generator().manual_seed(1))
-        with self.autocast():
+        with self.autocast() if autocast else contextlib.nullcontext():
             return sampling.sample(self.bundle, self.reference, self.batch["prompt"],
-                                        latents=z.to(self.device), latent_shape=self.shape,
-                                        num_inference_steps=self.p["loser_steps"],
-                                        guidance_scale=guidance)
+                                   latents=z.to(self.device), latent_shape=self.shape,
+                                   num_inference_steps=steps or self.p["loser_steps"],
+                                   guidance_scale=guidance, scheduler=scheduler or self.cfg.loser_scheduler)
+
+    def cycle(self, method: str, loser: dict, step: int) -> int:
+        """``loop.update`` itself for one loser-generation cycle: k = loser["every"] updates for
+        "sspo" (the first swaps the reference and samples the losers, the others reuse them with
+        the same reference), one update for "dpo". Returns the number of updates run. The
+        reference is reloaded at each cycle's start (RCR's worst case: a new checkpoint each time)."""
+        import loop
+        import replay
+        import runtime
+        if self.opt is None:
+            self.step("sft")  # builds the optimizer (one untimed update)
+        if not hasattr(self, "_loop_run"):
+            cfg = dataclasses.replace(self.cfg, grad_accum=1, loser_steps=loser["steps"],
+                                      loser_guidance=loser["guidance"], loser_scheduler=loser["scheduler"],
+                                      loser_every=loser["every"])
+            initial = replay.CheckpointPool("initial", storage="memory")
+            initial.add(self.pools[self.p["storage"]].get(0), 0)
+            self._loop_run = SimpleNamespace(
+                **{**vars(self.run), "cfg": cfg, "ctx": runtime.Dist(device=self.device)}, opt=self.opt,
+                params=self.bundle.trainable_parameters(), out=".", replayed=None, loaded_ref=None,
+                scaler=torch.amp.GradScaler(self.device.type, enabled=False),
+                lr_sched=torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: 1.0),
+                pools={"sspo": self.pools[self.p["storage"]], "dpo": initial})
+        run = self._loop_run
+        run.loss_kind, run.pool, run.loaded_ref = LOSS_KIND[method], run.pools[method], None
+        k = loop.loser_every(run)
+        stream = iter(lambda: self.batch, None)  # the same batch (a fresh dict per call)
+        stop = SimpleNamespace(requested=False)
+        for i in range(k):
+            loop.update(run, stream, step * k + i, stop)
+        return k
 
     @contextlib.contextmanager
     def _losers_given(self):

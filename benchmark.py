@@ -12,6 +12,7 @@ for the preference methods) come from ``sweep`` (results/sweep.json) when that f
 setting with the best validation accuracy (training templates, no guidance, generation noise
 seed 1000, which evaluation never uses; ties -> lower Frechet distance to the *align* split's
 real digits). Evaluation uses seeds 0..S-1 and the held-out *eval* split.
+    python benchmark.py frontier [--quick] [--seeds N] [--jobs N]   # loser sampling: cost vs quality
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import torch
 
 import config
 import digits
+import frontier
 import models
 import report
 import train
@@ -76,6 +78,11 @@ SIZES = {
                                   "digits_base_steps": 100}, n_final=40, n_curve=20, inference_steps=5,
                   curve_inference_steps=3, curve_points=2),
 }
+FRONTIER_SIZES = {  # the loser-sampling frontier (frontier.py)
+    "full": dict(SIZES["full"], seeds=3, train={"max_steps": 300, "batch_size": 16}),
+    # save_every 4: a multiple of every loser_every above
+    "quick": dict(SIZES["quick"], seeds=2, train={**SIZES["quick"]["train"], "max_steps": 8, "save_every": 4}),
+}
 CURVE_CONDITIONS = ("id_nocfg", "ood_nocfg")  # guidance saturates accuracy fast (DESIGN.md), so curves go without
 
 
@@ -119,7 +126,7 @@ def _memo(bundle, overrides: dict, seed: int) -> dict:
     return report.memorization(x, labels, align, heldout)
 
 
-def _run_one(name: str, seed: int, out: Path, size: dict, common: dict, base_curve: dict,
+def _run_one(name: str, spec: dict, seed: int, out: Path, size: dict, common: dict, base_curve: dict,
              keep_checkpoints: bool, tuned: dict, threads: int = 0) -> dict:
     """Train one (method, seed) with train.run and judge its final model and checkpoints."""
     if threads:
@@ -161,11 +168,13 @@ def _base(size: dict) -> tuple[dict, Path]:
 
 
 def run_table(out: Path, size: dict, methods=None, keep_checkpoints: bool = False, jobs: int = 1,
-              tuned: dict | None = None) -> dict:
+              tuned: dict | None = None, specs: dict | None = None) -> dict:
     """Train every method for every seed with train.run, judge the final models and the
     checkpoints (learning curves). Generation seed = training seed: all methods see the same noise.
     jobs > 1 runs (method, seed) pairs in that many worker processes with one torch thread each
-    (on a small CPU, two single-thread runs side by side beat one two-thread run)."""
+    (on a small CPU, two single-thread runs side by side beat one two-thread run).
+    specs: name -> train.run overrides (None = not trained: the base); default METHODS."""
+    specs = METHODS if specs is None else specs
     out.mkdir(parents=True, exist_ok=True)
     judge = digits.DigitsJudge.from_splits()
     print(f"judge accuracy on real eval digits: {judge.real_accuracy:.4f}", flush=True)
@@ -181,12 +190,13 @@ def run_table(out: Path, size: dict, methods=None, keep_checkpoints: bool = Fals
                            "memo": _memo(base, {}, seed), "base_curve": curve}
     results = {"size": size, "judge_accuracy": judge.real_accuracy, "base_model": str(base_dir), "runs": {},
                "tuned": tuned or {}}
-    names = list(methods or METHODS)
-    todo = [(n, s) for n in names if METHODS[n] is not None for s in range(size["seeds"])]
-    done = _in_workers(_run_one, {key: (key[0], key[1], out, size, common, base_rows[key[1]]["base_curve"],
-                                        keep_checkpoints, tuned or {}) for key in todo}, jobs)
+    names = list(methods or specs)
+    todo = [(n, s) for n in names if specs[n] is not None for s in range(size["seeds"])]
+    done = _in_workers(_run_one, {key: (key[0], specs[key[0]], key[1], out, size, common,
+                                        base_rows[key[1]]["base_curve"], keep_checkpoints, tuned or {})
+                                  for key in todo}, jobs)
     for name in names:  # the table's order, whatever order the runs finished in
-        results["runs"][name] = [done[(name, s)] if METHODS[name] is not None else base_rows[s]
+        results["runs"][name] = [done[(name, s)] if specs[name] is not None else base_rows[s]
                                  for s in range(size["seeds"])]
     return results
 
@@ -340,18 +350,48 @@ def cmd_sweep(args) -> None:
     print((out / "sweep.md").read_text())
 
 
+def cmd_frontier(args) -> None:
+    size = copy.deepcopy(FRONTIER_SIZES["quick" if args.quick else "full"])
+    if args.seeds is not None:
+        size["seeds"] = args.seeds
+    specs = {n: frontier.FRONTIER[n] for n in (args.settings or frontier.FRONTIER)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    batch, repeats = size["train"]["batch_size"], (3 if args.quick else 7)
+    costs = frontier.costs(specs, batch, repeats, log=lambda s: print(s, flush=True))
+    runs = len(specs) * size["seeds"]
+    train_s = sum(c["sspo_ms"] for c in costs.values()) / 1e3 * size["train"]["max_steps"] * size["seeds"]
+    print(f"frontier: {len(specs)} settings x {size['seeds']} seeds = {runs} runs of "
+          f"{size['train']['max_steps']} updates; expected duration ~{train_s / max(args.jobs, 1) / 60 * 1.5:.0f} min "
+          f"with --jobs {args.jobs} (training time from the costs just measured at one thread, "
+          f"+50% for evaluation)", flush=True)
+    results = run_table(out / "frontier", size, keep_checkpoints=False, jobs=args.jobs, specs=specs)
+    results.update(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), seconds=time.time() - t0,
+                   costs=costs, cost_batch=batch, cost_repeats=repeats, summary=summarize(results))
+    (out / "loser_frontier.json").write_text(json.dumps(results, indent=1))
+    frontier.write(results, out, "python benchmark.py " + " ".join(sys.argv[1:]))
+    print((out / "loser_frontier.md").read_text())
+    print(f"wrote {out / 'loser_frontier.md'}, loser_frontier.png, loser_frontier.json in "
+          f"{results['seconds'] / 60:.1f} min")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, fn, help_ in (("claims", cmd_claims, "train and judge every method x seed; claims, table, grid, curves"),
                             ("table", cmd_claims, "the same as claims (its earlier name)"),
-                            ("sweep", cmd_sweep, "lr/beta per method on the validation measure -> sweep.json/md")):
+                            ("sweep", cmd_sweep, "lr/beta per method on the validation measure -> sweep.json/md"),
+                            ("frontier", cmd_frontier, "SSPO per loser-sampling setting: cost vs DPO and final quality")):
         c = sub.add_parser(name, help=help_)
         c.set_defaults(fn=fn)
         c.add_argument("--quick", action="store_true", help="CI smoke size (tiny base, few updates; numbers meaningless)")
         c.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
                        help="runs in parallel worker processes, one torch thread each")
         c.add_argument("--out", default="results", help="output folder")
+        if fn is cmd_frontier:
+            c.add_argument("--seeds", type=int, help="training seeds per setting (default 3; quick 2)")
+            c.add_argument("--settings", nargs="+", choices=list(frontier.FRONTIER), help="subset of settings")
         if fn is cmd_claims:
             c.add_argument("--seeds", type=int, help="number of training seeds (default 3; quick 2)")
             c.add_argument("--steps", type=int, help="optimizer updates per method (same for all)")

@@ -161,7 +161,8 @@ def chosen_step(out: Path, which: str) -> int:
 
 # Keys whose change breaks "a resumed run equals an uninterrupted one" (max_steps may grow).
 TRAJECTORY_KEYS = ("method", "ssr", "replay", "model", "model_path", "data", "data_path", "beta",
-                   "tau", "eps_clip", "save_every", "loser_steps", "loser_guidance", "batch_size",
+                   "tau", "eps_clip", "save_every", "loser_steps", "loser_guidance", "loser_scheduler",
+                   "loser_every", "batch_size",
                    "grad_accum", "lr", "warmup_steps", "lr_scheduler", "seed", "lora_rank", "mixed_precision", "cfg_drop")
 
 

@@ -46,6 +46,9 @@ class Config:
     pool_storage: str = _f("memory", "replay snapshots: memory (fp32) | memory_bf16 (checkpoint 0 exact) | disk (safetensors)")
     loser_steps: int = _f(10, "DDIM steps to sample a replayed (losing) sample")
     loser_guidance: float = _f(3.0, "classifier-free guidance scale for replayed samples")
+    loser_scheduler: str = _f("ddim", "sampler of replayed samples: ddim | dpmsolver++ | unipc | euler (diffusers classes)")
+    loser_every: int = _f(1, "sspo family: regenerate losers every k updates; the k-1 updates between "
+                             "retrain on the same pairs with the checkpoint that made them as reference")
     # ---- optimisation
     max_steps: int = _f(300, "optimizer updates")
     batch_size: int = _f(32, "pairs per device per micro-step")
@@ -127,6 +130,7 @@ CHOICES = {
     "init": ("pretrained", "scratch"), "data_split": ("pretrain", "align"),
     "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine"),
     "report_to": ("none", "tensorboard", "wandb"),
+    "loser_scheduler": ("ddim", "dpmsolver++", "unipc", "euler"),  # = sampling.SCHEDULERS
 }
 # The diffusers training scripts' flag names (train_text_to_image*.py, the Diffusion-DPO example)
 # accepted as aliases of this project's keys on the command line.
@@ -264,9 +268,12 @@ def validate(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"config key {key!r} must be one of {allowed}, got {getattr(cfg, key)!r}")
-    for key in ("max_steps", "batch_size", "grad_accum", "save_every", "loser_steps", "log_every"):
+    for key in ("max_steps", "batch_size", "grad_accum", "save_every", "loser_steps", "log_every", "loser_every"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"config key {key!r} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.save_every % cfg.loser_every:  # the pool must not change within a cycle (see loop.update)
+        raise ValueError(f"config key 'save_every' ({cfg.save_every}) must be a multiple of "
+                         f"'loser_every' ({cfg.loser_every})")
     if not 0.0 <= cfg.cfg_drop < 1.0:
         raise ValueError(f"config key 'cfg_drop' must be in [0, 1), got {cfg.cfg_drop}")
     for key in ("beta", "lr", "resolution", "num_frames", "num_sample_prompts"):

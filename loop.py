@@ -118,24 +118,6 @@ def prepare_out_dir(cfg: Config, ctx: runtime.Dist) -> None:
     ctx.barrier()
 
 
-def pair_noise(seed: int, step: int, indices: torch.Tensor, shape: tuple, process: noise.Process):
-    """One (t, eps) per pair and the initial noise of its replayed sample, keyed by
-    (seed, update, dataset index): the same numbers whatever the world size or micro-batching.
-    Returns t (B,) long, eps (B,*shape), z_T (B,*shape)."""
-    ts, eps, z = [], [], []
-    for i in indices.tolist():
-        g = torch.Generator().manual_seed(hash((seed, step, i)) & (2 ** 63 - 1))
-        ts.append(process.sample_t(g))
-        eps.append(torch.randn(shape, generator=g))
-        z.append(torch.randn(shape, generator=g))
-    return torch.cat(ts), torch.stack(eps), torch.stack(z)
-
-
-def vae_generators(seed: int, step: int, indices: torch.Tensor, purpose: int) -> list:
-    """Per-item generators of the VAE posterior noise of winners (1) / losers (2), as pair_noise."""
-    return [torch.Generator().manual_seed(hash((seed, step, i, purpose)) & (2 ** 63 - 1)) for i in indices.tolist()]
-
-
 def _nonfinite_message(what: str, step: int, cfg: Config, out: Path) -> str:
     last = checkpoints.latest_step(out)
     where = f"step {last}" if last is not None else "none (no checkpoint yet)"
@@ -173,6 +155,7 @@ class Run:
     params: list
     logger: runtime.Logger
     loaded_ref: int | None = None      # which pool entry the reference holds now
+    replayed: dict | None = None       # loser_every > 1: {"step", "ref", "batches"} of this cycle
 
 
 def setup(cfg: Config, ctx: runtime.Dist) -> Run:
@@ -248,9 +231,16 @@ def start(run: Run) -> int:
     return resumed or 0
 
 
+def loser_every(run: Run) -> int:
+    """Updates per loser-generation cycle: cfg.loser_every for the SSPO family, else 1."""
+    return run.cfg.loser_every if run.loss_kind == "sspo" else 1
+
+
 def batches(run: Run, step: int):
-    """Batches from update ``step`` on, resuming mid-epoch exactly where that update began."""
-    epoch, within = divmod(step * run.cfg.grad_accum, run.batches_per_epoch)
+    """Batches from update ``step`` on, resuming mid-epoch exactly where that update began
+    (with loser_every = k, the updates of one cycle share its batches: the stream moves once
+    per cycle, and a resume inside a cycle starts at the cycle's first batch)."""
+    epoch, within = divmod(step // loser_every(run) * run.cfg.grad_accum, run.batches_per_epoch)
     while True:
         run.sampler.set_epoch(epoch, start=within * run.cfg.batch_size)
         run.dataset.set_epoch(epoch)
@@ -266,12 +256,26 @@ def batches(run: Run, step: int):
 
 def update(run: Run, stream, step: int, stop: runtime.StopOnSignal) -> dict | None:
     """One optimizer update (grad_accum micro-steps). Returns its metrics, or None when a
-    SIGTERM arrived between micro-steps (the partial gradient is dropped)."""
+    SIGTERM arrived between micro-steps (the partial gradient is dropped).
+
+    Loser reuse (cfg.loser_every = k > 1, SSPO family): updates come in cycles of k. The
+    cycle's first update ``gen_step`` draws the reference checkpoint c = pool.choose(gen_step),
+    takes fresh batches and samples their losers with c; the next k-1 updates retrain on those
+    same (prompt, winner, loser) pairs with fresh (t, eps), and c stays their reference, so every
+    pair is scored by the checkpoint that made its loser (RCR holds). The pool only grows at
+    multiples of save_every, which config.validate makes a multiple of k, so c is a function of
+    gen_step alone and a resume inside a cycle regenerates the very same losers."""
     cfg, ctx = run.cfg, run.ctx
-    ref_idx = run.pool.choose(step) if run.pool is not None else None
+    every = loser_every(run)
+    gen_step = step - step % every  # the update whose checkpoint and z_T make this update's losers
+    ref_idx = run.pool.choose(gen_step) if run.pool is not None else None
     if ref_idx is not None and ref_idx != run.loaded_ref:
         run.reference.load(run.pool.get(ref_idx))  # in place: one reference module, or a LoRA adapter
         run.loaded_ref = ref_idx
+    if every == 1:
+        run.replayed = None
+    elif run.replayed is None or run.replayed["step"] != gen_step:
+        run.replayed = {"step": gen_step, "ref": ref_idx, "batches": []}  # a new cycle
     sums: dict[str, torch.Tensor] = {}
     for micro in range(cfg.grad_accum):
         if micro and ctx.any_flag(stop.requested):
@@ -279,7 +283,7 @@ def update(run: Run, stream, step: int, stop: runtime.StopOnSignal) -> dict | No
             return None
         sync = micro == cfg.grad_accum - 1
         with (contextlib.nullcontext() if sync or ctx.world == 1 else run.policy.no_sync()):
-            loss, metrics = training_step(run, next(stream), step)
+            loss, metrics = training_step(run, _cycle_batch(run, stream, micro, gen_step, ref_idx), step)
             run.scaler.scale(loss / cfg.grad_accum).backward()
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v.detach() / cfg.grad_accum
@@ -303,19 +307,30 @@ def update(run: Run, stream, step: int, stop: runtime.StopOnSignal) -> dict | No
     return sums
 
 
-def image_conditions(bundle: models.Bundle, batch: dict, extra: dict) -> tuple[dict, dict]:
-    """The UNet's added conditioning of winners and losers ({} but for SDXL). SDXL: time_ids
-    from each data image's real original size and crop (data.py records them), as SDXL was
-    trained; a replayed loser gets what sampling.sample conditioned it on: (R, R, 0, 0, R, R)."""
-    if "text_embeds" not in extra:
-        return extra, extra
-    if "original_size" not in batch:
-        raise ValueError(f"{bundle.family} needs each image's original_size and crop_top_left (image data)")
-    target = tuple(batch["x0_w"].shape[-2:])  # (R, R)
-    extra_w = models.add_time_ids(extra, batch["original_size"], batch["crop_top_left"], target)
-    if "original_size_l" in batch:  # a data loser
-        return extra_w, models.add_time_ids(extra, batch["original_size_l"], batch["crop_top_left_l"], target)
-    return extra_w, models.add_time_ids(extra, target, (0, 0), target)
+def _cycle_batch(run: Run, stream, micro: int, gen_step: int, ref_idx: int | None) -> dict:
+    """The micro-batch ``micro`` of this update: the next one from the stream, or with
+    loser_every > 1 the cycle's cached batch with its replayed losers (sampled on first use)."""
+    if run.replayed is None:
+        return next(stream)
+    cycle = run.replayed
+    if cycle["ref"] != ref_idx or run.loaded_ref != ref_idx:  # never score a loser with another checkpoint
+        raise RuntimeError(f"replayed losers of update {gen_step} were made by checkpoint {cycle['ref']}, "
+                           f"but the reference holds {run.loaded_ref}")
+    if micro == len(cycle["batches"]):
+        batch = next(stream)
+        cycle["batches"].append(dict(batch, x0_l_replayed=replay_losers(run, batch, gen_step)))
+    return cycle["batches"][micro]
+
+
+def replay_losers(run: Run, batch: dict, step: int) -> torch.Tensor:
+    """x0_l (B,*shape): the reference checkpoint's samples for the batch's prompts (RCR, sec. 4.1),
+    from the initial noise z_T keyed by (seed, ``step``, dataset index)."""
+    cfg = run.cfg
+    z_T = noise.pair_noise(cfg.seed, step, batch["index"], run.shape, run.noise)[2].to(run.ctx.device)
+    with run.autocast():
+        return sampling.sample(run.bundle, run.reference, batch["prompt"], latents=z_T,
+                               latent_shape=run.shape, num_inference_steps=cfg.loser_steps,
+                               guidance_scale=cfg.loser_guidance, scheduler=cfg.loser_scheduler)
 
 
 def training_step(run: Run, batch: dict, step: int):
@@ -326,21 +341,21 @@ def training_step(run: Run, batch: dict, step: int):
         # float32 from here on: under bf16 autocast the VAE returns bf16 latents, and a bf16
         # schedule rounds abar_t to 1 at small t (no noise added at all).
         x0_w = models.encode_pixels(bundle, batch["x0_w"].to(device),  # (B,*shape)
-                                    vae_generators(cfg.seed, step, batch["index"], 1)).float()
+                                    noise.vae_generators(cfg.seed, step, batch["index"], 1)).float()
         text, extra = models.encode_prompts(bundle, prompts, return_extra=True)  # (B,77,D), SDXL: text_embeds
-    extra_w, extra_l = image_conditions(bundle, batch, extra)
-    t, eps, z_T = (v.to(device) for v in pair_noise(cfg.seed, step, batch["index"], run.shape, run.noise))
+    extra_w, extra_l = models.image_conditions(bundle, batch, extra)
+    t, eps = (v.to(device) for v in noise.pair_noise(cfg.seed, step, batch["index"], run.shape, run.noise)[:2])
     if kind == "sft":
         x0, t2, eps2, text2, extra2 = x0_w, t, eps, text, extra_w
     else:
         if kind == "sspo":  # the replayed checkpoint samples the "losers" (RCR, sec. 4.1)
-            with autocast():
-                x0_l = sampling.sample(bundle, run.reference, prompts, latents=z_T, latent_shape=run.shape,
-                                       num_inference_steps=cfg.loser_steps, guidance_scale=cfg.loser_guidance)
+            x0_l = batch.get("x0_l_replayed")  # given when reused within a loser_every cycle
+            if x0_l is None:
+                x0_l = replay_losers(run, batch, step)
         else:  # a preference pair from the data set
             with torch.no_grad(), autocast():
                 x0_l = models.encode_pixels(bundle, batch["x0_l"].to(device),
-                                            vae_generators(cfg.seed, step, batch["index"], 2))
+                                            noise.vae_generators(cfg.seed, step, batch["index"], 2))
         x0 = torch.cat([x0_w, x0_l.float()])  # [winners; losers]: (2B,*shape)
         t2, eps2, text2 = torch.cat([t, t]), torch.cat([eps, eps]), torch.cat([text, text])
         extra2 = models.cat_extra(extra_w, extra_l)  # SDXL: each image's own time_ids

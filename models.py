@@ -255,6 +255,21 @@ def add_time_ids(extra: dict, original_size, crop_top_left, target_size) -> dict
     return {**extra, "time_ids": torch.cat(cols, dim=1)}  # (B,6)
 
 
+def image_conditions(bundle: Bundle, batch: dict, extra: dict) -> tuple[dict, dict]:
+    """The UNet's added conditioning of winners and losers ({} but for SDXL). SDXL: time_ids
+    from each data image's real original size and crop (data.py records them), as SDXL was
+    trained; a replayed loser gets what sampling.sample conditioned it on: (R, R, 0, 0, R, R)."""
+    if "text_embeds" not in extra:
+        return extra, extra
+    if "original_size" not in batch:
+        raise ValueError(f"{bundle.family} needs each image's original_size and crop_top_left (image data)")
+    target = tuple(batch["x0_w"].shape[-2:])  # (R, R)
+    extra_w = add_time_ids(extra, batch["original_size"], batch["crop_top_left"], target)
+    if "original_size_l" in batch:  # a data loser
+        return extra_w, add_time_ids(extra, batch["original_size_l"], batch["crop_top_left_l"], target)
+    return extra_w, add_time_ids(extra, target, (0, 0), target)
+
+
 def cat_extra(*extras: dict) -> dict:
     """Concatenate added-conditioning dicts along the batch (as ``torch.cat`` of embeddings)."""
     return {k: torch.cat([e[k] for e in extras]) for k in extras[0]}

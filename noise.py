@@ -94,3 +94,23 @@ class Process:
             return log_w.clamp(-importance.LOG_WEIGHT_CAP, importance.LOG_WEIGHT_CAP)
         return importance.pair_log_weight(model_err_w, model_err_l, ref_err_w, ref_err_l, t, self.schedule,
                                     num_values, self.prediction_type)
+
+
+# Keyed draws: the same numbers for a dataset item whatever the world size, micro-batching or resume.
+
+def pair_noise(seed: int, step: int, indices: torch.Tensor, shape: tuple, process: Process):
+    """One (t, eps) per pair and the initial noise of its replayed sample, keyed by
+    (seed, update, dataset index): the same numbers whatever the world size or micro-batching.
+    Returns t (B,) long, eps (B,*shape), z_T (B,*shape)."""
+    ts, eps, z = [], [], []
+    for i in indices.tolist():
+        g = torch.Generator().manual_seed(hash((seed, step, i)) & (2 ** 63 - 1))
+        ts.append(process.sample_t(g))
+        eps.append(torch.randn(shape, generator=g))
+        z.append(torch.randn(shape, generator=g))
+    return torch.cat(ts), torch.stack(eps), torch.stack(z)
+
+
+def vae_generators(seed: int, step: int, indices: torch.Tensor, purpose: int) -> list:
+    """Per-item generators of the VAE posterior noise of winners (1) / losers (2), as pair_noise."""
+    return [torch.Generator().manual_seed(hash((seed, step, i, purpose)) & (2 ** 63 - 1)) for i in indices.tolist()]

@@ -1,26 +1,54 @@
 """The one sampler: a diffusers scheduler, classifier-free guidance, in latent space.
 
+The scheduler is one of diffusers' own classes (``SCHEDULERS``: DDIM, DPM-Solver++ multistep,
+UniPC multistep, Euler), configured from the model's scheduler config as the pipelines do;
+``loser_scheduler`` / ``loser_steps`` / ``loser_guidance`` choose it for replayed losers.
+
 Replayed losers (replay.py's reference as the denoiser), the training run's sample grids and the
 digits evaluation all call ``sample``. It follows StableDiffusionPipeline / AnimateDiffPipeline
 with ``output_type="latent"`` step for step, and the tests check it against them.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
-from diffusers import DDIMScheduler
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                       UniPCMultistepScheduler)
 from diffusers.utils.torch_utils import randn_tensor
 
 from models import FAMILIES, Bundle, add_time_ids, cat_extra, encode_prompts, unet_forward, vae_scale_factor
 
 
-def make_scheduler(bundle: Bundle, num_inference_steps: int) -> DDIMScheduler:
-    """DDIM configured from the model's scheduler config, with its timesteps set.
+# name -> (diffusers class, config entries that name the variant).
+SCHEDULERS = {
+    "ddim": (DDIMScheduler, {}),
+    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+}
 
-    StableDiffusionPipeline.__init__ forces clip_sample=False and steps_offset=1 on legacy
-    configs (DDIMScheduler's own default clips to [-1,1]); do the same so that samples match."""
+
+def make_scheduler(bundle: Bundle, num_inference_steps: int, name: str = "ddim"):
+    """Scheduler ``name`` configured from the model's scheduler config, with its timesteps set.
+
+    StableDiffusionPipeline.__init__ forces steps_offset=1 and, where the class has it,
+    clip_sample=False on legacy configs (DDIMScheduler's own default clips to [-1,1]); do the
+    same so that samples match the pipeline run with that scheduler. A fresh instance per call:
+    the multistep solvers keep state (previous model outputs, step index) between steps."""
     factory = getattr(FAMILIES[bundle.family], "make_scheduler", None)  # cogvideox, wan: the pipeline's own
-    scheduler = factory(bundle.scheduler_config) if factory else \
-        DDIMScheduler.from_config(dict(bundle.scheduler_config, clip_sample=False, steps_offset=1))
+    if factory:
+        scheduler = factory(bundle.scheduler_config)
+        scheduler.set_timesteps(num_inference_steps, device=bundle.device)
+        return scheduler
+    if name not in SCHEDULERS:
+        raise ValueError(f"Unknown sampler scheduler {name!r}; expected one of {tuple(SCHEDULERS)}.")
+    cls, variant = SCHEDULERS[name]
+    scheduler = cls.from_config(dict(bundle.scheduler_config, **variant))
+    fixes = {"steps_offset": 1}
+    if getattr(scheduler.config, "clip_sample", False) is True:
+        fixes["clip_sample"] = False
+    scheduler = cls.from_config(dict(scheduler.config, **fixes))
     scheduler.set_timesteps(num_inference_steps, device=bundle.device)
     return scheduler
 
@@ -34,8 +62,10 @@ def policy_denoiser(bundle: Bundle, unet=None):
 @torch.no_grad()
 def sample(bundle: Bundle, denoise_fn, prompts: list[str], *, num_inference_steps: int = 20,
            guidance_scale: float = 3.0, generator: torch.Generator | None = None,
-           latent_shape: tuple, latents: torch.Tensor | None = None) -> torch.Tensor:
-    """Samples for ``prompts``: DDIM (eta 0) with classifier-free guidance, in latent space.
+           latent_shape: tuple, latents: torch.Tensor | None = None,
+           scheduler: str = "ddim") -> torch.Tensor:
+    """Samples for ``prompts``: ``scheduler`` (a name in SCHEDULERS; DDIM runs with eta 0) with
+    classifier-free guidance, in latent space.
 
     denoise_fn(x_t, t, text_emb[, extra]) -> pred, e.g. a replay ``Reference`` or ``policy_denoiser``;
     ``extra`` (the UNet's added conditioning) is passed only for families that have one (SDXL).
@@ -48,8 +78,12 @@ def sample(bundle: Bundle, denoise_fn, prompts: list[str], *, num_inference_step
     SDXL as StableDiffusionXLPipeline: the unconditional embeddings and pooled text_embeds are
     zeros when the model says force_zeros_for_empty_prompt (the release does), else the encoding
     of ""; time_ids = (H, W, 0, 0, H, W) in pixels for both halves.
+    z_T is scaled by
+    the scheduler's init_noise_sigma and each input by scale_model_input (Euler's sigma scaling).
     """
-    scheduler = make_scheduler(bundle, num_inference_steps)
+    scheduler = make_scheduler(bundle, num_inference_steps, scheduler)
+    # As the pipelines' prepare_extra_step_kwargs: eta only where step() takes it (DDIM, eta 0).
+    step_kw = {"eta": 0.0} if "eta" in inspect.signature(scheduler.step).parameters else {}
     device = bundle.device
     B = len(prompts)
     cfg = guidance_scale > 1.0  # as the pipelines: guidance 1 means the conditional model alone
@@ -78,7 +112,7 @@ def sample(bundle: Bundle, denoise_fn, prompts: list[str], *, num_inference_step
         if cfg:
             pred_u, pred_c = pred.chunk(2)  # (2B,...) -> (B,...), (B,...)
             pred = pred_u + guidance_scale * (pred_c - pred_u)
-        latents = scheduler.step(pred, t, latents, return_dict=False)[0]  # DDIM: eta 0 (its default)
+        latents = scheduler.step(pred, t, latents, **step_kw, return_dict=False)[0]
     return latents
 
 

@@ -13,6 +13,11 @@ def test_summarize_known_inputs():
     assert (s["median_ms"], s["q1_ms"], s["q3_ms"], s["iqr_ms"], s["n"]) == (3.0, 2.0, 4.0, 2.0, 5)
     s = bench.summarize([1.0, 2.0, 3.0, 4.0])  # numpy's linear interpolation
     assert s["median_ms"] == 2.5 and s["q1_ms"] == 1.75 and s["q3_ms"] == 3.25 and s["iqr_ms"] == 1.5
+    assert s["outliers_ms"] == []
+    # Tukey's fences: q1 3, q3 7, IQR 4 -> [-3, 13]: 13 is in, 100 is out (reported, not dropped)
+    assert bench.summarize([1.0, 2, 3, 4, 5, 6, 7, 8, 13])["outliers_ms"] == []
+    s = bench.summarize([1.0, 2, 3, 4, 5, 6, 7, 8, 100])
+    assert s["outliers_ms"] == [100.0] and s["n"] == 9 and s["median_ms"] == 5.0
 
 
 def test_measure_warmup_repeats_and_sync():
@@ -63,17 +68,20 @@ def _results():
                     iqr_ms=2.0, n=3)
                for mode in ("ft", "lora")
                for k, v in dict(sft=50.0, dpo=100.0, sspo_nogen=110.0, sspo=200.0, gen_cfg=90.0,
-                                gen_nocfg=50.0, swap_memory=1.0, swap_disk=3.0).items()]
+                                gen_nocfg=50.0, swap_memory=1.0, swap_disk=3.0, dpo_update=100.0,
+                                sspo_preset=190.0, gen_preset=80.0).items()]
     memory = [dict(model="toy", mode=mode, method=k, peak_mb=v + 500, baseline_mb=500.0,
                    above_baseline_mb=v, device="cpu-rss")
               for mode in ("ft", "lora") for k, v in dict(sft=100.0, dpo=200.0, sspo=204.0).items()]
     profiles = {"toy": bench.profile("digits", cuda=False, quick=True)}
-    return timings, memory, profiles
+    sd15 = [dict(t, model="sd15") for t in timings if t["mode"] == "lora"]
+    profiles["sd15"] = bench.profile("sd15", cuda=False, quick=False)
+    return timings + sd15, memory, profiles
 
 
 def test_ratios_against_targets():
     timings, memory, profiles = _results()
-    rows = {(r["mode"], r["ratio"]): r for r in bench.ratio_rows(timings, memory, profiles)}
+    rows = {(r["mode"], r["ratio"]): r for r in bench.ratio_rows(timings, memory, profiles) if r["model"] == "toy"}
     r = rows[("lora", "SSPO step w/o generation / DPO step")]
     assert r["value"] == pytest.approx(1.1) and r["met"] is False and r["over_pp"] == pytest.approx(5.0)
     r = rows[("ft", "SSPO memory / DPO memory")]
@@ -83,7 +91,12 @@ def test_ratios_against_targets():
     r = rows[("lora", "swap (memory) / full SSPO step")]
     assert r["value"] == pytest.approx(0.005) and r["met"] is True
     assert rows[("ft", "swap (memory) / full SSPO step")]["target"] is None  # target is LoRA only
-    assert rows[("lora", "generation (10 DDIM steps, CFG) / full SSPO step")]["value"] == pytest.approx(0.45)
+    assert rows[("lora", "generation (10 ddim steps, CFG) / full SSPO step")]["value"] == pytest.approx(0.45)
+    r = rows[("lora", "full SSPO step / DPO step at the preset's loser settings")]
+    assert r["value"] == pytest.approx(1.9) and r["target"] is None  # the 1.8 target is SD-1.5's
+    sd = {r["ratio"]: r for r in bench.ratio_rows(timings, memory, profiles) if r["model"] == "sd15"}
+    r = sd["full SSPO step / DPO step at the preset's loser settings"]
+    assert r["value"] == pytest.approx(1.9) and r["target"] == 1.8 and r["met"] is False
     # derived: 9 ms per CFG step x 10 steps / (that + 110 ms step + 1 ms swap)
     assert rows[("lora", "generation share at the preset's 10 steps (derived)")]["value"] == \
         pytest.approx(90 / (90 + 111))
@@ -102,7 +115,9 @@ def test_markdown_has_the_expected_rows(tmp_path):
     bench.write_markdown(res, path)
     text = path.read_text()
     assert "Toy CPU" in text and "`python bench.py --quick`" in text
-    assert "| toy | lora | Diffusion-DPO step | 100.0 | 2.0 | 99.0 - 101.0 | 3 |" in text
+    assert "| toy | lora | Diffusion-DPO step | 100.0 | 2.0 | 99.0 - 101.0 | 3 | - |" in text
+    assert ("| sd15 | lora | full SSPO step / DPO step at the preset's loser settings | 1.900 | <= 1.80 | "
+            "no, 10.0 pp over |") in text
     assert "| toy | ft | checkpoint swap, pool memory | 1.0 |" in text
     assert "| toy | ft | dpo | 700 | 500 | 200 | 4.0 / 2.0 |" in text
     assert "| toy | lora | SSPO step w/o generation / DPO step | 1.100 | <= 1.05 | no, 5.0 pp over |" in text
@@ -123,8 +138,10 @@ def test_quick_benchmark_end_to_end(tmp_path):
     res = json.loads((tmp_path / "bench.json").read_text())
     measures = {(t["mode"], t["measure"]) for t in res["timings"]}
     for mode in ("ft", "lora"):
-        for m in ("sft", "dpo", "sspo_nogen", "sspo", "gen_cfg", "gen_nocfg"):
+        for m in ("sft", "dpo", "sspo_nogen", "sspo", "gen_cfg", "gen_nocfg", "dpo_update", "sspo_preset",
+                  "gen_preset"):
             assert (mode, m) in measures
     assert all(t["median_ms"] > 0 for t in res["timings"])
     md = (tmp_path / "bench.md").read_text()
     assert "SSPO step w/o generation / DPO step" in md and "SSPO memory / DPO memory" in md
+    assert "full SSPO step / DPO step at the preset's loser settings" in md

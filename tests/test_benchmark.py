@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 import benchmark
+import frontier
 import report
 
 
@@ -73,3 +74,21 @@ def test_quick_table_end_to_end(tmp_path):
         assert (tmp_path / png).stat().st_size > 1000
     sspo = res["runs"]["sspo"][0]
     assert sspo["ssr"] and all(0 <= v <= 1 for _, v in sspo["ssr"])
+
+
+def test_frontier_markdown_plot_and_costs(tmp_path):
+    names = ["ddim 10, cfg 3, every 1", "dpmsolver++ 4, cfg 3, every 4"]
+    results = _fake_results(methods=names, seeds=3)
+    results.update(costs={n: {"ratio": 1.0 + i, "q1": 0.9 + i, "q3": 1.2 + i, "sspo_ms": 5.0, "dpo_ms": 2.0}
+                          for i, n in enumerate(names)},
+                   cost_batch=16, cost_repeats=7, summary=benchmark.summarize(results))
+    frontier.write(results, tmp_path, "python benchmark.py frontier --quick")
+    md = (tmp_path / "loser_frontier.md").read_text()
+    acc = [r["final"]["id_cfg/accuracy"] for r in results["runs"][names[1]]]
+    row = next(line for line in md.splitlines() if line.startswith(f"| {names[1]} |"))
+    assert "| 2.00 [1.90, 2.20] |" in row and f"{np.mean(acc):.3f} ± {np.std(acc):.3f}" in row
+    assert "python benchmark.py frontier --quick" in md
+    assert Image.open(tmp_path / "loser_frontier.png").size[0] > 300
+    # the cost measurement itself (loop.update on digits, batch 2, one repeat): per update of a cycle
+    costs = frontier.costs({n: frontier.FRONTIER[n] for n in names}, batch=2, repeats=1, log=lambda s: None)
+    assert set(costs) == set(names) and all(c["ratio"] > 0 and c["dpo_ms"] > 0 for c in costs.values())

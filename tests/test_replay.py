@@ -5,7 +5,8 @@ import json
 
 import pytest
 import torch
-from diffusers import AnimateDiffPipeline, DDIMScheduler, StableDiffusionPipeline
+from diffusers import (AnimateDiffPipeline, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                       StableDiffusionPipeline, UniPCMultistepScheduler)
 
 import models
 from families import animatediff, sd15
@@ -156,17 +157,27 @@ def tiny_dirs(tmp_path_factory):
     return sd15.write_tiny(str(root / "sd15")), animatediff.write_tiny_motion_adapter(str(root / "motion"))
 
 
-@pytest.mark.parametrize("guidance", [3.0, 1.0])
-def test_sample_losers_equals_stable_diffusion_pipeline(tiny_dirs, guidance):
+# Each scheduler name -> the diffusers class a user would hand the pipeline (built here, not by sampling.py).
+PIPELINE_SCHEDULERS = {"ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler,
+                       "unipc": UniPCMultistepScheduler, "euler": EulerDiscreteScheduler}
+
+
+@pytest.mark.parametrize("scheduler,guidance", [("ddim", 3.0), ("ddim", 1.0), ("dpmsolver++", 3.0),
+                                                ("unipc", 3.0), ("euler", 3.0), ("euler", 1.0)])
+def test_sample_losers_equals_stable_diffusion_pipeline(tiny_dirs, scheduler, guidance):
     bundle = models.build_model("sd15", tiny_dirs[0], lora_rank=2)
     _perturb_lora(bundle)
     ref = Reference(bundle)
     ref.load(bundle.trainable_state_dict())
     prompts = ["a red cube on a table", "a cat"]
     ours = sample_losers(bundle, ref, prompts, num_inference_steps=4, guidance_scale=guidance,
-                         generator=torch.Generator().manual_seed(5), latent_shape=(4, 8, 8))
+                         generator=torch.Generator().manual_seed(5), latent_shape=(4, 8, 8),
+                         scheduler=scheduler)
+    pipe_scheduler = PIPELINE_SCHEDULERS[scheduler].from_config(bundle.scheduler_config)
+    if scheduler == "dpmsolver++":
+        assert pipe_scheduler.config.algorithm_type == "dpmsolver++"  # the class's default variant
     pipe = StableDiffusionPipeline(vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer,
-                                   unet=bundle.unet, scheduler=DDIMScheduler.from_config(bundle.scheduler_config),
+                                   unet=bundle.unet, scheduler=pipe_scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe(prompts, height=16, width=16, num_inference_steps=4, guidance_scale=guidance,
@@ -174,8 +185,13 @@ def test_sample_losers_equals_stable_diffusion_pipeline(tiny_dirs, guidance):
     assert ours.shape == theirs.shape == (2, 4, 8, 8)
     assert torch.equal(ours, theirs)  # same ops in the same order: bitwise
     again = sample_losers(bundle, ref, prompts, num_inference_steps=4, guidance_scale=guidance,
-                          generator=torch.Generator().manual_seed(6), latent_shape=(4, 8, 8))
+                          generator=torch.Generator().manual_seed(6), latent_shape=(4, 8, 8),
+                          scheduler=scheduler)
     assert not torch.allclose(ours, again, atol=1e-3)  # the seed matters
+    if scheduler != "ddim":  # the choice matters: another solver gives other samples
+        ddim = sample_losers(bundle, ref, prompts, num_inference_steps=4, guidance_scale=guidance,
+                             generator=torch.Generator().manual_seed(5), latent_shape=(4, 8, 8))
+        assert not torch.allclose(ours, ddim, atol=1e-4)
 
 
 def _perturb_lora(bundle):

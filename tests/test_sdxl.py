@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 
 import data
-import loop
 import models
 import sampling
 import train
@@ -63,7 +62,7 @@ def bundle(tiny):
 
 
 def test_sdxl_time_ids_from_real_original_size_and_crop(tmp_path, pipe, bundle):
-    """Items carry the original (h, w) and the crop's (top, left); loop.image_conditions turns
+    """Items carry the original (h, w) and the crop's (top, left); models.image_conditions turns
     them into time_ids laid out as StableDiffusionXLPipeline._get_add_time_ids; losers sampled by
     replay get the sampler's (R, R, 0, 0, R, R)."""
     R, sizes = 16, [(40, 24), (20, 36)]  # (w, h): landscape and portrait, neither square
@@ -88,7 +87,7 @@ def test_sdxl_time_ids_from_real_original_size_and_crop(tmp_path, pipe, bundle):
         batch = data.collate([{**it, "index": 0} for it in items])
         assert batch["original_size"].shape == (2, 2) and batch["crop_top_left"].shape == (2, 2)
         _, extra = models.encode_prompts(bundle, batch["prompt"], return_extra=True)
-        extra_w, extra_l = loop.image_conditions(bundle, batch, extra)
+        extra_w, extra_l = models.image_conditions(bundle, batch, extra)
         for row, it in zip(extra_w["time_ids"], items):
             want = pipe._get_add_time_ids(it["original_size"], it["crop_top_left"], (R, R), torch.float32,
                                           pipe.text_encoder_2.config.projection_dim)[0]

@@ -143,8 +143,9 @@ def test_two_process_gloo_equals_one_process(cache, tmp_path):
 
 # ------------------------------------------------------------------------------- resume, NaN, SIGTERM
 
-def test_resume_is_bitwise_identical(cache, tmp_path):
-    args = {**FAST, "cache_dir": cache, "method": "sspo", "max_steps": 5}
+@pytest.mark.parametrize("loser_every", [1, 2])  # 2: the split at update 3 falls inside a cycle
+def test_resume_is_bitwise_identical(cache, tmp_path, loser_every):
+    args = {**FAST, "cache_dir": cache, "method": "sspo", "max_steps": 5, "loser_every": loser_every}
     train.run({**args, "out_dir": str(tmp_path / "straight")})
     train.run({**args, "max_steps": 3, "out_dir": str(tmp_path / "split")})
     train.run({**args, "resume": True, "out_dir": str(tmp_path / "split")})
@@ -153,6 +154,46 @@ def test_resume_is_bitwise_identical(cache, tmp_path):
     sa = checkpoints.read_checkpoint(tmp_path / "straight/checkpoints/step_000005")[1]["state"]
     sb = checkpoints.read_checkpoint(tmp_path / "split/checkpoints/step_000005")[1]["state"]
     assert sa["pool"]["steps"] == sb["pool"]["steps"] == [0, 2, 4]
+
+
+def test_reused_losers_keep_their_checkpoint_as_reference(cache, tmp_path, monkeypatch):
+    """loser_every=3: losers are sampled once per cycle of 3 updates (per micro-batch), and on
+    every update that trains on them the reference holds the very weights that sampled them."""
+    import replay
+    import sampling
+    fingerprint = lambda ref: float(sum(p.double().sum() for p in ref.unet.parameters()))
+    gens, uses, pending = [], [], []  # (weights, losers); (gen index, ref weights); losers in flight
+    real_call, real_sample, real_q = replay.Reference.__call__, sampling.sample, sspo.q_sample
+
+    def sample(bundle, denoise_fn, *a, **k):
+        out = real_sample(bundle, denoise_fn, *a, **k)
+        if isinstance(denoise_fn, replay.Reference):  # not the sample grid of the final model
+            gens.append((fingerprint(denoise_fn), out.clone()))
+        return out
+
+    def q_sample(x0, *a, **k):
+        pending.append(x0[x0.shape[0] // 2:].clone())  # [winners; losers]: the losers
+        return real_q(x0, *a, **k)
+
+    def call(self, x, t, emb):
+        if pending:  # the training pass's reference forward on [winners; losers]
+            losers = pending.pop()
+            made_by = [i for i, (_, g) in enumerate(gens) if torch.equal(g, losers)]
+            assert len(made_by) == 1
+            uses.append((made_by[0], fingerprint(self)))
+        return real_call(self, x, t, emb)
+
+    monkeypatch.setattr(sampling, "sample", sample)
+    monkeypatch.setattr(sspo, "q_sample", q_sample)
+    monkeypatch.setattr(replay.Reference, "__call__", call)
+    train.run({**FAST, "cache_dir": cache, "method": "sspo", "loser_every": 3, "save_every": 3,
+               "max_steps": 9, "grad_accum": 2, "out_dir": str(tmp_path)})
+    assert len(gens) == 3 * 2 and len(uses) == 9 * 2  # 3 cycles x 2 micro-batches; 9 updates x 2
+    assert sorted(i for i, _ in uses) == sorted(list(range(6)) * 3)  # each loser batch used 3 times
+    assert all(w == gens[i][0] for i, w in uses)  # ... always with the checkpoint that made it
+    assert len({w for w, _ in gens}) >= 2  # the cycles drew different checkpoints
+    with pytest.raises(ValueError, match="multiple of 'loser_every'"):
+        config.resolve({"loser_every": 3, "save_every": 4})
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(cache, tmp_path, monkeypatch):

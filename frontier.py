@@ -1,0 +1,108 @@
+"""The loser-sampling frontier (issue: the cost of self-sampling): SSPO on digits for each
+setting of scheduler x steps x guidance x regeneration interval, its full-step cost against a
+Diffusion-DPO step (measured through loop.update) and its final quality. benchmark.py runs it
+(`python benchmark.py frontier`); this module holds the settings, the cost measurement and the report.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+def _losers(scheduler: str, steps: int, guidance: float, every: int) -> dict:
+    return {"method": "sspo", "loser_scheduler": scheduler, "loser_steps": steps,
+            "loser_guidance": guidance, "loser_every": every}
+
+
+# SSPO with each loser-sampling setting (scheduler x steps x guidance x regeneration interval).
+# The first is the digits preset (today's default); the UniPC-6 settings are the SD-1.5 preset's
+# choice at digits' guidance scale.
+FRONTIER = {
+    "ddim 10, cfg 3, every 1": _losers("ddim", 10, 3.0, 1),
+    "dpmsolver++ 10, cfg 3, every 1": _losers("dpmsolver++", 10, 3.0, 1),
+    "euler 10, cfg 3, every 1": _losers("euler", 10, 3.0, 1),
+    "unipc 6, cfg 3, every 1": _losers("unipc", 6, 3.0, 1),
+    "unipc 6, no cfg, every 1": _losers("unipc", 6, 1.0, 1),
+    "ddim 10, cfg 3, every 4": _losers("ddim", 10, 3.0, 4),
+    "unipc 6, cfg 3, every 4": _losers("unipc", 6, 3.0, 4),
+    "dpmsolver++ 4, cfg 3, every 4": _losers("dpmsolver++", 4, 3.0, 4),
+}
+CONDITIONS = ("id_cfg", "ood_cfg")
+
+
+def costs(specs: dict, batch: int, repeats: int, log=print) -> dict:
+    """name -> {ratio, q1, q3, sspo_ms, dpo_ms}: a full SSPO update (loop.update, per update of
+    one loser_every cycle, reference reloaded at each cycle) over a Diffusion-DPO update, digits,
+    full fine-tuning, timed round-robin in one process as bench.py does (one torch thread)."""
+    import bench
+    from bench_harness import Harness
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        p = dict(bench.profile("digits", cuda=False, quick=False), batch=batch, warmup=1, repeats=repeats)
+        h = Harness("digits", False, p, torch.device("cpu"), storages=("memory",))
+        count = iter(range(10**9))
+        losers = {n: {"scheduler": o["loser_scheduler"], "steps": o["loser_steps"],
+                      "guidance": o["loser_guidance"], "every": o["loser_every"]} for n, o in specs.items()}
+        fns = {"dpo": lambda: h.cycle("dpo", losers[next(iter(losers))], next(count))}
+        fns.update({n: (lambda n=n: h.cycle("sspo", losers[n], next(count))) for n in specs})
+        # one Run per loser setting: the harness keeps one, so rebuild it whenever the setting changes
+        def fresh(fn, n):
+            def call():
+                if getattr(h, "_loop_setting", None) != n:
+                    h.__dict__.pop("_loop_run", None)
+                    h._loop_setting = n
+                return fn()
+            return call
+        fns = {n: fresh(fn, n) for n, fn in fns.items()}
+        times = bench.measure(fns, p["warmup"], p["repeats"], log=log)
+    finally:
+        torch.set_num_threads(threads)
+    dpo = float(np.median(times["dpo"]))
+    out = {}
+    for n in specs:
+        per_update = np.asarray(times[n]) / losers[n]["every"]
+        q1, med, q3 = np.percentile(per_update / dpo, [25, 50, 75])
+        out[n] = {"ratio": float(med), "q1": float(q1), "q3": float(q3),
+                  "sspo_ms": float(np.median(per_update)), "dpo_ms": dpo}
+    return out
+
+
+def write(results: dict, out: Path, command: str) -> None:
+    """loser_frontier.md (table) and loser_frontier.png (accuracy and FD against cost ratio)."""
+    size, summary, costs = results["size"], results["summary"], results["costs"]
+    L = ["# Loser sampling: the quality-cost frontier on digits\n",
+         f"`{command}` — {results['date']}; {size['seeds']} seeds; train overrides "
+         f"{json.dumps(size['train'])}; {size['n_final']} generated digits per condition, "
+         f"{size['inference_steps']} DDIM steps, guidance 3 for evaluation.\n",
+         "cost = full SSPO update (loop.update: swap + loser generation + training pass, per update "
+         "of a loser_every cycle) / Diffusion-DPO update, digits, full fine-tuning, batch "
+         f"{results['cost_batch']}, median of {results['cost_repeats']} round-robin repeats "
+         "[q1, q3]. acc / FD: final judge accuracy and Frechet distance, mean ± std over seeds.\n",
+         "| setting (scheduler, steps, guidance, regenerated every) | cost vs DPO | "
+         + " | ".join(f"{c} acc | {c} FD" for c in CONDITIONS) + " |",
+         "|" + "---|" * (2 + 2 * len(CONDITIONS))]
+    for name, c in costs.items():
+        cells = [f"{summary[name][f'{cond}/{k}'][0]:.3f} ± {summary[name][f'{cond}/{k}'][1]:.3f}"
+                 for cond in CONDITIONS for k in ("accuracy", "frechet")]
+        L.append(f"| {name} | {c['ratio']:.2f} [{c['q1']:.2f}, {c['q3']:.2f}] | " + " | ".join(cells) + " |")
+    (out / "loser_frontier.md").write_text("\n".join(L) + "\n")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, metric in zip(axes, ("accuracy", "frechet")):
+        for i, (name, c) in enumerate(costs.items()):
+            m, sd = summary[name][f"{CONDITIONS[0]}/{metric}"]
+            ax.errorbar(c["ratio"], m, yerr=sd, xerr=[[c["ratio"] - c["q1"]], [c["q3"] - c["ratio"]]],
+                        fmt="o", capsize=3, color=plt.cm.tab10(i % 10), label=name)
+        ax.set_xlabel("full SSPO update / Diffusion-DPO update (time)")
+        ax.set_ylabel(f"final {metric} ({CONDITIONS[0]}; mean ± std over seeds)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "loser_frontier.png", dpi=110)
+    plt.close(fig)
+
+
