@@ -117,10 +117,11 @@ def _tuned(overrides: dict, tuned: dict) -> dict:
 
 
 def _memo(bundle, overrides: dict, seed: int) -> dict:
-    """Copying and diversity (report.memorization) of 10 samples per digit, training templates, guidance 3."""
-    per_class = overrides.get("digits_align_per_class", 0) or None
-    align = digits.DigitsDataset("align", per_class=per_class).x
-    heldout = digits.real_subset("eval", len(align) // 10)[0]
+    """Copying and diversity (report.memorization) of 10 samples per digit, training templates,
+    guidance 3, against the run's alignment digits (the first 40 per class of the full split, or
+    the small split itself) and as many held-out eval digits per class."""
+    per_class = overrides.get("digits_align_per_class", 0) or 40
+    align, heldout = digits.real_subset("align", per_class)[0], digits.real_subset("eval", per_class)[0]
     prompts, labels = digits.digit_prompts(digits.TRAIN_TEMPLATES[:1], 100)
     x = digits.generate_digits(bundle, prompts, seed=seed)
     return report.memorization(x, labels, align, heldout)
