@@ -271,7 +271,7 @@ def validate(cfg: Config) -> None:
     for key in ("max_steps", "batch_size", "grad_accum", "save_every", "loser_steps", "log_every", "loser_every"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"config key {key!r} must be >= 1, got {getattr(cfg, key)}")
-    if cfg.save_every % cfg.loser_every:  # the pool must not change within a cycle (see loop.update)
+    if LOSS_OF.get(cfg.method) == "sspo" and cfg.save_every % cfg.loser_every:  # the pool must not change within a cycle (see loop.update)
         raise ValueError(f"config key 'save_every' ({cfg.save_every}) must be a multiple of "
                          f"'loser_every' ({cfg.loser_every})")
     if not 0.0 <= cfg.cfg_drop < 1.0:

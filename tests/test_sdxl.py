@@ -198,7 +198,7 @@ def test_sdxl_two_processes_and_resume(tiny, tmp_path):
     assert "resumed from step 1" in r.stdout + r.stderr
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
-    assert (tmp_path / "run" / "final" / "model_index.json").exists()
+    assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").exists()  # LoRA: the adapter
 
 
 def test_sdxl_vae_runs_in_float32_under_fp16_autocast(bundle):

@@ -51,7 +51,7 @@ def test_config_errors_are_clear():
         config.resolve(argv=["--method=ppo"])
     with pytest.raises(ValueError, match=r"'ssr' must be one of"):
         config.resolve({"ssr": "soft"})
-    with pytest.raises(FileNotFoundError, match="presets: animatediff_magictime, cogvideox_sdpo, digits, sd15_pickapic, wan21_sdpo"):
+    with pytest.raises(FileNotFoundError, match="presets: animatediff_magictime, cogvideox_sdpo, digits, sd15_pickapic, sdxl_pickapic, wan21_sdpo"):
         config.resolve(argv=["--config=nope"])
 
 
@@ -175,13 +175,13 @@ def test_reused_losers_keep_their_checkpoint_as_reference(cache, tmp_path, monke
         pending.append(x0[x0.shape[0] // 2:].clone())  # [winners; losers]: the losers
         return real_q(x0, *a, **k)
 
-    def call(self, x, t, emb):
+    def call(self, x, t, emb, extra=None):
         if pending:  # the training pass's reference forward on [winners; losers]
             losers = pending.pop()
             made_by = [i for i, (_, g) in enumerate(gens) if torch.equal(g, losers)]
             assert len(made_by) == 1
             uses.append((made_by[0], fingerprint(self)))
-        return real_call(self, x, t, emb)
+        return real_call(self, x, t, emb, extra)
 
     monkeypatch.setattr(sampling, "sample", sample)
     monkeypatch.setattr(sspo, "q_sample", q_sample)
