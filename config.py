@@ -72,8 +72,10 @@ class Config:
     cfg_drop: float = _f(0.1, "probability of an empty caption (classifier-free guidance)")
     num_workers: int = _f(0, "DataLoader workers")
     # ---- the embedded digits default
-    digits_base_steps: int = _f(1500, "updates of the (cached) misaligned base model's pretraining")
-    digits_corrupt: float = _f(0.6, "fraction of pretrain captions replaced by a wrong digit")
+    digits_base_steps: int = _f(1000, "updates of the (cached) misaligned base model's pretraining (half of them clean)")
+    digits_corrupt: float = _f(0.65, "fraction of pretrain captions naming a wrong digit in the base's second stage")
+    digits_loser_wrong: float = _f(0.5, "share of digits preference pairs whose loser shows a wrong digit "
+                                        "(the rest: the right digit, smudged)")
     digits_classes: str = _f("", "comma-separated digit classes kept in the alignment split ('' = all)")
     digits_align_per_class: int = _f(0, "keep only the first N alignment digits of each class (0 = all; memorization runs)")
     cache_dir: str = _f(str(ROOT / "cache"), "where the digits base model is cached")
@@ -257,8 +259,9 @@ def validate_numbers(cfg: Config) -> None:
     for key in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(cfg, key) < 1.0:
             raise ValueError(f"config key {key!r} must be in [0, 1), got {getattr(cfg, key)}")
-    if not 0.0 <= cfg.digits_corrupt <= 1.0:
-        raise ValueError(f"config key 'digits_corrupt' must be in [0, 1], got {cfg.digits_corrupt}")
+    for key in ("digits_corrupt", "digits_loser_wrong"):
+        if not 0.0 <= getattr(cfg, key) <= 1.0:
+            raise ValueError(f"config key {key!r} must be in [0, 1], got {getattr(cfg, key)}")
     if cfg.loser_guidance < 0:
         raise ValueError(f"config key 'loser_guidance' must be >= 0, got {cfg.loser_guidance}")
 
@@ -343,7 +346,8 @@ def ignored_settings(cfg: Config, given: set[str] | None = None) -> list[str]:
     if cfg.model != "animatediff":
         why["motion_adapter_path"] = f"only animatediff has a motion adapter; this run trains {cfg.model}"
     if cfg.model != "digits":
-        for key in ("digits_base_steps", "digits_corrupt", "digits_classes", "cache_dir", "data_split"):
+        for key in ("digits_base_steps", "digits_corrupt", "digits_classes", "digits_loser_wrong", "cache_dir",
+                    "data_split"):
             why[key] = f"only the digits model uses it; this run trains {cfg.model}"
     else:
         why["resolution"] = "the digits model is 8x8 pixels"

@@ -54,7 +54,8 @@ def build_dataset(cfg: Config):
         corrupt = cfg.digits_corrupt if cfg.data_split == "pretrain" else 0.0
         align = cfg.data_split == "align"
         return digits.DigitsDataset(cfg.data_split, corrupt_fraction=corrupt, classes=classes if align else None,
-                                    per_class=(cfg.digits_align_per_class or None) if align else None, **common)
+                                    per_class=(cfg.digits_align_per_class or None) if align else None,
+                                    loser_wrong_fraction=cfg.digits_loser_wrong, **common)
     aug = dict(resolution=cfg.resolution, random_crop=cfg.random_crop, hflip=cfg.hflip,
                cfg_drop=cfg.cfg_drop, seed=cfg.seed)
     if cfg.data == "pickapic":

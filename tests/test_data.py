@@ -318,19 +318,34 @@ def test_digits_corrupt_fraction_is_exact_and_fixed(fraction):
                for i in range(20))
 
 
-def test_digits_pairs_never_share_the_digit():
-    for split, classes in [("align", None), ("align", [3]), ("pretrain", [0, 1, 2])]:
-        ds = digits.DigitsDataset(split, mode="pairs", classes=classes, corrupt_fraction=0.2)
-        # Identify the loser by its pixels, independently of ds.loser_index.
+def test_digits_pairs_mix_wrong_digits_and_worse_right_digits():
+    """Losers as Pick-a-Pic's: a share show another digit (identified by their pixels among the
+    real digits, independently of ds.loser_index), the rest the prompted digit, degraded (not a
+    real image, but closest to a real image of the prompted digit)."""
+    for split, classes, mix in [("align", None, 0.5), ("align", [3], 1.0), ("pretrain", [0, 1, 2], 0.3)]:
+        ds = digits.DigitsDataset(split, mode="pairs", classes=classes, corrupt_fraction=0.2,
+                                  loser_wrong_fraction=mix)
+        real_x, real_y = digits.load_digits_splits()[split]
         digits_of = {}
-        for x, y in zip(*digits.load_digits_splits()[split]):
+        for x, y in zip(real_x, real_y):
             digits_of.setdefault(x.numpy().tobytes(), set()).add(int(y))
+        wrong = 0
         for i in range(len(ds)):
             item = ds[i]
-            loser_digits = digits_of[item["x0_l"].numpy().tobytes()]
-            assert item["label"] not in loser_digits
-            assert _word_digit(item["prompt"]) not in loser_digits
+            asked = _word_digit(item["prompt"]) if item["prompt"] else int(ds.caption_labels[i])
+            shown = digits_of.get(item["x0_l"].numpy().tobytes())
+            if shown is not None:  # a real image: a wrong digit, never the image's or the caption's
+                assert item["label"] not in shown and asked not in shown
+                wrong += 1
+            else:  # degraded: nearest real digit of the split shows the caption's digit
+                d = ((real_x - item["x0_l"]) ** 2).flatten(1).sum(1)
+                assert int(real_y[d.argmin()]) == int(ds.caption_labels[i])
+                assert not torch.equal(item["x0_l"], item["x0_w"])
             assert classes is None or item["label"] in classes
+        assert abs(wrong / len(ds) - mix) < 0.1, (split, wrong / len(ds), mix)
+    rand = digits.DigitsDataset("align", mode="random", loser_wrong_fraction=0.5)
+    assert 0.15 < rand.wrong_target_fraction() < 0.35  # about half the coins x half the losers
+    assert digits.DigitsDataset("align", mode="random", loser_wrong_fraction=0.0).wrong_target_fraction() == 0
 
 
 def test_digits_random_mode_and_modes_shapes():
@@ -438,3 +453,29 @@ def test_pickapic_through_dataloader_with_workers(pickapic):
     ds[0]  # fills the row-group cache; a pickled copy (spawned worker) starts without it
     copy = pickle.loads(pickle.dumps(ds))
     assert copy._cache is None and torch.equal(copy[0]["x0_w"], ds[0]["x0_w"])
+
+
+def test_digits_base_reads_first_then_learns_a_misaligned_conditional(tmp_path, monkeypatch):
+    """build_base: stage 1 on clean captions trains the text encoder with the UNet; stage 2 uses
+    `corrupt` wrong captions with the text encoder frozen (as SD-1.5's); the result loads."""
+    import models
+    seen = []
+    real = digits.DigitsDataset
+
+    class Spy(real):
+        def __init__(self, split, *a, corrupt_fraction=0.0, **k):
+            seen.append((split, corrupt_fraction))
+            super().__init__(split, *a, corrupt_fraction=corrupt_fraction, **k)
+
+    monkeypatch.setattr(digits, "DigitsDataset", Spy)
+    fresh = models.build_model("digits", None).text_encoder.state_dict()
+    out = digits.build_base(tmp_path / "base", steps=4, corrupt=0.65, batch_size=4, warmup=1)
+    assert seen == [("pretrain", 0.0), ("pretrain", 0.65)]
+    built = models.build_model("digits", str(out))
+    te = built.text_encoder.state_dict()
+    assert any(not torch.equal(te[k], fresh[k]) for k in fresh)  # the text pathway learned
+    assert not any(p.requires_grad for p in built.text_encoder.parameters())
+    frozen = digits.build_base(tmp_path / "no_reading", steps=2, corrupt=0.65, batch_size=4, warmup=1,
+                               read_fraction=0.0)  # stage 2 alone: the text encoder must not move
+    te2 = models.build_model("digits", str(frozen)).text_encoder.state_dict()
+    assert all(torch.equal(te2[k], fresh[k]) for k in fresh)
