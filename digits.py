@@ -279,6 +279,18 @@ class DigitsJudge:
                 "frechet": frechet_distance(*gaussian_stats(self.features(x)), *self.ref_stats)}
 
 
+def second_judge():
+    """An independent check of the judge, never used for tuning anything: a RandomForest on raw
+    pixels (another model family than the SVC), fitted on the same real pretrain + align digits.
+    Returns ``predict(x) -> (N,) labels`` for (N,1,8,8) digits in [-1,1]."""
+    from sklearn.ensemble import RandomForestClassifier
+    splits = load_digits_splits(SPLIT_SEED)
+    x = torch.cat([splits["pretrain"][0], splits["align"][0]])
+    y = torch.cat([splits["pretrain"][1], splits["align"][1]])
+    rf = RandomForestClassifier(n_estimators=200, random_state=0, n_jobs=1).fit(_flat(x), y.numpy())
+    return lambda samples: rf.predict(_flat(samples))
+
+
 # ---------------------------------------------------------------------------------------------
 # Generating and judging digits
 # ---------------------------------------------------------------------------------------------

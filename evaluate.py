@@ -34,9 +34,14 @@ def report_digits_run(run_dir, n_per_condition: int = 100, num_inference_steps: 
     base = saved.get("model_path") or digits.ensure_base(saved["cache_dir"], saved["digits_base_steps"],
                                                          saved["digits_corrupt"])
     res = {"judge_real_accuracy": judge.real_accuracy}
+    rf = digits.second_judge()
+    prompts, labels = digits.digit_prompts(digits.TRAIN_TEMPLATES, n_per_condition)
     for name, path in (("base", base), ("final", run_dir / "final")):
-        res[name] = digits.evaluate_model(models.build_model("digits", str(path)), judge, seed=seed,
-                                          n_per_condition=n_per_condition, num_inference_steps=num_inference_steps)
+        bundle = models.build_model("digits", str(path))
+        res[name] = digits.evaluate_model(bundle, judge, seed=seed, n_per_condition=n_per_condition,
+                                          num_inference_steps=num_inference_steps)
+        x = digits.generate_digits(bundle, prompts, num_inference_steps=num_inference_steps, seed=seed)
+        res[name]["id_cfg/accuracy_rf"] = float((rf(x) == labels).mean())  # the independent check
     (run_dir / "eval.json").write_text(json.dumps(res, indent=1))
     export.write_model_card(run_dir)  # the card in final/ now carries these numbers
     rows = ["condition              metric      base    final"]
@@ -44,7 +49,7 @@ def report_digits_run(run_dir, n_per_condition: int = 100, num_inference_steps: 
         rows.append(f"{key.split('/')[0]:<22} {key.split('/')[1]:<10} {res['base'][key]:7.3f}  {res['final'][key]:7.3f}")
     print(f"judge (accuracy {judge.real_accuracy:.3f} on real held-out digits) on {n_per_condition} "
           f"generated digits per condition; id/ood = training/held-out caption templates, "
-          f"cfg/nocfg = guidance 3 / none:\n" + "\n".join(rows))
+          f"cfg/nocfg = guidance 3 / none; accuracy_rf = an independent RandomForest judge:\n" + "\n".join(rows))
     return res
 
 
