@@ -259,7 +259,7 @@ def test_11_filesystem_errors_are_one_line_and_keep_the_run(copy, tmp_path, monk
     assert train.main(argv + [f"--out_dir={tmp_path / 'a_file' / 'run'}"]) == 2  # not a directory
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Not a directory" in err[0] and "a_file" in err[0]
-    assert train.main(argv + ["--config=sd15_pickapic", f"--model_path={tmp_path}",
+    assert train.main(argv + ["--config=sd15_pickapic", "--loser_every=1", f"--model_path={tmp_path}",
                               f"--data_path={tmp_path / 'missing'}", f"--out_dir={tmp_path / 'r2'}"]) == 2
     lines = [l for l in capsys.readouterr().err.strip().splitlines() if not l.startswith("warning: ")]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "missing" in lines[0]  # (the digits keys warn)
