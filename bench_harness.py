@@ -37,9 +37,7 @@ def build_bundle(model: str, lora_rank: int, grad_ckpt: bool, width: tuple | Non
     # 3.4 GB of random weights to disk to load them back would measure nothing of interest).
     unet.requires_grad_(False)
     if lora_rank > 0:
-        from peft import LoraConfig
-        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
-                                    target_modules=models.LORA_TARGETS), adapter_name="default")
+        unet.add_adapter(models.lora_config(lora_rank), adapter_name="default")  # as models.build_model
     bundle = models.Bundle(family="sd15", unet=unet, text_encoder=text_encoder,
                            tokenizer=common.clip_tokenizer(), vae=None,
                            scheduler_config=dict(common.SD15_SCHEDULER), lora=lora_rank > 0,
