@@ -92,3 +92,18 @@ def test_frontier_markdown_plot_and_costs(tmp_path):
     # the cost measurement itself (loop.update on digits, batch 2, one repeat): per update of a cycle
     costs = frontier.costs({n: frontier.FRONTIER[n] for n in names}, batch=2, repeats=1, log=lambda s: None)
     assert set(costs) == set(names) and all(c["ratio"] > 0 and c["dpo_ms"] > 0 for c in costs.values())
+
+
+def test_sweep_rule_rejects_unrealistic_settings_and_tuned_passes_only_lr_beta():
+    rows = [{"lr": 1e-3, "beta": 500.0, "accuracy": 0.95, "frechet": 9.0},   # accurate, not digit-like
+            {"lr": 3e-4, "beta": 500.0, "accuracy": 0.80, "frechet": 1.5},
+            {"lr": 1e-4, "beta": 2500.0, "accuracy": 0.80, "frechet": 1.2}]  # same accuracy, lower FD
+    assert benchmark.choose(rows, base_frechet=1.0) == {"lr": 1e-4, "beta": 2500.0, "admissible": True}
+    # with a permissive ratio the accurate unrealistic setting wins: the FD bound is what rejects it
+    assert benchmark.choose(rows, base_frechet=1.0, max_ratio=10.0)["lr"] == 1e-3
+    # nothing admissible -> the most realistic one, marked
+    assert benchmark.choose(rows, base_frechet=0.1) == {"lr": 1e-4, "beta": 2500.0, "admissible": False}
+    tuned = {"sspo": {"lr": 3e-4, "beta": 500.0, "admissible": True}}
+    assert benchmark._tuned({"method": "sspo", "ssr": "none"}, tuned) == {
+        "lr": 3e-4, "beta": 500.0, "method": "sspo", "ssr": "none"}
+    assert benchmark._tuned({"method": "sft", "lr": 1e-5}, tuned) == {"method": "sft", "lr": 1e-5}
