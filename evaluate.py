@@ -3,7 +3,8 @@
     python evaluate.py report RUN_DIR                # judge a digits run against its base
     python evaluate.py generate --family sd15 --checkpoint DIR --prompts FILE --out DIR [--lora PATH]
         DIR: a pipeline, a run's final/ (full or LoRA) or checkpoints/step_N (on the run's base model)
-    python evaluate.py score --generated DIR [--clip DIR] [--pickscore DIR] [--aesthetic-head FILE] ...
+    python evaluate.py score --generated DIR [--clip DIR] [--pickscore DIR] [--aesthetic-head FILE]
+        [--hpsv2 HPS_v2.1_compressed.pt] [--reference DIR --clip-fid CLIP_DIR] ...
 
 The digits judge and its metrics are defined in digits.py; the model-based real-scale scorers and
 the metric math live in scorers.py. The table over many methods and seeds: benchmark.py.
@@ -204,10 +205,13 @@ def main(argv=None) -> None:
     s.add_argument("--pickscore-processor", help="local processor dir (laion/CLIP-ViT-H-14-laion2B-s32B-b79K)")
     s.add_argument("--aesthetic-clip", help="local CLIP ViT-L/14 dir (default: --clip)")
     s.add_argument("--aesthetic-head", help="LAION aesthetic MLP weights (.pth/.safetensors)")
-    s.add_argument("--hpsv2", help="local HPSv2 checkpoint (needs the hpsv2 package)")
-    s.add_argument("--imagereward", help="local ImageReward.pt (needs the image-reward package)")
-    s.add_argument("--reference", help="real images/videos named like the generated files (PSNR, FID, FVD)")
-    s.add_argument("--fid-clip", help="local CLIP dir whose image embeddings define FID")
+    s.add_argument("--hpsv2", help="local HPSv2 checkpoint, HPS_v2.1_compressed.pt (open_clip ViT-H-14 weights; "
+                   "scored through transformers, no hpsv2/open_clip package); reported as 100*cos like the papers")
+    s.add_argument("--imagereward", help="local ImageReward.pt (needs the image-reward package, which does not "
+                   "import under transformers 5: then skipped with a one-line reason)")
+    s.add_argument("--reference", help="real images/videos named like the generated files (PSNR, CLIP-FID, FVD)")
+    s.add_argument("--clip-fid", "--fid-clip", dest="clip_fid_model", help="local CLIP dir whose image embeddings "
+                   "define CLIP-FID (not Inception FID: not comparable with published FID numbers)")
     s.add_argument("--i3d", help="local TorchScript I3D (FVD)")
     s.add_argument("--out", help="scores JSON (default: <generated>/scores.json)")
     args = p.parse_args(argv)
@@ -226,12 +230,15 @@ def main(argv=None) -> None:
                        width=args.width, num_frames=args.num_frames))
     else:
         kw = {k: getattr(args, k) for k in ("clip", "pickscore", "pickscore_processor", "aesthetic_clip",
-                                              "aesthetic_head", "hpsv2", "imagereward", "reference", "fid_clip", "i3d")}
+                                              "aesthetic_head", "hpsv2", "imagereward", "reference", "clip_fid_model", "i3d")}
         from scorers import score_generated
         scores = score_generated(args.generated, **kw)
         out = Path(args.out or Path(args.generated) / "scores.json")
         out.write_text(json.dumps(scores, indent=1))
         print(json.dumps(scores["mean"], indent=1))
+        if "clip_fid" in scores["mean"]:
+            print(f"clip_fid is CLIP-FID (Frechet distance of {scores['clip_fid_model']} image embeddings), "
+                  "not Inception FID: compare it only with CLIP-FID on the same CLIP model")
 
 
 if __name__ == "__main__":

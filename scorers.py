@@ -1,5 +1,10 @@
 """Metrics and real-scale scorers: Frechet distance, PSNR, CLIP score, PickScore, LAION
-aesthetic score, HPSv2, ImageReward, FID/FVD features, and local prompt sets.
+aesthetic score, HPSv2 (hps.py), ImageReward, CLIP-FID, FVD, and local prompt sets.
+
+FID here is CLIP-FID: the Frechet distance of CLIP image embeddings, not of the Inception-v3
+pool features behind published FID numbers (no Inception network is provided: torchvision, which
+pytorch-fid / torch-fidelity / clean-fid need, does not import beside this torch), so it is
+always printed and written as clip_fid with the CLIP model it used.
 
 Every model-based scorer loads from a LOCAL path (no hub downloads) and raises one
 FileNotFoundError / ImportError naming what is missing and the expected layout.
@@ -9,12 +14,15 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from hps import HPSv2Scorer  # noqa: F401  (re-exported: scorers is where the CLI finds every scorer)
 
 
 # ----------------------------------------------------------------------------- pure metrics
@@ -171,32 +179,23 @@ class AestheticScorer:
         return self.head(self.clip.image_embeds(images)).numpy()
 
 
-class HPSv2Scorer:
-    """HPSv2 through the `hpsv2` package, with a local checkpoint (HPS_v2.1_compressed.pt).
-    Note: hpsv2 itself builds an open_clip ViT-H-14, whose weights must be in its local cache."""
+# HPSv2 runs from its local open_clip checkpoint through transformers (hps.py).
 
-    def __init__(self, checkpoint, version: str = "v2.1"):
-        try:
-            import hpsv2
-        except ImportError as e:
-            raise ImportError("HPSv2 needs the `hpsv2` package (pip install hpsv2); it is not installed") from e
-        self.hpsv2, self.version = hpsv2, version
-        self.checkpoint = str(require_path(checkpoint, "HPSv2 checkpoint", "a local HPS_v2*.pt file"))
-
-    def __call__(self, images, prompts) -> np.ndarray:
-        return np.array([float(np.ravel(self.hpsv2.score(img, p, cp=self.checkpoint, hps_version=self.version))[0])
-                         for img, p in zip(images, prompts)])
+IMAGEREWARD_UNAVAILABLE = (
+    "ImageReward not scored: the image-reward package does not import under transformers 5 (its BLIP text "
+    "encoder imports apply_chunking_to_forward, which transformers 5 removed) and it needs torchvision; "
+    "score ImageReward in a separate environment with transformers 4.x and torchvision")
 
 
 class ImageRewardScorer:
-    """ImageReward through the `image-reward` package (import name ImageReward), local checkpoint."""
+    """ImageReward through the `image-reward` package (import name ImageReward), local checkpoint.
+    Under transformers 5 the package cannot be imported: ``ImportError(IMAGEREWARD_UNAVAILABLE)``."""
 
     def __init__(self, checkpoint, med_config=None, device: str = "cpu"):
         try:
             import ImageReward as RM
-        except ImportError as e:
-            raise ImportError("ImageReward needs the `image-reward` package (pip install image-reward); "
-                              "it is not installed") from e
+        except Exception as e:  # ImportError from ImageReward itself or from the transformers it imports
+            raise ImportError(f"{IMAGEREWARD_UNAVAILABLE} ({type(e).__name__}: {e})") from None
         ckpt = require_path(checkpoint, "ImageReward checkpoint", "a local ImageReward.pt file")
         kw = {"med_config": str(med_config)} if med_config else {}
         self.model = RM.load(str(ckpt), device=device, **kw)
@@ -228,7 +227,7 @@ def per_frame_clip_score(scorer: CLIPScorer, video: torch.Tensor, prompt: str) -
 
 
 def clip_fid(scorer: CLIPScorer, fake_images, real_images) -> float:
-    """FID computed on L2-normalized CLIP image embeddings (not Inception features: state which
+    """CLIP-FID: FID computed on L2-normalized CLIP image embeddings (not Inception features: state which
     CLIP model when reporting). For videos pass all frames as images."""
     return frechet_distance_from_features(scorer.image_embeds(fake_images).numpy(),
                                           scorer.image_embeds(real_images).numpy())
@@ -364,9 +363,11 @@ def _load_reference(directory: Path, stems: list[str], kind: str):
 
 
 def score_generated(directory, *, clip=None, pickscore=None, pickscore_processor=None, aesthetic_clip=None,
-                    aesthetic_head=None, hpsv2=None, imagereward=None, reference=None, fid_clip=None, i3d=None) -> dict:
+                    aesthetic_head=None, hpsv2=None, imagereward=None, reference=None, clip_fid_model=None, i3d=None) -> dict:
     """Score a generate() output with every scorer whose local weights are given. Returns
-    {"n", "kind", "mean": {metric: value}, "per_item": [...]}; set metrics (FID, FVD) are in "mean"."""
+    {"n", "kind", "mean": {metric: value}, "per_item": [...], "skipped": {scorer: reason}}; set
+    metrics (clip_fid, fvd) are in "mean". A scorer that cannot run here (ImageReward under
+    transformers 5) prints its one-line reason and is listed under "skipped"; the others still run."""
     directory = Path(directory)
     kind, items, media = _load_items(directory)
     prompts = [it["prompt"] for it in items]
@@ -376,10 +377,18 @@ def score_generated(directory, *, clip=None, pickscore=None, pickscore_processor
               "aesthetic": (aesthetic_head, lambda: AestheticScorer(aesthetic_clip or clip, aesthetic_head)),
               "hpsv2": (hpsv2, lambda: HPSv2Scorer(hpsv2)),
               "imagereward": (imagereward, lambda: ImageRewardScorer(imagereward))}
-    per_item = {}
+    per_item, skipped = {}, {}
     for name, (given, make) in makers.items():
         if given:
-            s = make()  # videos: the mean over frames of the per-frame score
+            try:
+                s = make()
+            except ImportError as e:
+                if name != "imagereward":
+                    raise
+                skipped[name] = str(e)
+                print(e, file=sys.stderr)
+                continue
+            # videos: the mean over frames of the per-frame score
             per_item[name] = ([float(np.mean(s(f, [p] * len(f)))) for f, p in zip(frames, prompts)]
                               if kind == "video" else np.asarray(s(media, prompts), dtype=float).tolist())
     mean = {k: float(np.mean(v)) for k, v in per_item.items()}
@@ -388,12 +397,15 @@ def score_generated(directory, *, clip=None, pickscore=None, pickscore_processor
         if kind == "video":
             per_item["psnr"] = [video_psnr(a, b) for a, b in zip(media, ref)]
             mean["psnr"] = float(np.mean(per_item["psnr"]))
-        if fid_clip:
+        if clip_fid_model:
             flat = (lambda xs: [f for v in xs for f in frames_to_pil(v)]) if kind == "video" else list
-            mean["fid_clip"] = clip_fid(CLIPScorer(fid_clip), flat(media), flat(ref))
+            mean["clip_fid"] = clip_fid(CLIPScorer(clip_fid_model), flat(media), flat(ref))
         if i3d:
             mean["fvd"] = FVD(i3d)(media, ref)
-    elif fid_clip or i3d:
-        raise ValueError("FID/FVD need --reference (a folder of real images/videos named like the generated files)")
+    elif clip_fid_model or i3d:
+        raise ValueError("CLIP-FID/FVD need --reference (a folder of real images/videos named like the generated files)")
     rows = [{**it, **{k: v[i] for k, v in per_item.items()}} for i, it in enumerate(items)]
-    return {"n": len(items), "kind": kind, "mean": mean, "per_item": rows}
+    out = {"n": len(items), "kind": kind, "mean": mean, "per_item": rows, "skipped": skipped}
+    if clip_fid_model and reference:
+        out["clip_fid_model"] = str(clip_fid_model)  # CLIP-FID values depend on this model
+    return out

@@ -252,15 +252,6 @@ def test_missing_weights_give_one_clear_message(tmp_path, tiny_clip):
         scorers.FVD(None)
 
 
-@pytest.mark.parametrize("cls,package", [(scorers.HPSv2Scorer, "`hpsv2`"), (scorers.ImageRewardScorer, "`image-reward`")])
-def test_hpsv2_imagereward_name_their_package(cls, package, tmp_path):
-    import importlib.util
-    if importlib.util.find_spec("hpsv2" if "hps" in package else "ImageReward"):
-        pytest.skip("package installed")
-    with pytest.raises(ImportError, match=package):
-        cls(tmp_path / "ckpt.pt")
-
-
 # ----------------------------------------------------------------------------- prompt sets
 
 def test_load_prompts_formats(tmp_path):
@@ -299,7 +290,7 @@ def tiny_sd(tmp_path_factory):
     return sd15.write_tiny(str(tmp_path_factory.mktemp("sd15")))
 
 
-def test_generate_and_score_cli(tiny_sd, tiny_clip, tmp_path):
+def test_generate_and_score_cli(tiny_sd, tiny_clip, tmp_path, capsys):
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS))
     common = ["generate", "--checkpoint", tiny_sd, "--prompts", str(tmp_path / "prompts.txt"),
               "--steps", "2", "--seed", "7"]
@@ -315,14 +306,15 @@ def test_generate_and_score_cli(tiny_sd, tiny_clip, tmp_path):
     assert not np.array_equal(a[0], a[1])
     evaluate.main(["score", "--generated", str(tmp_path / "a"), "--clip", str(tiny_clip),
                    "--pickscore", str(tiny_clip), "--reference", str(tmp_path / "b" / "images"),
-                   "--fid-clip", str(tiny_clip)])
+                   "--clip-fid", str(tiny_clip)])
     scores = json.loads((tmp_path / "a" / "scores.json").read_text())
     expected = scorers.CLIPScorer(tiny_clip)([Image.open(tmp_path / "a" / it["file"]).convert("RGB")
                                               for it in manifest["items"]], PROMPTS)
     assert scores["mean"]["clip_score"] == pytest.approx(float(expected.mean()), rel=1e-5)
     assert [r["clip_score"] for r in scores["per_item"]] == pytest.approx(expected.tolist(), rel=1e-5)
-    assert scores["mean"]["fid_clip"] == pytest.approx(0, abs=1e-4)  # identical images
-    assert set(scores["mean"]) == {"clip_score", "pickscore", "fid_clip"}
+    assert scores["mean"]["clip_fid"] == pytest.approx(0, abs=1e-4)  # identical images
+    assert set(scores["mean"]) == {"clip_score", "pickscore", "clip_fid"}  # labelled CLIP-FID, with its model
+    assert scores["clip_fid_model"] == str(tiny_clip) and "is CLIP-FID" in capsys.readouterr().out
 
 
 def test_generate_missing_checkpoint_is_clear(tmp_path):
@@ -351,14 +343,14 @@ def test_score_videos(tiny_clip, tmp_path):
         export_to_gif(scorers.frames_to_pil(v.flip(-1)), str(tmp_path / "ref" / f"{i:05d}.gif"))
     items = [{"file": f"videos/{i:05d}.gif", "prompt": PROMPTS[i], "seed": i} for i in range(3)]
     (tmp_path / "gen" / "manifest.json").write_text(json.dumps({"kind": "video", "items": items}))
-    out = scorers.score_generated(tmp_path / "gen", clip=tiny_clip, reference=tmp_path / "ref", fid_clip=tiny_clip,
+    out = scorers.score_generated(tmp_path / "gen", clip=tiny_clip, reference=tmp_path / "ref", clip_fid_model=tiny_clip,
                                   i3d=_write_tiny_i3d(tmp_path / "i3d.pt"))
     gen = [scorers.load_video(tmp_path / "gen" / it["file"]) for it in items]
     ref = [scorers.load_video(tmp_path / "ref" / f"{i:05d}.gif") for i in range(3)]
     clip = scorers.CLIPScorer(tiny_clip)
     assert out["per_item"][1]["clip_score"] == pytest.approx(scorers.per_frame_clip_score(clip, gen[1], PROMPTS[1]), rel=1e-5)
     assert out["mean"]["psnr"] == pytest.approx(np.mean([scorers.video_psnr(a, b) for a, b in zip(gen, ref)]))
-    assert np.isfinite(out["mean"]["psnr"]) and out["mean"]["fid_clip"] > 0 and "fvd" in out["mean"]
+    assert np.isfinite(out["mean"]["psnr"]) and out["mean"]["clip_fid"] > 0 and "fvd" in out["mean"]
     with pytest.raises(FileNotFoundError, match="no file for 3 generated items"):
         scorers.score_generated(tmp_path / "gen", reference=tmp_path / "gen")
 

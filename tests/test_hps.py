@@ -3,6 +3,9 @@ here in plain torch from the architecture (nn.MultiheadAttention blocks on (L,N,
 ln_pre/ln_post, x @ proj, causal text tower read at argmax(token) with zero padding): it shares
 no code or key mapping with hps.openclip_to_transformers. A tiny random state dict in the real
 key layout stands in for HPS_v2.1_compressed.pt."""
+import json
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -10,10 +13,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import evaluate
 import hps
+import scorers
 from families import common
 
-VW, TW, PATCH, IMG, LAYERS, HEADS, PROJ, CTX, VOCAB = 32, 24, 8, 32, 2, (4, 2), 16, 77, 49408
+VW, TW, PATCH, IMG, LAYERS, HEADS, PROJ, CTX, VOCAB = 32, 32, 8, 32, 2, (4, 2), 16, 77, 49408
 
 
 def _tiny_openclip_state(seed=0) -> dict:
@@ -123,3 +128,26 @@ def test_hpsv2_bad_checkpoints_are_one_clear_error(tmp_path):
     torch.save({"state_dict": {**sd, "visual.transformer.resblocks.0.ls_1.gamma": torch.ones(VW)}}, tmp_path / "ls.pt")
     with pytest.raises(ValueError, match="no place in a transformers CLIPModel.*ls_1"):
         hps.HPSv2Scorer(tmp_path / "ls.pt", heads=HEADS)
+
+
+def test_score_cli_runs_hpsv2_and_says_why_imagereward_cannot(tmp_path, monkeypatch, capsys):
+    """`evaluate.py score --hpsv2 --imagereward`: HPSv2 per image as hps.HPSv2Scorer gives it;
+    ImageReward (not importable here, as under transformers 5) is one stderr line and a listed skip."""
+    torch.save({"state_dict": _tiny_openclip_state()}, tmp_path / "hps.pt")
+    (tmp_path / "gen" / "images").mkdir(parents=True)
+    imgs = _images(2)
+    for i, im in enumerate(imgs):
+        im.save(tmp_path / "gen" / "images" / f"{i:05d}.png")
+    items = [{"file": f"images/{i:05d}.png", "prompt": PROMPTS[i], "seed": i} for i in range(2)]
+    (tmp_path / "gen" / "manifest.json").write_text(json.dumps({"kind": "image", "items": items}))
+    monkeypatch.setitem(sys.modules, "ImageReward", None)  # `import ImageReward` raises ImportError
+    evaluate.main(["score", "--generated", str(tmp_path / "gen"), "--hpsv2", str(tmp_path / "hps.pt"),
+                   "--imagereward", str(tmp_path / "ImageReward.pt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line for line in err if line.startswith("ImageReward not scored")] == [err[-1]]
+    assert "transformers 5" in err[-1] and "apply_chunking_to_forward" in err[-1]
+    scores = json.loads((tmp_path / "gen" / "scores.json").read_text())
+    assert set(scores["skipped"]) == {"imagereward"} and set(scores["mean"]) == {"hpsv2"}
+    expected = hps.HPSv2Scorer(tmp_path / "hps.pt")(imgs, PROMPTS[:2])
+    assert [r["hpsv2"] for r in scores["per_item"]] == pytest.approx(expected.tolist(), rel=1e-5)
+    assert scorers.HPSv2Scorer is hps.HPSv2Scorer
