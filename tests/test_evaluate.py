@@ -373,3 +373,31 @@ def test_lora_on_top_of_base_changes_the_output(tiny_sd, tmp_path):
         manifest = json.loads(evaluate.generate(pipe, ["a cat"], tmp_path / name, num_inference_steps=2).read_text())
         outs[name] = np.asarray(Image.open(tmp_path / name / manifest["items"][0]["file"]), dtype=float)
     assert np.abs(outs["base"] - outs["lora"]).mean() > 1.0
+
+
+def test_generate_from_full_finetune_checkpoints(tmp_path):
+    """`generate --checkpoint run/checkpoints/step_N` of a full fine-tune: the last step gives the
+    same image as final/ loaded by diffusers' own StableDiffusionPipeline.from_pretrained, an
+    earlier step a different one, and both differ from the base model."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_train import _write_pickapic
+    import train
+    sd = sd15.write_tiny(str(tmp_path / "sd15"))
+    _write_pickapic(tmp_path / "pickapic")
+    run = tmp_path / "run"
+    assert train.main(["--model=sd15", f"--model_path={sd}", "--data=pickapic", f"--data_path={tmp_path / 'pickapic'}",
+                       "--method=dpo", "--max_steps=2", "--batch_size=1", "--save_every=1", "--loser_steps=2",
+                       "--resolution=16", "--sample_every=0", "--learning_rate=1e-2", "--num_workers=0",
+                       f"--out_dir={run}"]) == 0
+    assert (run / "final" / "model_index.json").is_file()  # a full fine-tune, not an adapter
+    (tmp_path / "p.txt").write_text("a photo of a cat\n")
+    imgs = {}
+    for name, ckpt in (("base", sd), ("step1", run / "checkpoints" / "step_000001"),
+                       ("step2", run / "checkpoints" / "step_000002"), ("final", run / "final")):
+        evaluate.main(["generate", "--checkpoint", str(ckpt), "--prompts", str(tmp_path / "p.txt"),
+                       "--out", str(tmp_path / name), "--steps", "3"])
+        imgs[name] = np.asarray(Image.open(tmp_path / name / "images" / "00000.png"), dtype=float)
+    assert np.array_equal(imgs["step2"], imgs["final"])
+    assert np.abs(imgs["step1"] - imgs["step2"]).mean() > 0.1 and np.abs(imgs["base"] - imgs["step2"]).mean() > 0.1
