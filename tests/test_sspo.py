@@ -164,7 +164,7 @@ def test_sspo_indicator_drops_replayed_term_in_sft_mode():
     assert (m_l.grad[:32] == 0).all() and (m_l.grad[32:] < 0).all()
 
 
-def test_no_gradient_through_ssr_sign():
+def test_sspo_gradient_is_the_analytic_one_with_the_ssr_sign_held_constant():
     # d(loss)/d(m_w) must equal the analytic derivative with s held constant
     m_w, m_l, r_w, r_l = _errs(seed=7)
     m_w = m_w.clone().requires_grad_(True)
