@@ -331,6 +331,12 @@ def write_grid(results: dict, path: Path) -> None:
     report.labelled_grid(rows).save(path)
 
 
+def _load_tuned(out: Path, quick: bool) -> dict:
+    """The sweep's chosen lr/beta per method (results/sweep.json), or {} (the presets)."""
+    f = out / "sweep.json"
+    return json.loads(f.read_text())["best"] if f.exists() and not quick else {}
+
+
 def cmd_claims(args) -> None:
     size = copy.deepcopy(SIZES["quick" if args.quick else "full"])
     if args.seeds is not None:
@@ -338,8 +344,7 @@ def cmd_claims(args) -> None:
     if args.steps is not None:
         size["train"]["max_steps"] = args.steps
     out = Path(args.out)
-    tuned_file = out / "sweep.json"
-    tuned = json.loads(tuned_file.read_text())["best"] if tuned_file.exists() and not args.quick else {}
+    tuned = _load_tuned(out, args.quick)
     t0 = time.time()
     results = run_table(out, size, args.methods, args.keep_checkpoints, args.jobs, tuned)
     results["date"] = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
@@ -389,7 +394,8 @@ def cmd_frontier(args) -> None:
           f"{size['train']['max_steps']} updates; expected duration ~{train_s / max(args.jobs, 1) / 60 * 1.5:.0f} min "
           f"with --jobs {args.jobs} (training time from the costs just measured at one thread, "
           f"+50% for evaluation)", flush=True)
-    results = run_table(out / "frontier", size, keep_checkpoints=False, jobs=args.jobs, specs=specs)
+    tuned = _load_tuned(out, args.quick)  # the same SSPO lr/beta as the claims run
+    results = run_table(out / "frontier", size, keep_checkpoints=False, jobs=args.jobs, specs=specs, tuned=tuned)
     results.update(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), seconds=time.time() - t0,
                    costs=costs, cost_batch=batch, cost_repeats=repeats, summary=summarize(results))
     (out / "loser_frontier.json").write_text(json.dumps(results, indent=1))

@@ -76,7 +76,8 @@ def write(results: dict, out: Path, command: str) -> None:
     L = ["# Loser sampling: the quality-cost frontier on digits\n",
          f"`{command}` — {results['date']}; {size['seeds']} seeds; train overrides "
          f"{json.dumps(size['train'])}; {size['n_final']} generated digits per condition, "
-         f"{size['inference_steps']} DDIM steps, guidance 3 for evaluation.\n",
+         f"{size['inference_steps']} DDIM steps, guidance 3 for evaluation; SSPO lr/beta "
+         f"{json.dumps(results.get('tuned', {}).get('sspo') or 'of the digits preset')}.\n",
          "cost = full SSPO update (loop.update: swap + loser generation + training pass, per update "
          "of a loser_every cycle) / Diffusion-DPO update, digits, full fine-tuning, batch "
          f"{results['cost_batch']}, median of {results['cost_repeats']} round-robin repeats "
