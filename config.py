@@ -34,7 +34,14 @@ class Config:
     motion_adapter_path: str = _f("", "animatediff: local dir of the MotionAdapter")
     local_files_only: bool = _f(True, "never reach a model hub (set false to let diffusers download)")
     data: str = _f("digits", "digits | pickapic | imagefolder | videofolder | videopairs (pairs.jsonl)")
-    data_path: str = _f("", "local dataset directory (not used for digits)")
+    data_path: str = _f("", "local dataset directory (not used for digits); layouts: data_layouts.py")
+    dataset_split_name: str = _f("train", "split read from data_path: pickapic shards {split}-*.parquet or "
+                                 "a save_to_disk split; image/video folders: data_path/{split}/ if no metadata at the root")
+    max_train_samples: int = _f(0, "keep only the first N items (pickapic: after dropping ties); 0 = all")
+    caption_column: str = _f("text", "imagefolder/videofolder metadata column holding captions "
+                             "('text' falls back to 'caption')")
+    magictime_csv: str = _f("", "videofolder: a MagicTime caption CSV (columns videoid,name; videos at "
+                            "data_path/{videoid}.mp4) read instead of a metadata file")
     # ---- the objective
     beta: float = _f(500.0, "DPO beta, sspo.py convention: inside = -beta/2 * (...); 5000 = 2500 w/o the 1/2")
     tau: float = _f(0.8, "dpo_cm/sdpo: mask pairs whose importance weight (importance.pair_log_weight) is "
@@ -282,7 +289,8 @@ def validate(cfg: Config) -> None:
     for key in ("beta", "lr", "resolution", "num_frames", "num_sample_prompts"):
         if not getattr(cfg, key) > 0:
             raise ValueError(f"config key {key!r} must be > 0, got {getattr(cfg, key)}")
-    for key in ("tau", "eps_clip", "warmup_steps", "digits_align_per_class", "keep_checkpoints", "weight_decay", "num_workers"):
+    for key in ("tau", "eps_clip", "warmup_steps", "digits_align_per_class", "keep_checkpoints", "weight_decay", "num_workers",
+                "max_train_samples"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"config key {key!r} must be >= 0, got {getattr(cfg, key)}")
     if cfg.data not in DATA_OF_MODEL[cfg.model]:
@@ -345,6 +353,13 @@ def ignored_settings(cfg: Config, given: set[str] | None = None) -> list[str]:
         why["num_frames"] = f"only {', '.join(VIDEO_MODELS)} make videos; {cfg.model} makes images"
     if cfg.model != "animatediff":
         why["motion_adapter_path"] = f"only animatediff has a motion adapter; this run trains {cfg.model}"
+    if cfg.data != "videofolder":
+        why["magictime_csv"] = f"only data 'videofolder' reads a MagicTime CSV; data is {cfg.data!r}"
+    if cfg.data in ("digits", "pickapic", "videopairs"):
+        why["caption_column"] = f"data {cfg.data!r} has a fixed caption field"
+    if cfg.data in ("digits", "videopairs"):
+        for key in ("dataset_split_name", "max_train_samples"):
+            why[key] = f"data {cfg.data!r} is read whole" + (" (data_split picks its part)" if cfg.data == "digits" else "")
     if cfg.model != "digits":
         for key in ("digits_base_steps", "digits_corrupt", "digits_classes", "digits_loser_wrong", "cache_dir",
                     "data_split"):

@@ -1,5 +1,5 @@
 """Real data sets and collation: Pick-a-Pic v2 pairs and image folders (videos: data_video.py;
-the embedded digits set: digits.py).
+the embedded digits set: digits.py; the on-disk layouts each accepts: data_layouts.py).
 
 Every dataset yields dicts ``{"prompt": str, "x0_w": tensor[, "x0_l": tensor][, "label": int]}``
 with pixels float32 in [-1, 1]: images ``(3,R,R)``, videos ``(3,F,R,R)``, digits ``(1,8,8)``.
@@ -32,17 +32,16 @@ from __future__ import annotations
 
 import io
 import itertools
-import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
+
+from data_layouts import find_pickapic, read_captions
 
 log = logging.getLogger(__name__)
 
@@ -180,13 +179,17 @@ class BaseDataset(Dataset):
 # Pick-a-Pic v2 (parquet shards, read lazily)
 
 class PickAPicDataset(BaseDataset):
-    """Pick-a-Pic v2 pairs from ``root/{split}-*.parquet`` (the published schema).
+    """Pick-a-Pic v2 pairs of one split (the published schema), from any layout in
+    ``data_layouts.PICKAPIC_LAYOUTS``: the hub snapshot, its ``data/`` folder of parquet shards,
+    or a ``datasets`` ``save_to_disk`` directory.
 
     Only ``caption`` and ``label_0`` are read up front (column projection); image bytes are read
-    one row group at a time when an item needs them, so a 335 GB set costs only the index.
+    one block (parquet row group, or memory-mapped Arrow file) at a time when an item needs them,
+    so a 335 GB set costs only the index.
     Ties (label_0 == 0.5) are dropped and counted in ``num_ties``; rows with another label are
     dropped and counted in ``num_unlabeled``; empty captions are kept and counted in
-    ``num_empty_captions``. The winner is jpg_0 if label_0 == 1 else jpg_1.
+    ``num_empty_captions``. The winner is jpg_0 if label_0 == 1 else jpg_1. ``max_train_samples``
+    (> 0) keeps the first N pairs after that filtering, in shard order.
 
     item: {"prompt": str, "x0_w": (3,R,R)[, "x0_l": (3,R,R)]}, or None if an image is unreadable.
     """
@@ -194,29 +197,23 @@ class PickAPicDataset(BaseDataset):
 
     def __init__(self, root, mode: str = "pairs", resolution: int = 512, random_crop: bool = False,
                  hflip: bool = False, cfg_drop: float = 0.0, seed: int = 0,
-                 max_bad_fraction: float = 0.01, split: str = "train"):
+                 max_bad_fraction: float = 0.01, split: str = "train", max_train_samples: int = 0):
         super().__init__(seed, cfg_drop, max_bad_fraction, resolution, random_crop, hflip)
         check_mode(mode)
-        root = Path(root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"Pick-a-Pic root {root} is not a directory")
-        self.files = sorted(root.glob(f"{split}-*.parquet"))
-        if not self.files:
-            raise FileNotFoundError(f"{root}: no '{split}-*.parquet' shards found")
+        self.files = find_pickapic(root, split)  # [Shard], in order
         self.mode = mode
         self.num_ties = self.num_unlabeled = self.num_empty_captions = 0
-        file_ids, rows, winners, self.captions, self._rg_starts = [], [], [], [], []
-        for f, path in enumerate(self.files):
-            pf = self._parquet(path)
-            missing = [c for c in self.COLUMNS if c not in pf.schema_arrow.names]
+        file_ids, rows, winners, self.captions = [], [], [], []
+        for f, shard in enumerate(self.files):
+            missing = [c for c in self.COLUMNS if c not in shard.names]
             if missing:
-                raise ValueError(f"{path}: missing column(s) {missing}; Pick-a-Pic v2 shards need "
-                                 f"{list(self.COLUMNS)}, found {pf.schema_arrow.names}")
+                raise ValueError(f"{shard}: missing column(s) {missing}; Pick-a-Pic v2 shards need "
+                                 f"{list(self.COLUMNS)}, found {shard.names}")
             try:
-                table = pf.read(columns=["caption", "label_0"])
+                table = shard.read(["caption", "label_0"])
                 label = table["label_0"].cast(pa.float64()).to_numpy()  # nulls -> nan
             except (pa.ArrowException, OSError) as e:
-                raise ValueError(f"{path}: cannot read 'caption'/'label_0' as text/number ({e})") from e
+                raise ValueError(f"{shard}: cannot read 'caption'/'label_0' as text/number ({e})") from e
             tie, valid = label == 0.5, (label == 0.0) | (label == 1.0)
             self.num_ties += int(tie.sum())
             self.num_unlabeled += int((~tie & ~valid).sum())
@@ -227,39 +224,32 @@ class PickAPicDataset(BaseDataset):
             file_ids.append(np.full(len(keep), f, dtype=np.int32))
             rows.append(keep)
             winners.append(np.where(label[keep] == 1.0, 0, 1).astype(np.int8))  # 0 -> jpg_0 wins
-            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
-            self._rg_starts.append(np.cumsum([0] + sizes))
         self.file_ids, self.rows = np.concatenate(file_ids), np.concatenate(rows)
         self.winner = np.concatenate(winners)
         if len(self.rows) == 0:
             raise ValueError(f"{root}: no labelled, non-tie pairs in {len(self.files)} shard(s)")
+        if max_train_samples > 0:  # the first N after dropping ties, as diffusers' --max_train_samples
+            self.file_ids, self.rows = self.file_ids[:max_train_samples], self.rows[:max_train_samples]
+            self.winner, self.captions = self.winner[:max_train_samples], self.captions[:max_train_samples]
         self.coin = seeded_rng(seed, _COIN).random(len(self.rows)) < 0.5  # SSPOr: True -> the winner
-        self._open, self._cache_key, self._cache = {}, None, None
-        log.info("Pick-a-Pic %s: %d pairs from %d shard(s); dropped %d ties, %d unlabelled; "
-                 "%d empty captions", root, len(self.rows), len(self.files), self.num_ties,
+        self._cache_key, self._cache = None, None
+        log.info("Pick-a-Pic %s (%s): %d pairs from %d shard(s); dropped %d ties, %d unlabelled; "
+                 "%d empty captions", root, split, len(self.rows), len(self.files), self.num_ties,
                  self.num_unlabeled, self.num_empty_captions)
 
-    @staticmethod
-    def _parquet(path: Path) -> pq.ParquetFile:
-        try:
-            return pq.ParquetFile(path)
-        except (pa.ArrowException, OSError) as e:
-            raise ValueError(f"{path}: not a readable parquet file ({e})") from e
-
-    def __getstate__(self):  # open files and the row-group cache stay in their own process
-        return {**self.__dict__, "_open": {}, "_cache_key": None, "_cache": None}
+    def __getstate__(self):  # the block cache stays in its own process (shards drop their handles)
+        return {**self.__dict__, "_cache_key": None, "_cache": None}
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def _image_bytes(self, f: int, row: int, column: str) -> bytes:
-        g = int(np.searchsorted(self._rg_starts[f], row, side="right") - 1)
-        if self._cache_key != (f, g):  # consecutive items usually share a row group
-            if f not in self._open:
-                self._open[f] = self._parquet(self.files[f])
-            self._cache = self._open[f].read_row_group(g, columns=["jpg_0", "jpg_1"])
+        starts = self.files[f].starts
+        g = int(np.searchsorted(starts, row, side="right") - 1)
+        if self._cache_key != (f, g):  # consecutive items usually share a block
+            self._cache = self.files[f].block(g, ["jpg_0", "jpg_1"])
             self._cache_key = (f, g)
-        value = self._cache[column][row - self._rg_starts[f][g]].as_py()
+        value = self._cache[column][row - starts[g]].as_py()
         return value["bytes"] if isinstance(value, dict) else value  # HF Image struct or raw bytes
 
     def __getitem__(self, i: int) -> dict | None:
@@ -285,42 +275,21 @@ class PickAPicDataset(BaseDataset):
 # ---------------------------------------------------------------------------------------------
 # Image folders
 
-def read_metadata(root: Path) -> list[tuple[str, str]]:
-    """root/metadata.jsonl: one {"file_name": str, "text": str} per line -> [(file, text)]."""
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a directory")
-    path = root / "metadata.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; expected one JSON object per line with "
-                                f"'file_name' and 'text'")
-    entries = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not (isinstance(obj, dict) and isinstance(obj.get("file_name"), str)
-                and isinstance(obj.get("text"), str)):
-            raise ValueError(f"{path}:{n}: expected {{\"file_name\": str, \"text\": str}}, got {line[:100]}")
-        entries.append((obj["file_name"], obj["text"]))
-    if not entries:
-        raise ValueError(f"{path}: no entries")
-    return entries
-
-
 class ImageFolderDataset(BaseDataset):
-    """Captioned images: ``root/metadata.jsonl`` lines {"file_name", "text"}, paths relative to root.
+    """Captioned images in the ``datasets`` imagefolder layout (``data_layouts.read_captions``):
+    ``metadata.jsonl`` or ``metadata.csv`` in ``root`` or ``root/{split}``, with ``file_name``
+    (relative to the metadata file) and the caption column. ``max_train_samples`` > 0 keeps the
+    first N entries.
 
     item: {"prompt": str, "x0_w": (3,R,R)}, or None if the file is missing/unreadable.
     """
 
     def __init__(self, root, resolution: int = 512, random_crop: bool = False, hflip: bool = False,
-                 cfg_drop: float = 0.0, seed: int = 0, max_bad_fraction: float = 0.01):
+                 cfg_drop: float = 0.0, seed: int = 0, max_bad_fraction: float = 0.01,
+                 split: str = "train", caption_column: str = "text", max_train_samples: int = 0):
         super().__init__(seed, cfg_drop, max_bad_fraction, resolution, random_crop, hflip)
-        self.root = Path(root)
-        self.entries = read_metadata(self.root)
+        self.root, entries = read_captions(root, split, caption_column)
+        self.entries = entries[:max_train_samples] if max_train_samples > 0 else entries
 
     def __len__(self) -> int:
         return len(self.entries)

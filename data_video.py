@@ -9,7 +9,8 @@ import av
 import numpy as np
 from PIL import Image
 
-from data import BaseDataset, read_metadata
+from data import BaseDataset
+from data_layouts import read_captions
 
 
 def _read_magictime_csv(path: Path) -> list[tuple[str, str]]:
@@ -59,8 +60,10 @@ def _decode_frames(path: Path, num_frames: int, total: int | None = None) -> lis
 class VideoFolderDataset(BaseDataset):
     """Captioned videos decoded with PyAV (MagicTime-style text-to-video data).
 
-    Captions: ``root/metadata.jsonl`` ({"file_name", "text"}) by default, or a MagicTime CSV
+    Captions: a metadata file as for image folders (``data_layouts.read_captions``: metadata.jsonl
+    or .csv in ``root`` or ``root/{split}``, ``caption_column``) by default, or a MagicTime CSV
     (``captions=path``, columns videoid,name; videos at ``root/{videoid}.mp4``).
+    ``max_train_samples`` > 0 keeps the first N entries.
     ``num_frames`` frames are sampled uniformly over the whole clip ("dynamic frame extraction")
     and all get the same resize/crop/flip. A clip with fewer frames is skipped and counted.
 
@@ -69,15 +72,18 @@ class VideoFolderDataset(BaseDataset):
 
     def __init__(self, root, num_frames: int = 16, resolution: int = 256, random_crop: bool = False,
                  hflip: bool = False, cfg_drop: float = 0.0, seed: int = 0,
-                 max_bad_fraction: float = 0.01, captions: str | Path | None = None):
+                 max_bad_fraction: float = 0.01, captions: str | Path | None = None,
+                 split: str = "train", caption_column: str = "text", max_train_samples: int = 0):
         super().__init__(seed, cfg_drop, max_bad_fraction, resolution, random_crop, hflip)
         self.root = Path(root)
         if captions is None:
-            self.entries = read_metadata(self.root)
+            self.root, self.entries = read_captions(self.root, split, caption_column)
         elif not self.root.is_dir():
             raise FileNotFoundError(f"{self.root} is not a directory")
         else:
             self.entries = _read_magictime_csv(Path(captions))
+        if max_train_samples > 0:
+            self.entries = self.entries[:max_train_samples]
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         self.num_frames = num_frames

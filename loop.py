@@ -58,15 +58,18 @@ def build_dataset(cfg: Config):
                                     loser_wrong_fraction=cfg.digits_loser_wrong, **common)
     aug = dict(resolution=cfg.resolution, random_crop=cfg.random_crop, hflip=cfg.hflip,
                cfg_drop=cfg.cfg_drop, seed=cfg.seed)
+    subset = dict(split=cfg.dataset_split_name, max_train_samples=cfg.max_train_samples)
+    folder = dict(subset, caption_column=cfg.caption_column)
     if cfg.data == "pickapic":
-        return data.PickAPicDataset(cfg.data_path, mode=mode, **aug)
+        return data.PickAPicDataset(cfg.data_path, mode=mode, **aug, **subset)
     if cfg.data == "videopairs":
         return data_video.VideoPairFolderDataset(cfg.data_path, mode=mode, num_frames=cfg.num_frames, **aug)
     if mode == "pairs":
         raise ValueError(f"method {cfg.method!r} needs preference pairs; data {cfg.data!r} has none")
     if cfg.data == "imagefolder":
-        return data.ImageFolderDataset(cfg.data_path, **aug)
-    return data_video.VideoFolderDataset(cfg.data_path, num_frames=cfg.num_frames, **aug)
+        return data.ImageFolderDataset(cfg.data_path, **aug, **folder)
+    return data_video.VideoFolderDataset(cfg.data_path, num_frames=cfg.num_frames, **aug, **folder,
+                                         captions=cfg.magictime_csv or None)
 
 
 class _Indexed(torch.utils.data.Dataset):

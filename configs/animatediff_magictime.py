@@ -5,7 +5,8 @@ copy of the paper; the values below are assumed and marked so.
 
     torchrun --nproc_per_node=8 train.py --config=animatediff_magictime \
         --model_path=/path/to/sd15 --motion_adapter_path=/path/to/motion_adapter \
-        --data_path=/path/to/magictime/videos --method=sspo
+        --data_path=/path/to/magictime/videos --method=sspo \
+        --magictime_csv=/path/to/magictime/caption.csv   # columns videoid,name; or a metadata.jsonl in data_path
 """
 
 CONFIG = dict(

@@ -130,7 +130,7 @@ def test_pickapic_errors(pickapic, tmp_path_factory):
     with pytest.raises(ValueError, match="unknown mode 'loser'"):
         data.PickAPicDataset(pickapic, mode="loser")
     empty = tmp_path_factory.mktemp("empty")
-    with pytest.raises(FileNotFoundError, match=r"no 'train-\*.parquet' shards"):
+    with pytest.raises(FileNotFoundError, match=r"no Pick-a-Pic split 'train' found; looked for ROOT/data/train-\*.parquet"):
         data.PickAPicDataset(empty)
     bad = tmp_path_factory.mktemp("bad")
     _write_shard(bad / "train-0.parquet", _pickapic_rows([1.0]), drop=["jpg_1"])
@@ -187,7 +187,7 @@ def test_random_crop_and_flip_are_seeded_per_epoch(tmp_path):
 
 
 def test_image_folder_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="metadata.jsonl is missing"):
+    with pytest.raises(FileNotFoundError, match="no captions found; looked for ROOT/metadata.jsonl"):
         data.ImageFolderDataset(tmp_path, resolution=8)
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "ok"}\n{"file": "b.png"}\n')
     with pytest.raises(ValueError, match=r"metadata.jsonl:2: expected"):
@@ -452,7 +452,7 @@ def test_pickapic_through_dataloader_with_workers(pickapic):
     assert [len(b["prompt"]) for b in batches] == [3, 2] and sum(b["num_skipped"] for b in batches) == 1
     ds[0]  # fills the row-group cache; a pickled copy (spawned worker) starts without it
     copy = pickle.loads(pickle.dumps(ds))
-    assert copy._cache is None and torch.equal(copy[0]["x0_w"], ds[0]["x0_w"])
+    assert copy._cache is None and all(f._handle is None for f in copy.files) and torch.equal(copy[0]["x0_w"], ds[0]["x0_w"])
 
 
 def test_digits_base_reads_first_then_learns_a_misaligned_conditional(tmp_path, monkeypatch):
