@@ -218,7 +218,7 @@ def main(argv=None) -> None:
     if args.cmd == "report":
         report_digits_run(args.run_dir)
     elif args.cmd == "generate":
-        from scorers import load_prompts
+        from prompt_sets import load_prompts
         prompts = load_prompts(args.prompts, args.column, args.limit)
         try:
             pipe = load_pipeline(args.family, args.checkpoint, lora=args.lora, motion_adapter=args.motion_adapter,

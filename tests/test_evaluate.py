@@ -15,6 +15,7 @@ import digits
 import evaluate
 import models
 from families import animatediff, common, sd15
+import prompt_sets
 import scorers
 
 
@@ -258,29 +259,29 @@ def test_load_prompts_formats(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"caption": ["a cat", "a dog"], "best_image_uid": ["x", "y"]}), tmp_path / "val.parquet")
-    assert scorers.load_prompts(tmp_path / "val.parquet") == ["a cat", "a dog"]
+    assert prompt_sets.load_prompts(tmp_path / "val.parquet") == ["a cat", "a dog"]
     (tmp_path / "parti.tsv").write_text("Prompt\tCategory\nbird\tAnimals\na, comma\tArt\n")
-    assert scorers.load_prompts(tmp_path / "parti.tsv") == ["bird", "a, comma"]
+    assert prompt_sets.load_prompts(tmp_path / "parti.tsv") == ["bird", "a, comma"]
     hps = tmp_path / "hps"
     hps.mkdir()
     (hps / "anime.json").write_text(json.dumps(["p1", "p2"]))
     (hps / "photo.json").write_text(json.dumps(["p3"]))
-    assert scorers.load_prompts(hps) == ["p1", "p2", "p3"]
-    assert scorers.load_prompts(hps, limit=2) == ["p1", "p2"]
+    assert prompt_sets.load_prompts(hps) == ["p1", "p2", "p3"]
+    assert prompt_sets.load_prompts(hps, limit=2) == ["p1", "p2"]
     (tmp_path / "p.jsonl").write_text('{"text": "x"}\n\n{"text": "y"}\n')
-    assert scorers.load_prompts(tmp_path / "p.jsonl") == ["x", "y"]
+    assert prompt_sets.load_prompts(tmp_path / "p.jsonl") == ["x", "y"]
     (tmp_path / "p.csv").write_text("id,prompt\n1,hello\n")
-    assert scorers.load_prompts(tmp_path / "p.csv") == ["hello"]
+    assert prompt_sets.load_prompts(tmp_path / "p.csv") == ["hello"]
     (tmp_path / "p.txt").write_text("one\n\ntwo\n")
-    assert scorers.load_prompts(tmp_path / "p.txt") == ["one", "two"]
+    assert prompt_sets.load_prompts(tmp_path / "p.txt") == ["one", "two"]
     (tmp_path / "bad.csv").write_text("id,title\n1,hello\n")
     with pytest.raises(ValueError, match="bad.csv: no caption column.*found \\['id', 'title'\\]"):
-        scorers.load_prompts(tmp_path / "bad.csv")
+        prompt_sets.load_prompts(tmp_path / "bad.csv")
     (tmp_path / "empty.csv").write_text("caption\nok\n \n")
     with pytest.raises(ValueError, match="empty prompt in row 1"):
-        scorers.load_prompts(tmp_path / "empty.csv")
+        prompt_sets.load_prompts(tmp_path / "empty.csv")
     with pytest.raises(FileNotFoundError, match="prompt set not found"):
-        scorers.load_prompts(tmp_path / "missing.parquet")
+        prompt_sets.load_prompts(tmp_path / "missing.parquet")
 
 
 # ----------------------------------------------------------------------------- generate + score CLI
