@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import config as config_mod
 import models
+import sharding
 from runtime import Dist
 
 # ---------------------------------------------------------------------------------------------
@@ -88,6 +89,10 @@ def unpack_state(obj, tensors: dict):
 
 def save_checkpoint(out: Path, step: int, bundle, opt, lr_sched, scaler, pool, cfg, ctx: Dist) -> None:
     ckdir = out / "checkpoints"
+    # Under FSDP the weights and Adam moments are gathered first, a collective on every rank.
+    sharded = sharding.is_sharded(bundle.unet)
+    weights = bundle.trainable_state_dict() if ctx.rank == 0 or sharded else None
+    optim = sharding.optimizer_state_dict(bundle.unet, opt) if sharded else opt.state_dict() if ctx.rank == 0 else None
     if ctx.rank == 0:
         final = ckdir / f"step_{step:06d}"
         tmp = ckdir / f".tmp_step_{step:06d}_{os.getpid()}"
@@ -95,10 +100,9 @@ def save_checkpoint(out: Path, step: int, bundle, opt, lr_sched, scaler, pool, c
             ckdir.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-            weights = {k: v.detach().cpu().contiguous() for k, v in bundle.trainable_state_dict().items()}
-            save_file(weights, str(tmp / "trainable.safetensors"))
+            save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
             tensors: dict = {}
-            tree = pack_state({"optimizer": opt.state_dict(), "lr_scheduler": lr_sched.state_dict(),
+            tree = pack_state({"optimizer": optim, "lr_scheduler": lr_sched.state_dict(),
                                "scaler": scaler.state_dict(), "rng": _rng_state(),
                                "pool": pool.state_dict() if pool is not None else None}, tensors)
             save_file(tensors, str(tmp / "state.safetensors"))
@@ -163,12 +167,13 @@ def chosen_step(out: Path, which: str) -> int:
 TRAJECTORY_KEYS = ("method", "ssr", "replay", "model", "model_path", "data", "data_path", "beta",
                    "tau", "eps_clip", "save_every", "loser_steps", "loser_guidance", "loser_scheduler",
                    "loser_every", "batch_size",
-                   "grad_accum", "lr", "warmup_steps", "lr_scheduler", "seed", "lora_rank", "mixed_precision", "cfg_drop")
+                   "grad_accum", "lr", "warmup_steps", "lr_scheduler", "seed", "lora_rank", "mixed_precision", "cfg_drop", "fsdp")  # fsdp: the optimizer state's layout
 
 
 def check_resume_config(saved: dict, now: dict) -> None:
     keys = TRAJECTORY_KEYS + (("max_steps",) if now.get("lr_scheduler") in ("linear", "cosine") else ())
-    diff = {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}
+    default = config_mod.to_dict(config_mod.Config())  # a key newer than the checkpoint had its default
+    diff = {k: (saved.get(k, default.get(k)), now.get(k)) for k in keys if saved.get(k, default.get(k)) != now.get(k)}
     if diff:
         raise ValueError("--resume with a config that changes the run: " + ", ".join(
             f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()) + "; use a new --out_dir instead")
@@ -195,7 +200,10 @@ def load_latest(out: Path, bundle, opt, lr_sched, scaler, pool, cfg, which: str 
         state = manifest["state"]
         try:
             models.load_trainable(bundle, weights)
-            opt.load_state_dict(state["optimizer"])
+            if sharding.is_sharded(bundle.unet):  # a full state keyed by parameter name (fsdp is a trajectory key)
+                sharding.load_optimizer_state_dict(bundle.unet, opt, state["optimizer"])
+            else:
+                opt.load_state_dict(state["optimizer"])
             lr_sched.load_state_dict(state["lr_scheduler"])
             scaler.load_state_dict(state["scaler"])
             if pool is not None and state["pool"] is not None:

@@ -71,6 +71,8 @@ class Config:
     mixed_precision: str = _f("no", "no | bf16 | fp16 (fp16 uses a GradScaler)")
     gradient_checkpointing: bool = _f(False, "recompute UNet activations in backward")
     lora_rank: int = _f(0, "0 = full fine-tuning (of the UNet, or motion modules); >0 = LoRA rank")
+    fsdp: bool = _f(False, "cogvideox/wan full fine-tuning under torchrun: shard the transformer (and its "
+                           "reference copy) with PyTorch's FSDP2 fully_shard instead of DDP (sharding.py)")
     # ---- data
     resolution: int = _f(512, "image (or frame) side in pixels for every family but digits")
     num_frames: int = _f(16, "frames per clip (animatediff; cogvideox/wan: 4k+1, e.g. 49 / 81)")
@@ -321,6 +323,12 @@ def check_consistency(cfg: Config) -> None:
     if DATA_MODE_OF[cfg.method] in ("pairs", "random") and cfg.data not in PAIR_DATA:
         raise ValueError(f"method {cfg.method!r} trains on preference pairs (data {' or '.join(PAIR_DATA)}); "
                          f"data {cfg.data!r} has winners only: use sft, sspo or spin")
+    if cfg.fsdp and cfg.model not in ("cogvideox", "wan"):
+        raise ValueError(f"fsdp shards the cogvideox and wan transformers; model {cfg.model!r} trains with DDP "
+                         f"(drop --fsdp)")
+    if cfg.fsdp and cfg.lora_rank > 0:
+        raise ValueError("fsdp is for full fine-tuning (a LoRA adapter's weights and moments fit one GPU): "
+                         "drop --fsdp or set --lora_rank=0")
     if cfg.init == "scratch" and cfg.model != "digits":
         raise ValueError(f"init='scratch' is the digits model's own pretraining; model {cfg.model!r} "
                          f"starts from model_path")

@@ -5,7 +5,7 @@ A LoRA run's ``final/`` holds ``pytorch_lora_weights.safetensors`` exactly as th
 ``save_lora_weights`` writes it (keys ``unet.<module>.lora.down/up.weight`` plus the peft config
 as metadata), so that plain diffusers loads it onto the base model::
 
-    pipe = StableDiffusionPipeline.from_pretrained(BASE)      # or AnimateDiffPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(BASE)      # or AnimateDiff/SDXL/CogVideoX/WanPipeline
     pipe.load_lora_weights("RUN/final")
 
 Every training checkpoint (``checkpoints/step_N/trainable.safetensors``, the trainable weights
@@ -28,7 +28,10 @@ import models
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name load_lora_weights looks for
 
 
-ADAPTER_FAMILIES = ("sd15", "animatediff", "sdxl")  # whose pipelines load a UNet LoRA file
+ADAPTER_FAMILIES = ("sd15", "animatediff", "sdxl", "cogvideox", "wan")  # whose pipelines load a LoRA file
+# Their LoRA sits on a transformer: the file holds peft's own names under "transformer." (as the
+# diffusers CogVideoX / Wan LoRA training scripts write it), not the UNet's "lora.down/up" names.
+TRANSFORMER_FAMILIES = ("cogvideox", "wan")
 
 
 def pipeline_class(family: str):
@@ -36,7 +39,7 @@ def pipeline_class(family: str):
     return getattr(diffusers, models.PIPELINE_CLASS[family])
 
 
-def lora_layers(weights: dict) -> dict[str, torch.Tensor]:
+def lora_layers(weights: dict, family: str = "sd15") -> dict[str, torch.Tensor]:
     """Trainable weights under peft names (``...to_q.lora_A.default.weight``, what
     ``Bundle.trainable_state_dict`` and checkpoints hold) -> diffusers' LoRA layer names
     (``...to_q.lora.down.weight``), without the ``unet.`` prefix that save_lora_weights adds.
@@ -47,17 +50,18 @@ def lora_layers(weights: dict) -> dict[str, torch.Tensor]:
     if not peft:
         raise ValueError(f"no LoRA weights among {len(weights)} tensors (e.g. {sorted(weights)[:1]}): "
                          f"this is not a LoRA run's checkpoint")
-    return convert_state_dict_to_diffusers(peft)
+    return peft if family in TRANSFORMER_FAMILIES else convert_state_dict_to_diffusers(peft)
 
 
 def save_lora(weights: dict, path, family: str) -> Path:
     """Write ``path/pytorch_lora_weights.safetensors`` with the pipeline's ``save_lora_weights``
     (the rank is read off the weights; alpha = rank and the targets are models.lora_config's)."""
-    layers = lora_layers(weights)
-    rank = next(v.shape[0] for k, v in layers.items() if k.endswith("lora.down.weight"))
+    layers = lora_layers(weights, family)
+    rank = next(v.shape[0] for k, v in layers.items() if k.endswith(("lora.down.weight", "lora_A.weight")))
     meta = models.lora_config(rank).to_dict()
-    pipeline_class(family).save_lora_weights(str(path), unet_lora_layers=layers, weight_name=LORA_FILE,
-                                             unet_lora_adapter_metadata=meta, safe_serialization=True)
+    part = "transformer" if family in TRANSFORMER_FAMILIES else "unet"
+    pipeline_class(family).save_lora_weights(str(path), weight_name=LORA_FILE, safe_serialization=True,
+                                             **{f"{part}_lora_layers": layers, f"{part}_lora_adapter_metadata": meta})
     return Path(path) / LORA_FILE
 
 
@@ -82,7 +86,7 @@ def run_config(path) -> dict:
 
 
 def write_final(cfg, bundle: models.Bundle, out: Path, step: int) -> Path:
-    """``out/final``, written into ``final.tmp`` and renamed: a LoRA run of sd15/animatediff/sdxl gets
+    """``out/final``, written into ``final.tmp`` and renamed: a LoRA run of ADAPTER_FAMILIES gets
     the adapter (and, with ``save_merged_pipeline``, the merged pipeline in ``merged/``); every
     other run the full model in diffusers' layout. Then the model card."""
     tmp, final = out / "final.tmp", out / "final"
@@ -115,7 +119,7 @@ def model_card(cfg: dict, step: int, evaluation: dict | None = None) -> str:
     """A diffusers-style README.md: YAML header (base_model, tags) and what was trained how."""
     base = cfg.get("model_path") or _BASE.get(cfg["model"], "the embedded digits base model")
     lora = cfg["lora_rank"] > 0 and cfg["model"] in ADAPTER_FAMILIES
-    tags = ["diffusers", "text-to-video" if cfg["model"] == "animatediff" else "text-to-image",
+    tags = ["diffusers", "text-to-video" if cfg["model"] in ("animatediff", "cogvideox", "wan") else "text-to-image",
             cfg["method"], "lora" if lora else "full-fine-tune"]
     head = ["---", f"base_model: {base}", "library_name: diffusers", "tags:", *[f"- {t}" for t in tags], "---"]
     pipe = models.PIPELINE_CLASS.get(cfg["model"], "DiffusionPipeline")

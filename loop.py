@@ -15,6 +15,7 @@ begin), ``update`` per optimizer step, ``finish``. Files, logging and signals li
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import shutil
 import time
@@ -35,6 +36,7 @@ import noise
 import replay
 import runtime
 import sampling
+import sharding
 import importance
 import sspo
 from config import DATA_MODE_OF, LOSS_OF, Config
@@ -142,7 +144,7 @@ class Run:
     ctx: runtime.Dist
     out: Path
     bundle: models.Bundle
-    policy: torch.nn.Module            # the UNet, DDP-wrapped when world > 1
+    policy: torch.nn.Module            # the UNet, DDP-wrapped when world > 1 (sharded in place with fsdp)
     reference: replay.Reference | None  # None for SFT
     pool: replay.CheckpointPool | None
     opt: torch.optim.Optimizer
@@ -169,11 +171,14 @@ def setup(cfg: Config, ctx: runtime.Dist) -> Run:
     loss_kind = LOSS_OF[cfg.method]
     preference = loss_kind != "sft"
     prepare_out_dir(cfg, ctx)
+    if cfg.fsdp and ctx.world == 1:
+        raise ValueError("fsdp shards the model across the processes of a torchrun job; "
+                         "with one process, train without --fsdp")
     dataset = _Indexed(build_dataset(cfg))  # before the model: a bad data path fails fast
     bundle = build_bundle(cfg)
-    for m in (bundle.unet, bundle.text_encoder, bundle.text_encoder_2, bundle.vae):
+    for m in (None if cfg.fsdp else bundle.unet, bundle.text_encoder, bundle.text_encoder_2, bundle.vae):
         if m is not None:
-            m.to(device)
+            m.to(device)  # fsdp: fully_shard moves each rank's shards of the transformer to the device
 
     sampler = data.ResumableDistributedSampler(dataset, num_replicas=ctx.world, rank=ctx.rank,
                                                shuffle=True, seed=cfg.seed, drop_last=True)
@@ -185,7 +190,13 @@ def setup(cfg: Config, ctx: runtime.Dist) -> Run:
         raise ValueError(f"dataset of {len(dataset)} items is smaller than one global batch "
                          f"({cfg.batch_size} x {ctx.world} processes)")
 
-    params = bundle.trainable_parameters()
+    # Built before DDP / FSDP: with LoRA the reference is a second adapter on the same UNet.
+    reference = replay.Reference(bundle) if preference else None
+    if cfg.fsdp:  # FSDP2 instead of DDP: the policy and its frozen reference copy, sharded alike
+        sharding.shard(bundle.unet, cfg.model, device)
+        if reference is not None:
+            sharding.shard(reference.unet, cfg.model, device)
+    params = bundle.trainable_parameters()  # after sharding, which replaces the Parameters
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                             weight_decay=cfg.weight_decay)
     # diffusers' schedules (a LambdaLR whose state_dict holds no lambdas, so checkpoints stay data)
@@ -193,11 +204,9 @@ def setup(cfg: Config, ctx: runtime.Dist) -> Run:
     lr_sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-    # Built before DDP: with LoRA the reference is a second adapter on the same UNet.
-    reference = replay.Reference(bundle) if preference else None
     # DDP wraps the trainable module only; the reference is never wrapped.
     policy = DDP(bundle.unet, device_ids=[device.index] if device.type == "cuda" else None) \
-        if ctx.world > 1 else bundle.unet
+        if ctx.world > 1 and not cfg.fsdp else bundle.unet
     # The pool of replayable checkpoints: RCR for the SSPO family; for DPO-style methods it only
     # holds checkpoint 0, the fixed initial reference; SFT needs no reference at all.
     pool = replay.CheckpointPool(strategy=cfg.replay if loss_kind == "sspo" else "initial",
@@ -286,7 +295,8 @@ def update(run: Run, stream, step: int, stop: runtime.StopOnSignal) -> dict | No
             run.opt.zero_grad(set_to_none=True)
             return None
         sync = micro == cfg.grad_accum - 1
-        with (contextlib.nullcontext() if sync or ctx.world == 1 else run.policy.no_sync()):
+        # DDP all-reduces on the last micro-step only; FSDP reduce-scatters every micro-step
+        with (contextlib.nullcontext() if sync or ctx.world == 1 or cfg.fsdp else run.policy.no_sync()):
             loss, metrics = training_step(run, _cycle_batch(run, stream, micro, gen_step, ref_idx), step)
             run.scaler.scale(loss / cfg.grad_accum).backward()
         for k, v in metrics.items():
@@ -294,8 +304,8 @@ def update(run: Run, stream, step: int, stop: runtime.StopOnSignal) -> dict | No
     if not ctx.all_finite(sums["loss"]):
         raise FloatingPointError(_nonfinite_message("loss", step, cfg, run.out))
     run.scaler.unscale_(run.opt)
-    grad_norm = torch.nn.utils.clip_grad_norm_(
-        run.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    grad_norm = sharding.full_tensor(torch.nn.utils.clip_grad_norm_(  # FSDP: a replicated DTensor
+        run.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
     # fp16's GradScaler skips steps with inf/NaN gradients by design; otherwise a non-finite
     # gradient would poison the weights, the replay pool and the next checkpoint.
     if not run.scaler.is_enabled() and not ctx.all_finite(grad_norm):
@@ -394,10 +404,13 @@ def finish(run: Run, step: int) -> None:
     """A finished run's model (export.write_final: diffusers' layout, or the LoRA adapter in
     diffusers' format), written atomically, with a model card; its last samples."""
     cfg, out = run.cfg, run.out
+    bundle = run.bundle
+    if step >= cfg.max_steps and sharding.is_sharded(bundle.unet):  # gathered: rank 0 writes a plain model
+        bundle = dataclasses.replace(bundle, unet=sharding.plain_copy(bundle.unet))
     if step >= cfg.max_steps and run.ctx.rank == 0:
-        export.write_final(cfg, run.bundle, out, step)
+        export.write_final(cfg, bundle, out, step)
         if not cfg.sample_every or step % cfg.sample_every:
-            run.logger.samples(run.bundle, step, run.shape)
+            run.logger.samples(bundle, step, run.shape)
     run.logger.close()
     run.ctx.barrier()
 

@@ -30,6 +30,7 @@ from diffusers import UNetMotionModel
 
 from families import animatediff, cogvideox, digits, sd15, sdxl, wan
 from families.common import LORA_TARGETS
+from sharding import copy_full_, full_tensor
 
 # Loading/saving progress bars of the libraries would drown the training log.
 diffusers.utils.logging.disable_progress_bar()
@@ -78,8 +79,9 @@ class Bundle:
         return [p for n, p in self.unet.named_parameters() if self.is_trainable(n)]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Detached clones of exactly the trainable weights (what a replay snapshot holds)."""
-        return {n: p.detach().clone() for n, p in self.unet.named_parameters() if self.is_trainable(n)}
+        """Detached clones of exactly the trainable weights (what a replay snapshot holds); whole
+        tensors also under FSDP (gathered: then a collective that every rank calls)."""
+        return {n: full_tensor(p.detach()).clone() for n, p in self.unet.named_parameters() if self.is_trainable(n)}
 
     @property
     def device(self) -> torch.device:
@@ -177,15 +179,14 @@ def save_model(bundle: Bundle, path: str) -> None:
 
 def load_trainable(bundle: Bundle, weights: dict) -> None:
     """Copy saved trainable weights into the bundle's UNet in place (keys of trainable_state_dict)."""
-    own = bundle.trainable_state_dict()
+    own = [n for n, _ in bundle.unet.named_parameters() if bundle.is_trainable(n)]
     missing = sorted(set(own) - set(weights))
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {missing[:3]}; "
                          f"was it written by a run with the same model and lora_rank?")
     params = dict(bundle.unet.named_parameters())
-    with torch.no_grad():
-        for k in own:
-            params[k].copy_(weights[k].to(params[k].device, params[k].dtype))
+    for k in own:
+        copy_full_(params[k], weights[k])  # sharded (FSDP): each rank keeps its chunk
 
 
 def vae_scale_factor(bundle: Bundle) -> int:

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models import Bundle, unet_forward
+from sharding import copy_full_
 
 STRATEGIES = ("uniform", "initial", "last")
 STORAGES = ("memory", "memory_bf16", "disk")
@@ -79,7 +80,7 @@ class CheckpointPool:
         """One snapshot -> directory/replay_IIII_stepSSSSSSSS.safetensors (atomic); its file name."""
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"replay_{index:04d}_step{step:08d}.safetensors"
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # every rank writes the same file: never the same temporary
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
         os.replace(tmp, path)  # atomic: a crash never leaves a half-written snapshot
         return path.name
@@ -155,14 +156,13 @@ class Reference:
                     unet.add_adapter(copy.deepcopy(unet.peft_config["default"]), adapter_name="ref")
                 unet.set_adapter(active)  # add_adapter activates the new adapter
             self._unet = unet
+            self._names = {k: k.replace(".default.", ".ref.") for k in self._keys}
             params = dict(unet.named_parameters())
-            self._targets = {k: params[k.replace(".default.", ".ref.")] for k in self._keys}
-            for p in self._targets.values():
-                p.requires_grad_(False)
+            for name in self._names.values():
+                params[name].requires_grad_(False)
         else:
             self._unet = copy.deepcopy(bundle.unet).requires_grad_(False).eval()
-            params = dict(self._unet.named_parameters())
-            self._targets = {k: params[k] for k in self._keys}
+            self._names = {k: k for k in self._keys}
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -176,14 +176,16 @@ class Reference:
 
     @torch.no_grad()
     def load(self, snapshot: dict[str, torch.Tensor]) -> None:
-        """Copy a pool snapshot into the reference weights in place (casting dtype/device)."""
+        """Copy a pool snapshot into the reference weights in place (casting dtype/device; under
+        FSDP the reference is sharded like the policy and each rank keeps its chunk)."""
         if set(snapshot) != set(self._keys):
             extra, missing = set(snapshot) - set(self._keys), set(self._keys) - set(snapshot)
             raise ValueError(f"Snapshot does not match this model's trainable weights: "
                              f"{len(missing)} missing (e.g. {sorted(missing)[:2]}), "
                              f"{len(extra)} unexpected (e.g. {sorted(extra)[:2]}).")
+        params = dict(self._unet.named_parameters())  # looked up now: sharding replaces the Parameters
         for k, v in snapshot.items():
-            self._targets[k].copy_(v)
+            copy_full_(params[self._names[k]], v)
 
     @staticmethod
     @contextlib.contextmanager

@@ -20,6 +20,7 @@ import config as config_mod
 import digits
 import models
 import sampling
+import sharding
 import trackers
 
 # ---------------------------------------------------------------------------------------------
@@ -179,10 +180,14 @@ class Logger:
         self.info(" | ".join(parts))
 
     def samples(self, bundle, step: int, shape: tuple) -> None:
-        """Rank 0: the sample grid of ``step`` (save_samples), also to the tracker."""
+        """Rank 0: the sample grid of ``step`` (save_samples), also to the tracker. A sharded
+        (FSDP) model samples on every rank, as its forwards are collectives; rank 0 writes."""
+        sharded = sharding.is_sharded(bundle.unet)
+        if self.ctx.rank != 0 and not sharded:
+            return
+        path = save_samples(self.cfg, bundle, self.out, step, shape, write=self.ctx.rank == 0)
         if self.ctx.rank != 0:
             return
-        path = save_samples(self.cfg, bundle, self.out, step, shape)
         if self.tracker:
             with Image.open(path) as im:
                 self.tracker.image("samples", im.convert("RGB"), step)
@@ -261,17 +266,19 @@ def _grid(x: torch.Tensor, upscale: int = 1) -> Image.Image:
 
 
 @torch.no_grad()
-def save_samples(cfg, bundle: models.Bundle, out: Path, step: int, shape: tuple) -> Path:
+def save_samples(cfg, bundle: models.Bundle, out: Path, step: int, shape: tuple, write: bool = True) -> Path:
     prompts = sample_prompts(cfg, cfg.num_sample_prompts)
     z = torch.randn((len(prompts), *shape), generator=torch.Generator().manual_seed(cfg.seed))
     lat = sampling.sample_with_policy(bundle, prompts, latents=z, num_inference_steps=20,
                                       guidance_scale=cfg.loser_guidance, latent_shape=shape)
+    d = out / "samples"
+    path = d / f"step_{step:06d}.png"
+    if not write:  # an FSDP rank other than 0 took part in the sampling only
+        return path
     px = models.decode_latents(bundle, lat).float().clamp(-1, 1).cpu()  # (N,C,H,W) or (N,C,F,H,W)
     frames = [px] if px.ndim == 4 else [px[:, :, f] for f in range(px.shape[2])]
     grids = [_grid(f, upscale=8 if bundle.family == "digits" else 1) for f in frames]
-    d = out / "samples"
     d.mkdir(parents=True, exist_ok=True)
-    path = d / f"step_{step:06d}.png"
     grids[0].save(path)
     if len(grids) > 1:
         path = d / f"step_{step:06d}.gif"
