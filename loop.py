@@ -25,11 +25,10 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import builders
 import checkpoints
 import config as config_mod
 import data
-import data_video
-import digits
 import export
 import models
 import noise
@@ -39,73 +38,13 @@ import sampling
 import sharding
 import importance
 import sspo
-from config import DATA_MODE_OF, LOSS_OF, Config
+from config import LOSS_OF, Config
 
 log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
-# Building blocks: data, model, per-pair noise
+# Building blocks: the run directory, messages
 # ---------------------------------------------------------------------------------------------
-
-
-def build_dataset(cfg: Config):
-    mode = DATA_MODE_OF[cfg.method]
-    common = dict(mode=mode, cfg_drop=cfg.cfg_drop, seed=cfg.seed)
-    if cfg.data == "digits":
-        classes = [int(c) for c in cfg.digits_classes.split(",") if c.strip()] or None  # validated
-        corrupt = cfg.digits_corrupt if cfg.data_split == "pretrain" else 0.0
-        align = cfg.data_split == "align"
-        return digits.DigitsDataset(cfg.data_split, corrupt_fraction=corrupt, classes=classes if align else None,
-                                    per_class=(cfg.digits_align_per_class or None) if align else None,
-                                    loser_wrong_fraction=cfg.digits_loser_wrong, **common)
-    aug = dict(resolution=cfg.resolution, random_crop=cfg.random_crop, hflip=cfg.hflip,
-               cfg_drop=cfg.cfg_drop, seed=cfg.seed)
-    subset = dict(split=cfg.dataset_split_name, max_train_samples=cfg.max_train_samples)
-    folder = dict(subset, caption_column=cfg.caption_column)
-    if cfg.data == "pickapic":
-        return data.PickAPicDataset(cfg.data_path, mode=mode, **aug, **subset)
-    if cfg.data == "videopairs":
-        return data_video.VideoPairFolderDataset(cfg.data_path, mode=mode, num_frames=cfg.num_frames, **aug)
-    if mode == "pairs":
-        raise ValueError(f"method {cfg.method!r} needs preference pairs; data {cfg.data!r} has none")
-    if cfg.data == "imagefolder":
-        return data.ImageFolderDataset(cfg.data_path, **aug, **folder)
-    return data_video.VideoFolderDataset(cfg.data_path, num_frames=cfg.num_frames, **aug, **folder,
-                                         captions=cfg.magictime_csv or None)
-
-
-class _Indexed(torch.utils.data.Dataset):
-    """Adds each item's dataset index, which keys its noise (so DDP == one process)."""
-
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def set_epoch(self, epoch):
-        self.ds.set_epoch(epoch)
-
-    def __getitem__(self, i):
-        item = self.ds[i]
-        return None if item is None else {**item, "index": i}
-
-
-def model_path(cfg: Config) -> str | None:
-    """Where the policy starts: --model_path, else the cached digits base (train.py builds it)."""
-    if cfg.model_path:
-        return cfg.model_path
-    if cfg.model == "digits":
-        return None if cfg.init == "scratch" else str(digits.base_dir(cfg.cache_dir, cfg.digits_base_steps,
-                                                                      cfg.digits_corrupt))
-    return None  # sd15/animatediff: the hub id's cache entry
-
-
-def build_bundle(cfg: Config) -> models.Bundle:
-    return models.build_model(cfg.model, model_path(cfg), lora_rank=cfg.lora_rank,
-                              gradient_checkpointing=cfg.gradient_checkpointing,
-                              local_files_only=cfg.local_files_only, num_frames=cfg.num_frames,
-                              motion_adapter_path=cfg.motion_adapter_path or None)
 
 
 def prepare_out_dir(cfg: Config, ctx: runtime.Dist) -> None:
@@ -156,7 +95,7 @@ class Run:
     loss_kind: str                     # sft | dpo | sspo | dpo_cm | sdpo
     loader: torch.utils.data.DataLoader
     sampler: data.ResumableDistributedSampler
-    dataset: _Indexed
+    dataset: builders.Indexed
     batches_per_epoch: int
     params: list
     logger: runtime.Logger
@@ -174,8 +113,8 @@ def setup(cfg: Config, ctx: runtime.Dist) -> Run:
     if cfg.fsdp and ctx.world == 1:
         raise ValueError("fsdp shards the model across the processes of a torchrun job; "
                          "with one process, train without --fsdp")
-    dataset = _Indexed(build_dataset(cfg))  # before the model: a bad data path fails fast
-    bundle = build_bundle(cfg)
+    dataset = builders.Indexed(builders.build_dataset(cfg))  # before the model: a bad data path fails fast
+    bundle = builders.build_bundle(cfg)
     for m in (None if cfg.fsdp else bundle.unet, bundle.text_encoder, bundle.text_encoder_2, bundle.vae):
         if m is not None:
             m.to(device)  # fsdp: fully_shard moves each rank's shards of the transformer to the device

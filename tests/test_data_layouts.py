@@ -17,7 +17,7 @@ from PIL import Image
 import config
 import data
 import data_video
-import loop
+import builders
 
 # ------------------------------------------------------------------------------ Pick-a-Pic
 
@@ -210,10 +210,10 @@ def test_magictime_csv_from_the_command_line(tmp_path):
     (tmp_path / "caps.csv").write_text('videoid,name\nv2,"ice, melting"\nv1,a flower blooming\n')
     cfg = _resolve("--config=animatediff_magictime", f"--data_path={tmp_path}", "--num_frames=4",
                    "--resolution=8", f"--magictime_csv={tmp_path / 'caps.csv'}", "--max_train_samples=1")
-    ds = loop.build_dataset(cfg)
+    ds = builders.build_dataset(cfg)
     assert isinstance(ds, data_video.VideoFolderDataset) and len(ds) == 1
     assert ds[0]["prompt"] == "ice, melting" and ds[0]["x0_w"].shape == (3, 4, 8, 8)
-    plain = loop.build_dataset(_resolve("--config=animatediff_magictime", f"--data_path={tmp_path}"))
+    plain = builders.build_dataset(_resolve("--config=animatediff_magictime", f"--data_path={tmp_path}"))
     assert plain.entries == [("v1.mp4", "not the csv")]  # without the key: the metadata file
     with pytest.warns(config.IgnoredSettingWarning, match="only data 'videofolder' reads a MagicTime CSV"):
         config.resolve(argv=["--config=sd15_pickapic", "--data=imagefolder", "--method=sft",
@@ -223,14 +223,14 @@ def test_magictime_csv_from_the_command_line(tmp_path):
 def test_split_samples_and_caption_column_from_the_command_line(layouts, tmp_path):
     cfg = _resolve("--config=sd15_pickapic", "--method=dpo", f"--data_path={layouts['saved_dict']}",
                    "--dataset_split_name=validation", "--max_train_samples=1", "--resolution=8")
-    ds = loop.build_dataset(cfg)
+    ds = builders.build_dataset(cfg)
     assert isinstance(ds, data.PickAPicDataset) and [it["prompt"] for it in _items(ds)] == ["valid 0"]
     entries = _images(tmp_path / "folder" / "test")
     _write_csv(tmp_path / "folder" / "test" / "metadata.csv", ["file_name", "prompt"], entries)
     cfg = _resolve("--config=sd15_pickapic", "--data=imagefolder", "--method=sft", "--resolution=8",
                    f"--train_data_dir={tmp_path / 'folder'}", "--dataset_split_name=test",
                    "--caption_column=prompt", "--max_train_samples=3")
-    ds = loop.build_dataset(cfg)
+    ds = builders.build_dataset(cfg)
     assert [it["prompt"] for it in _items(ds)] == ["red 0", "red 1", "red 2"]
     with pytest.raises(ValueError, match="'max_train_samples' must be >= 0"):
         config.resolve(argv=["--max_train_samples=-1"])
