@@ -3,6 +3,7 @@ the results into results/. It sits on top of everything (it imports the entry po
 and nothing imports it.
 
     python benchmark.py sweep  [--jobs N]   # lr and beta per method on a validation measure -> results/sweep.md
+    python benchmark.py readme --run runs/digits_sspo   # the default run's eval.json -> the README's table
     python benchmark.py claims [--jobs N]   # every method x 3 seeds -> results/claims.md, table.md, grid, curves
     python benchmark.py claims --quick      # CI smoke size (numbers meaningless)
 
@@ -405,6 +406,30 @@ def cmd_frontier(args) -> None:
           f"{results['seconds'] / 60:.1f} min")
 
 
+def default_run_markdown(ev: dict) -> str:
+    """The README's table of the default run from its eval.json (base vs final, every condition)."""
+    rows = [("training templates, guidance 3 (SVC / RandomForest)", "id_cfg/accuracy", "id_cfg/accuracy_rf"),
+            ("training templates, no guidance", "id_nocfg/accuracy", None),
+            ("held-out templates, guidance 3", "ood_cfg/accuracy", None),
+            ("held-out templates, no guidance", "ood_nocfg/accuracy", None),
+            ("Frechet distance to real digits, training templates, guidance 3 (lower is better)",
+             "id_cfg/frechet", None)]
+    fmt = lambda m, k, k2: f"{ev[m][k]:.3f}" + (f" / {ev[m][k2]:.3f}" if k2 and k2 in ev[m] else "")
+    lines = ["| prompts | base | after SSPO |", "|---|---|---|"]
+    lines += [f"| {label} | {fmt('base', k, k2)} | {fmt('final', k, k2)} |" for label, k, k2 in rows]
+    lines += ["", f"The SVC judge's accuracy on real held-out digits: {ev['judge_real_accuracy']:.3f}."]
+    return "\n".join(lines)
+
+
+def cmd_readme(args) -> None:
+    """Copy a finished default run's eval.json to results/default_run.json and its table into the README."""
+    ev = json.loads((Path(args.run) / "eval.json").read_text())
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "default_run.json").write_text(json.dumps(ev, indent=1))
+    update_readme("default", default_run_markdown(ev))
+    print(default_run_markdown(ev))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -426,6 +451,10 @@ def main(argv=None) -> None:
             c.add_argument("--steps", type=int, help="optimizer updates per method (same for all)")
             c.add_argument("--methods", nargs="+", choices=list(METHODS), help="subset of methods (default all)")
             c.add_argument("--keep-checkpoints", action="store_true", help="keep runs/*/checkpoints")
+    c = sub.add_parser("readme", help="the default run's eval.json -> results/default_run.json and the README table")
+    c.set_defaults(fn=cmd_readme)
+    c.add_argument("--run", default="runs/digits_sspo", help="a finished `python train.py` run")
+    c.add_argument("--out", default="results", help="output folder")
     args = p.parse_args(argv)
     args.fn(args)
 

@@ -107,3 +107,18 @@ def test_sweep_rule_rejects_unrealistic_settings_and_tuned_passes_only_lr_beta()
     assert benchmark._tuned({"method": "sspo", "ssr": "none"}, tuned) == {
         "lr": 3e-4, "beta": 500.0, "method": "sspo", "ssr": "none"}
     assert benchmark._tuned({"method": "sft", "lr": 1e-5}, tuned) == {"method": "sft", "lr": 1e-5}
+
+
+def test_default_run_table_comes_from_eval_json(tmp_path):
+    keys = ("id_cfg/accuracy", "id_cfg/accuracy_rf", "id_nocfg/accuracy", "ood_cfg/accuracy",
+            "ood_nocfg/accuracy", "id_cfg/frechet")
+    ev = {"judge_real_accuracy": 0.99, "base": {k: 0.1 + i / 100 for i, k in enumerate(keys)},
+          "final": {k: 0.5 + i / 100 for i, k in enumerate(keys)}}
+    md = benchmark.default_run_markdown(ev)
+    assert "| training templates, guidance 3 (SVC / RandomForest) | 0.100 / 0.110 | 0.500 / 0.510 |" in md
+    assert "| held-out templates, no guidance | 0.140 | 0.540 |" in md
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- results:default -->\nold\n<!-- /results:default -->\nb\n")
+    benchmark.update_readme("default", md, readme)
+    text = readme.read_text()
+    assert "old" not in text and "0.500 / 0.510" in text and text.startswith("a\n") and text.endswith("b\n")
