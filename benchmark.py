@@ -346,19 +346,25 @@ def cmd_claims(args) -> None:
         size["train"]["max_steps"] = args.steps
     out = Path(args.out)
     tuned = _load_tuned(out, args.quick)
-    t0 = time.time()
-    results = run_table(out, size, args.methods, args.keep_checkpoints, args.jobs, tuned)
-    results["date"] = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    results["seconds"] = time.time() - t0
+    if args.from_json:  # re-derive tables, verdicts and pictures from a finished run, no training
+        results = json.loads(Path(args.from_json).read_text())
+        size, tuned, command = results["size"], results["tuned"], results["command"]
+    else:
+        t0 = time.time()
+        results = run_table(out, size, args.methods, args.keep_checkpoints, args.jobs, tuned)
+        command = "python benchmark.py " + " ".join(sys.argv[1:])
+        results.update(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), seconds=time.time() - t0,
+                       command=command)
     results["summary"] = summary = summarize(results)
-    command = "python benchmark.py " + " ".join(sys.argv[1:])
     (out / "table.json").write_text(json.dumps(results, indent=1))
     write_table_md(results, summary, out / "table.md", command)
     rows = report.build_claims(results)
     header = (f"# The paper's claims on the digits benchmark\n\n`{command}` — {results['date']}, "
               f"{results['seconds'] / 60:.0f} min; {size['seeds']} seeds; {json.dumps(size['train'])}; "
               f"settings per method: {'results/sweep.json' if tuned else 'the preset (no sweep file)'}. "
-              "Verdict rule: 95% t-interval of the paired (same seed) difference; see report.py.")
+              "Verdict rule: 95% t-interval of the paired (same seed) difference; see report.py."
+              + (f" Rewritten from {args.from_json} on {datetime.datetime.now():%Y-%m-%d %H:%M} (no "
+                 "retraining) by the command with `--from-json`." if args.from_json else ""))
     (out / "claims.md").write_text(report.claims_markdown(rows, header))
     report.plot_curves(results, out)
     write_grid(results, out / "samples_grid.png")
@@ -451,6 +457,8 @@ def main(argv=None) -> None:
             c.add_argument("--steps", type=int, help="optimizer updates per method (same for all)")
             c.add_argument("--methods", nargs="+", choices=list(METHODS), help="subset of methods (default all)")
             c.add_argument("--keep-checkpoints", action="store_true", help="keep runs/*/checkpoints")
+            c.add_argument("--from-json", help="a table.json of a finished run: rewrite claims, tables and "
+                                               "pictures from it without training")
     c = sub.add_parser("readme", help="the default run's eval.json -> results/default_run.json and the README table")
     c.set_defaults(fn=cmd_readme)
     c.add_argument("--run", default="runs/digits_sspo", help="a finished `python train.py` run")

@@ -43,8 +43,13 @@ def test_claims_from_results_cover_the_paper_and_follow_the_rule():
         r["final"]["id_cfg/accuracy"] = 0.9
     for i, r in enumerate(results["runs"]["sft"]):
         r["final"]["id_cfg/accuracy"] = 0.5 + 0.01 * i
+    for r in results["runs"]["sspo"]:  # ... and clearly behind it without guidance
+        r["final"]["id_nocfg/accuracy"] = 0.3
+    for i, r in enumerate(results["runs"]["sft"]):
+        r["final"]["id_nocfg/accuracy"] = 0.6 + 0.01 * i
     rows = {r["claim"]: r for r in report.build_claims(results)}
-    assert rows["Table 1: SSPO beats sft (training templates)"]["verdict"] == "supported"
+    assert rows["Table 1: SSPO beats sft (training templates, guidance 3)"]["verdict"] == "supported"
+    assert rows["Table 1: SSPO beats sft (training templates, no guidance)"]["verdict"] == "not supported"
     for key in ("Table 6: SSPO beats sspo ssr=none", "Fig. 2: last-checkpoint replay overfits",
                 "Fig. 4: the SSR rate rises", "Fig. 9: SSPO keeps improving", "SFT memorizes",
                 "SDPO paper: dpo_cm beats Diffusion-DPO", "SDPO paper: sdpo is more stable"):
