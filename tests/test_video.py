@@ -180,7 +180,8 @@ def test_non_square_training_step_losers_and_sample_grid(family, tiny, tmp_path)
     (sampler) and the sample grid all run at the non-square size; one update."""
     from PIL import Image
     data = _write_videos(tmp_path / "videos", hw=(40, 64))
-    out = train.run(dict(model=family, model_path=tiny[family], num_frames=FRAMES, height=H, width=W, batch_size=1,
+    out = train.run(dict(model=family, model_path=tiny[family], num_frames=FRAMES, resolution=RES, height=H, width=W,
+                         batch_size=1,
                          max_steps=1, save_every=1, loser_steps=2, log_every=1, sample_every=1, num_sample_prompts=2,
                          lr=1e-3, cfg_drop=0.0, method="sspo", data="videofolder", data_path=str(data),
                          out_dir=str(tmp_path / "run")))
