@@ -189,6 +189,7 @@ def test_non_square_training_step_losers_and_sample_grid(family, tiny, tmp_path)
     assert row["step"] == 1 and row["loss"] == row["loss"] and row["grad_norm"] > 0, row
     with Image.open(out / "samples" / "step_000001.png") as grid:
         assert grid.size == (2 * W, H)  # 2 prompts side by side, each W wide, H tall
+    assert f"| resolution | {H}x{W} (height x width) |" in (out / "final" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("family", ["cogvideox", "wan"])
@@ -207,5 +208,9 @@ def test_bad_frame_size_is_refused(family, tiny, tmp_path, capsys):
     import config
     with pytest.raises(ValueError, match="'height' must be >= 0"):
         config.resolve({"model": family, "data": "videofolder", "data_path": "x", "height": -16})
+    cfg = config.resolve({"model": family, "data": "videofolder", "data_path": "x", "height": H, "width": W})
+    assert config.frame_size(cfg) == (H, W)
+    cfg.resolution = 256  # both sides given: resolution is unused, and says so
+    assert f"setting resolution=256 has no effect: height and width ({H}x{W}) are both set" in config.ignored_settings(cfg)
     with pytest.raises(ValueError, match="trains square at --resolution"):
         config.resolve({"model": "sd15", "data": "imagefolder", "data_path": "x", "width": 768})
