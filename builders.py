@@ -27,13 +27,14 @@ def build_dataset(cfg: Config):
     folder = dict(subset, caption_column=cfg.caption_column)
     if cfg.data == "pickapic":
         return data.PickAPicDataset(cfg.data_path, mode=mode, **aug, **subset)
+    frame = dict(num_frames=cfg.num_frames, height=cfg.height, width=cfg.width)  # video: (H, W) may differ
     if cfg.data == "videopairs":
-        return data_video.VideoPairFolderDataset(cfg.data_path, mode=mode, num_frames=cfg.num_frames, **aug)
+        return data_video.VideoPairFolderDataset(cfg.data_path, mode=mode, **frame, **aug)
     if mode == "pairs":
         raise ValueError(f"method {cfg.method!r} needs preference pairs; data {cfg.data!r} has none")
     if cfg.data == "imagefolder":
         return data.ImageFolderDataset(cfg.data_path, **aug, **folder)
-    return data_video.VideoFolderDataset(cfg.data_path, num_frames=cfg.num_frames, **aug, **folder,
+    return data_video.VideoFolderDataset(cfg.data_path, **frame, **aug, **folder,
                                          captions=cfg.magictime_csv or None)
 
 

@@ -75,6 +75,8 @@ class Config:
                            "reference copy) with PyTorch's FSDP2 fully_shard instead of DDP (sharding.py)")
     # ---- data
     resolution: int = _f(512, "image (or frame) side in pixels for every family but digits")
+    height: int = _f(0, "cogvideox/wan frame height in px, 0 = resolution (a multiple of 16: VAE 8 x patch 2)")
+    width: int = _f(0, "cogvideox/wan frame width in px, 0 = resolution (releases: 480x720 CogVideoX, 480x832 Wan)")
     num_frames: int = _f(16, "frames per clip (animatediff; cogvideox/wan: 4k+1, e.g. 49 / 81)")
     random_crop: bool = _f(False, "random instead of center crop")
     hflip: bool = _f(False, "random horizontal flips")
@@ -291,7 +293,7 @@ def validate(cfg: Config) -> None:
     for key in ("beta", "lr", "resolution", "num_frames", "num_sample_prompts"):
         if not getattr(cfg, key) > 0:
             raise ValueError(f"config key {key!r} must be > 0, got {getattr(cfg, key)}")
-    for key in ("tau", "eps_clip", "warmup_steps", "digits_align_per_class", "keep_checkpoints", "weight_decay", "num_workers",
+    for key in ("height", "width", "tau", "eps_clip", "warmup_steps", "digits_align_per_class", "keep_checkpoints", "weight_decay", "num_workers",
                 "max_train_samples"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"config key {key!r} must be >= 0, got {getattr(cfg, key)}")
@@ -316,6 +318,12 @@ class IgnoredSettingWarning(UserWarning):
 
 
 PAIR_DATA = ("digits", "pickapic", "videopairs")  # data sets with a winner and a loser per prompt
+NON_SQUARE_MODELS = ("cogvideox", "wan")  # the families that take height/width (trained at 480x720 / 480x832)
+
+
+def frame_size(cfg: Config) -> tuple[int, int]:
+    """(height, width) in pixels of what the run trains and samples: each 0 falls back to resolution."""
+    return cfg.height or cfg.resolution, cfg.width or cfg.resolution
 
 
 def check_consistency(cfg: Config) -> None:
@@ -329,6 +337,9 @@ def check_consistency(cfg: Config) -> None:
     if cfg.fsdp and cfg.lora_rank > 0:
         raise ValueError("fsdp is for full fine-tuning (a LoRA adapter's weights and moments fit one GPU): "
                          "drop --fsdp or set --lora_rank=0")
+    if (cfg.height or cfg.width) and cfg.model not in NON_SQUARE_MODELS:
+        raise ValueError(f"height/width set a non-square frame for {' and '.join(NON_SQUARE_MODELS)}; model "
+                         f"{cfg.model!r} trains square at --resolution (drop --height/--width)")
     if cfg.init == "scratch" and cfg.model != "digits":
         raise ValueError(f"init='scratch' is the digits model's own pretraining; model {cfg.model!r} "
                          f"starts from model_path")
@@ -381,6 +392,8 @@ def ignored_settings(cfg: Config, given: set[str] | None = None) -> list[str]:
         if cfg.init == "scratch" or cfg.model_path:
             why["digits_base_steps"] = "the run starts from " + ("random weights" if cfg.init == "scratch"
                                                                   else "model_path, not the cached base")
+    if cfg.height and cfg.width:
+        why["resolution"] = f"height and width ({cfg.height}x{cfg.width}) are both set"
     out = [f"setting {key}={getattr(cfg, key)!r} has no effect: {reason}" for key, reason in why.items()
            if getattr(cfg, key) != getattr(defaults, key) and (given is None or key in given)]
     if (loss == "sspo" and cfg.replay != "initial" and cfg.save_every >= cfg.max_steps

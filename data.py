@@ -67,18 +67,20 @@ def check_mode(mode: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Transforms (as the Diffusion-DPO release: resize shorter side, center/random crop, hflip, [-1,1])
 
-def _plan_crop(width: int, height: int, resolution: int, random_crop: bool, hflip: bool,
+def _plan_crop(width: int, height: int, resolution: int | tuple[int, int], random_crop: bool, hflip: bool,
                rng: np.random.Generator) -> tuple[tuple[int, int], tuple[int, int, int, int], bool]:
-    """Resize size (w,h) with the shorter side = resolution, crop box (l,t,r,b), flip flag.
-    Planned once so every frame of a video gets the same geometry."""
-    scale = resolution / min(width, height)
-    w, h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    """Resize size (w,h), crop box (l,t,r,b), flip flag for a crop of ``resolution`` pixels square,
+    or (out_h, out_w). The resize is the smallest that covers the crop (for a square: the shorter
+    side = resolution). Planned once so every frame of a video gets the same geometry."""
+    out_h, out_w = (resolution, resolution) if isinstance(resolution, int) else resolution
+    scale = max(out_w / width, out_h / height)
+    w, h = max(out_w, round(width * scale)), max(out_h, round(height * scale))
     if random_crop:
-        left, top = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
+        left, top = int(rng.integers(0, w - out_w + 1)), int(rng.integers(0, h - out_h + 1))
     else:  # same rounding as torchvision's CenterCrop
-        left, top = int(round((w - resolution) / 2)), int(round((h - resolution) / 2))
+        left, top = int(round((w - out_w) / 2)), int(round((h - out_h) / 2))
     flip = bool(hflip and rng.random() < 0.5)
-    return (w, h), (left, top, left + resolution, top + resolution), flip
+    return (w, h), (left, top, left + out_w, top + out_h), flip
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -91,7 +93,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _apply_crop(img: Image.Image, plan) -> torch.Tensor:
-    """PIL image -> (3,R,R) float32 in [-1,1]."""
+    """PIL image -> (3,H,W) float32 in [-1,1] (H = W = R for a square crop)."""
     size, box, flip = plan
     img = to_rgb(img)
     if img.size != size:
@@ -99,19 +101,21 @@ def _apply_crop(img: Image.Image, plan) -> torch.Tensor:
     img = img.crop(box)
     if flip:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())  # (R,R,3) in 0..255
-    return x.permute(2, 0, 1) / 127.5 - 1.0  # (3,R,R)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())  # (H,W,3) in 0..255
+    return x.permute(2, 0, 1) / 127.5 - 1.0  # (3,H,W)
 
 
 class BaseDataset(Dataset):
     """Seed/epoch bookkeeping, caption drop for CFG, transforms, counting of skipped items."""
 
     def __init__(self, seed: int, cfg_drop: float, max_bad_fraction: float = 0.01,
-                 resolution: int = 0, random_crop: bool = False, hflip: bool = False):
+                 resolution: int = 0, random_crop: bool = False, hflip: bool = False,
+                 height: int = 0, width: int = 0):
         if not 0.0 <= cfg_drop <= 1.0:
             raise ValueError(f"cfg_drop must be in [0,1], got {cfg_drop}")
         self.seed, self.cfg_drop, self.epoch = int(seed), float(cfg_drop), 0
         self.resolution, self.random_crop, self.hflip = resolution, random_crop, hflip
+        self.size = (height or resolution, width or resolution)  # (H, W) of the crop; 0 = resolution
         self.max_bad_fraction = float(max_bad_fraction)
         self.num_seen = 0     # item fetches in this process
         self.num_skipped = 0  # of which unreadable (returned None)
@@ -132,7 +136,7 @@ class BaseDataset(Dataset):
         return "" if rng.random() < self.cfg_drop else text
 
     def _transform(self, images: list[Image.Image], rng: np.random.Generator) -> torch.Tensor:
-        """N images (or frames of one clip) -> (N,3,R,R), all with the same resize/crop/flip."""
+        """N images (or frames of one clip) -> (N,3,H,W), all with the same resize/crop/flip."""
         return self._transform_with_geometry(images, rng)[0]
 
     def _transform_with_geometry(self, images: list[Image.Image], rng: np.random.Generator,
@@ -141,7 +145,7 @@ class BaseDataset(Dataset):
         {"original_size" + suffix: (h, w) before resizing, "crop_top_left" + suffix: (top, left)
         of the crop in the resized image, mirrored when the image is flipped}."""
         width, height = images[0].size
-        plan = _plan_crop(width, height, self.resolution, self.random_crop, self.hflip, rng)
+        plan = _plan_crop(width, height, self.size, self.random_crop, self.hflip, rng)
         (w, _), (left, top, right, _), flip = plan
         geometry = {"original_size" + suffix: (height, width),
                     "crop_top_left" + suffix: (top, w - right if flip else left)}

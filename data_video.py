@@ -65,16 +65,19 @@ class VideoFolderDataset(BaseDataset):
     (``captions=path``, columns videoid,name; videos at ``root/{videoid}.mp4``).
     ``max_train_samples`` > 0 keeps the first N entries.
     ``num_frames`` frames are sampled uniformly over the whole clip ("dynamic frame extraction")
-    and all get the same resize/crop/flip. A clip with fewer frames is skipped and counted.
+    and all get the same resize/crop/flip: the smallest resize that covers ``height`` x ``width``
+    (0 = resolution, square), then a center (or random) crop to it. A clip with fewer frames is
+    skipped and counted.
 
-    item: {"prompt": str, "x0_w": (3,F,R,R)}, or None if the video is unreadable or too short.
+    item: {"prompt": str, "x0_w": (3,F,H,W)}, or None if the video is unreadable or too short.
     """
 
     def __init__(self, root, num_frames: int = 16, resolution: int = 256, random_crop: bool = False,
                  hflip: bool = False, cfg_drop: float = 0.0, seed: int = 0,
                  max_bad_fraction: float = 0.01, captions: str | Path | None = None,
-                 split: str = "train", caption_column: str = "text", max_train_samples: int = 0):
-        super().__init__(seed, cfg_drop, max_bad_fraction, resolution, random_crop, hflip)
+                 split: str = "train", caption_column: str = "text", max_train_samples: int = 0,
+                 height: int = 0, width: int = 0):
+        super().__init__(seed, cfg_drop, max_bad_fraction, resolution, random_crop, hflip, height, width)
         self.root = Path(root)
         if captions is None:
             self.root, self.entries = read_captions(self.root, split, caption_column)
@@ -102,8 +105,8 @@ class VideoFolderDataset(BaseDataset):
             return self._skip(str(path), f"video too short: {e}")
         except Exception as e:  # PyAV/FFmpeg errors, missing file, no video stream
             return self._skip(str(path), f"unreadable video ({type(e).__name__}: {e})")
-        video = self._transform(frames, rng)  # (F,3,R,R)
-        return {"prompt": prompt, "x0_w": video.permute(1, 0, 2, 3).contiguous()}  # (3,F,R,R)
+        video = self._transform(frames, rng)  # (F,3,H,W)
+        return {"prompt": prompt, "x0_w": video.permute(1, 0, 2, 3).contiguous()}  # (3,F,H,W)
 
 
 def _read_pairs(root: Path) -> list[tuple[str, str, str]]:
@@ -132,16 +135,17 @@ def _read_pairs(root: Path) -> list[tuple[str, str, str]]:
 class VideoPairFolderDataset(VideoFolderDataset):
     """Video preference pairs (Diffusion-DPO / DPO-C&M / SDPO on video): ``root/pairs.jsonl`` with
     {"text", "winner", "loser"}; both clips are decoded as :class:`VideoFolderDataset` decodes one
-    and get the same resize/crop/flip. mode "winners" (SFT, SSPO) returns the winner only.
+    and get the same resize/crop/flip (to height x width). mode "winners" (SFT, SSPO) returns the
+    winner only.
 
-    item: {"prompt": str, "x0_w": (3,F,R,R), "x0_l": (3,F,R,R)} (no x0_l in mode "winners"), or
+    item: {"prompt": str, "x0_w": (3,F,H,W), "x0_l": (3,F,H,W)} (no x0_l in mode "winners"), or
     None (skipped and counted) if either clip is unreadable or too short.
     """
 
     def __init__(self, root, mode: str = "pairs", num_frames: int = 16, resolution: int = 256,
                  random_crop: bool = False, hflip: bool = False, cfg_drop: float = 0.0, seed: int = 0,
-                 max_bad_fraction: float = 0.01):
-        BaseDataset.__init__(self, seed, cfg_drop, max_bad_fraction, resolution, random_crop, hflip)
+                 max_bad_fraction: float = 0.01, height: int = 0, width: int = 0):
+        BaseDataset.__init__(self, seed, cfg_drop, max_bad_fraction, resolution, random_crop, hflip, height, width)
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         self.root, self.mode, self.num_frames = Path(root), mode, num_frames
@@ -166,5 +170,5 @@ class VideoPairFolderDataset(VideoFolderDataset):
             except Exception as e:
                 return self._skip(str(path), f"unreadable video ({type(e).__name__}: {e})")
             rng.bit_generator.state = state
-            out[key] = self._transform(frames, rng).permute(1, 0, 2, 3).contiguous()  # (3,F,R,R)
+            out[key] = self._transform(frames, rng).permute(1, 0, 2, 3).contiguous()  # (3,F,H,W)
         return out

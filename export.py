@@ -115,6 +115,12 @@ _METHOD = {"sft": "supervised fine-tuning on the preferred samples",
            "sdpo": "SDPO, importance-sampled Diffusion-DPO (arXiv 2505.21893)"}
 
 
+def _frame(cfg: dict) -> str:
+    """"512", or "480x720 (height x width)" for a non-square run (configs before height/width: square)."""
+    h, w = cfg.get("height") or cfg["resolution"], cfg.get("width") or cfg["resolution"]
+    return str(h) if h == w else f"{h}x{w} (height x width)"
+
+
 def model_card(cfg: dict, step: int, evaluation: dict | None = None) -> str:
     """A diffusers-style README.md: YAML header (base_model, tags) and what was trained how."""
     base = cfg.get("model_path") or _BASE.get(cfg["model"], "the embedded digits base model")
@@ -132,7 +138,7 @@ def model_card(cfg: dict, step: int, evaluation: dict | None = None) -> str:
              f"{cfg['warmup_steps']} warm-up) |",
              f"| trained weights | {'LoRA rank ' + str(cfg['lora_rank']) if cfg['lora_rank'] else 'full UNet'} |",
              f"| data | {cfg['data']} at `{cfg['data_path'] or '(embedded)'}` |",
-             f"| resolution | {cfg['resolution']} |", f"| mixed precision | {cfg['mixed_precision']} |",
+             f"| resolution | {_frame(cfg)} |", f"| mixed precision | {cfg['mixed_precision']} |",
              f"| seed | {cfg['seed']} |"]
     if cfg["method"] in ("sspo", "sspo_r", "spin"):
         lines.append(f"| replay | {cfg['replay']}, checkpoint interval {cfg['save_every']}, SSR {cfg['ssr']} |")

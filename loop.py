@@ -154,7 +154,7 @@ def setup(cfg: Config, ctx: runtime.Dist) -> Run:
     return Run(cfg, ctx, out, bundle, policy, reference, pool, opt, lr_sched,
                torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16"), autocast,
                noise.Process.from_config(bundle.scheduler_config, device),
-               models.latent_shape(bundle, cfg.resolution, cfg.num_frames), loss_kind, loader, sampler,
+               models.latent_shape(bundle, config_mod.frame_size(cfg), cfg.num_frames), loss_kind, loader, sampler,
                dataset, batches_per_epoch, params, runtime.Logger(cfg, ctx, out))
 
 

@@ -194,17 +194,21 @@ def vae_scale_factor(bundle: Bundle) -> int:
     return 1 if bundle.vae is None else 2 ** (len(bundle.vae.config.block_out_channels) - 1)
 
 
-def latent_shape(bundle: Bundle, resolution: int, num_frames: int = 0) -> tuple:
-    """Shape of one x0 in diffusion space: (C,H,W), or (C,F,H,W) for video (F latent frames)."""
+def latent_shape(bundle: Bundle, resolution: int | tuple[int, int], num_frames: int = 0) -> tuple:
+    """Shape of one x0 in diffusion space: (C,H,W), or (C,F,H,W) for video (F latent frames).
+    ``resolution``: the side of a square in pixels, or (height, width) (cogvideox, wan)."""
+    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
     if _hook(bundle, "latent_shape"):
-        return _hook(bundle, "latent_shape")(bundle, resolution, num_frames)
+        return _hook(bundle, "latent_shape")(bundle, height, width, num_frames)
+    if height != width:
+        raise ValueError(f"model {bundle.family!r} trains square frames; got {height}x{width} (height x width)")
     if bundle.vae is None:
         s = bundle.unet.config.sample_size
         return (bundle.unet.config.in_channels, s, s)
     down = vae_scale_factor(bundle)
-    if resolution % down:
-        raise ValueError(f"resolution {resolution} must be a multiple of the VAE's factor {down}")
-    c, s = bundle.unet.config.in_channels, resolution // down
+    if height % down:
+        raise ValueError(f"resolution {height} must be a multiple of the VAE's factor {down}")
+    c, s = bundle.unet.config.in_channels, height // down
     return (c, num_frames, s, s) if bundle.num_frames else (c, s, s)
 
 

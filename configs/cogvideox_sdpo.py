@@ -14,7 +14,9 @@ CONFIG = dict(
     beta=5000.0,            # assumed: as the SD-1.5 Diffusion-DPO preset (v errors, sspo.py convention)
     lora_rank=128,          # CogVideoX's own LoRA fine-tuning recipe (THUDM finetune scripts: rank 128)
     num_frames=49,          # the release: 49 frames at 8 fps (model card) -> 13 latent frames
-    resolution=480,         # the release trains 720x480; this project's video data path is square (assumed)
+    height=480,             # the release's native 480x720 (HxW): model card "Video Resolution 720 * 480";
+    width=720,              # CogVideoXPipeline's default = transformer sample_height 60 / sample_width 90 x 8;
+                            # diffusers' examples/cogvideo/train_cogvideox_lora.py --height 480 --width 720
     batch_size=1,
     grad_accum=8,           # assumed: global batch 64 on 8 GPUs
     lr=1e-4,                # assumed (CogVideoX LoRA recipes use 1e-4 .. 1e-3)

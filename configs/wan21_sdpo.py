@@ -13,7 +13,8 @@ CONFIG = dict(
     beta=5000.0,            # assumed (velocity errors; see sspo_flow.py derivation 3 on beta per family)
     lora_rank=32,           # assumed (diffusers' Wan LoRA examples use 32)
     num_frames=81,          # the release: 81 frames at 16 fps -> 21 latent frames
-    resolution=480,         # the 1.3B model is a 480p model (832x480); square here (assumed)
+    height=480,             # the 1.3B model's native 480x832 (HxW): model card "480P" (832*480);
+    width=832,              # WanPipeline.__call__ defaults height=480, width=832
     batch_size=1,
     grad_accum=8,           # assumed: global batch 64 on 8 GPUs
     lr=1e-4,                # assumed

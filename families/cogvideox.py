@@ -62,17 +62,20 @@ def _spatial_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for the release
 
 
-def latent_shape(bundle, resolution: int, num_frames: int) -> tuple:
-    """(C, F_lat, H/8, W/8) with F_lat = (num_frames - 1) / 4 + 1 (the VAE keeps the first frame)."""
+def latent_shape(bundle, height: int, width: int, num_frames: int) -> tuple:
+    """(C, F_lat, H/8, W/8) with F_lat = (num_frames - 1) / 4 + 1 (the VAE keeps the first frame).
+    H and W must be multiples of the VAE's spatial factor (8: 2^(len(block_out_channels) - 1))
+    times the transformer's patch_size (2), i.e. 16 for the releases (native 480x720)."""
     tc, s = int(bundle.vae.config.temporal_compression_ratio), _spatial_factor(bundle.vae)
     p = bundle.unet.config.patch_size
     if (num_frames - 1) % tc:
         raise ValueError(f"cogvideox: num_frames must be {tc}k+1 (e.g. 49 for the release), got {num_frames}")
-    if resolution % (s * p):
-        raise ValueError(f"cogvideox: resolution must be a multiple of {s * p}, got {resolution}")
+    if height % (s * p) or width % (s * p):
+        raise ValueError(f"cogvideox: height and width must be multiples of {s * p} (the VAE's spatial factor {s} "
+                         f"x the transformer's patch_size {p}), got {height}x{width} (height x width)")
     if bundle.unet.config.patch_size_t is not None:
         raise ValueError("cogvideox: CogVideoX 1.5 (patch_size_t) is not supported; use CogVideoX-2b / -5b")
-    return (bundle.unet.config.in_channels, (num_frames - 1) // tc + 1, resolution // s, resolution // s)
+    return (bundle.unet.config.in_channels, (num_frames - 1) // tc + 1, height // s, width // s)
 
 
 @torch.no_grad()

@@ -67,14 +67,20 @@ def make_scheduler(scheduler_config: dict):
 
 # ----------------------------------------------------------------------------- conversions
 
-def latent_shape(bundle, resolution: int, num_frames: int) -> tuple:
-    vae, p = bundle.vae.config, bundle.unet.config.patch_size
+def latent_shape(bundle, height: int, width: int, num_frames: int) -> tuple:
+    """(C, F_lat, H/8, W/8) with F_lat = (num_frames - 1) / 4 + 1. H and W must be multiples of the
+    VAE's scale_factor_spatial (8) times the transformer's patch_size (1, 2, 2) along each side,
+    i.e. 16 for the release (native 480x832; WanPipeline asks the same)."""
+    vae, p = bundle.vae.config, bundle.unet.config.patch_size  # p = (t, h, w)
     tc, s = vae.scale_factor_temporal, vae.scale_factor_spatial
     if (num_frames - 1) % tc:
         raise ValueError(f"wan: num_frames must be {tc}k+1 (e.g. 81 for the release), got {num_frames}")
-    if resolution % (s * p[1]):
-        raise ValueError(f"wan: resolution must be a multiple of {s * p[1]}, got {resolution}")
-    return (bundle.unet.config.in_channels, (num_frames - 1) // tc + 1, resolution // s, resolution // s)
+    mh, mw = s * p[1], s * p[2]
+    if height % mh or width % mw:
+        mult = mh if mh == mw else f"{mh} (height) and {mw} (width)"
+        raise ValueError(f"wan: height and width must be multiples of {mult} (the VAE's scale_factor_spatial "
+                         f"{s} x the transformer's patch_size {tuple(p[1:])}), got {height}x{width} (height x width)")
+    return (bundle.unet.config.in_channels, (num_frames - 1) // tc + 1, height // s, width // s)
 
 
 @torch.no_grad()
