@@ -141,7 +141,7 @@ def _run_one(name: str, spec: dict, seed: int, out: Path, size: dict, common: di
     judge = digits.DigitsJudge.from_splits()  # deterministic fit: every worker process has the same judge
     run_dir = out / "runs" / name.replace(" ", "_").replace("=", "-") / f"seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
-    overrides = _tuned(METHODS[name], tuned)
+    overrides = _tuned(spec, tuned)
     t0 = time.time()
     run_dir = Path(train.run({**common, **overrides, "seed": seed, "out_dir": str(run_dir), "sample_every": 0}))
     train_s = time.time() - t0

@@ -73,12 +73,26 @@ def test_quick_table_end_to_end(tmp_path):
     md = (tmp_path / "table.md").read_text()
     assert all(f"| {name} |" in md for name in benchmark.METHODS)
     claims_md = (tmp_path / "claims.md").read_text()
-    assert "Table 1: SSPO beats sft (training templates)" in claims_md and "SFT memorizes" in claims_md
+    assert "Table 1: SSPO beats sft (training templates, no guidance)" in claims_md and "SFT memorizes" in claims_md
     assert all(r["memo"]["nn_ratio"] > 0 for runs in res["runs"].values() for r in runs)
     for png in ("curve_accuracy.png", "curve_confidence.png", "curve_frechet.png", "ssr_rate.png", "samples_grid.png"):
         assert (tmp_path / png).stat().st_size > 1000
     sspo = res["runs"]["sspo"][0]
     assert sspo["ssr"] and all(0 <= v <= 1 for _, v in sspo["ssr"])
+
+
+def test_run_table_trains_the_given_specs_with_the_tuned_lr(tmp_path):
+    """The frontier's path: settings that are not benchmark.METHODS, with the sweep's lr/beta
+    under their own keys (a run once looked its spec up in METHODS and failed)."""
+    size = {**benchmark.SIZES["quick"], "seeds": 1, "n_final": 10, "n_curve": 10,
+            "train": {**benchmark.SIZES["quick"]["train"], "max_steps": 2, "save_every": 2}}
+    spec = {"method": "sspo", "loser_every": 2, "loser_steps": 2}
+    res = benchmark.run_table(tmp_path, size, specs={"base": None, "my setting": spec},
+                              tuned={"sspo": {"lr": 1e-5, "beta": 100.0, "admissible": True}})
+    run = res["runs"]["my setting"][0]
+    assert run["settings"] == {"lr": 1e-5, "beta": 100.0, **spec}
+    cfg = json.loads((Path(run["run_dir"]) / "config.json").read_text())
+    assert cfg["lr"] == 1e-5 and cfg["loser_every"] == 2
 
 
 def test_frontier_markdown_plot_and_costs(tmp_path):
