@@ -5,6 +5,7 @@ schedules; resuming from a chosen checkpoint; the model card and the SD-1.5 toke
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -216,13 +217,14 @@ def _wandb_records(path: Path):
 def test_wandb_offline_run_holds_every_scalar_and_the_sample_grids(cache, tmp_path, monkeypatch):
     """report_to=wandb with WANDB_MODE=offline (no account, no network), read back from the run's
     own files: every metrics.jsonl value at its step, the sample grids as images, the config."""
-    pytest.importorskip("wandb", reason="report_to=wandb needs the wandb package: pip install wandb")
+    wandb = pytest.importorskip("wandb", reason="report_to=wandb needs the wandb package: pip install wandb")
     from PIL import Image
     monkeypatch.setenv("WANDB_MODE", "offline")
     for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb_home"))  # nothing written under ~
     out = train.run({**FAST, "cache_dir": cache, "method": "dpo_cm", "sample_every": 2, "num_sample_prompts": 2,
                      "report_to": "wandb", "tracker_project_name": "proj", "out_dir": str(tmp_path / "run")})
+    wandb.teardown()  # what process exit does: wait for wandb's service to write the whole log
     [run_dir] = (out / "wandb").glob("offline-run-*")
     [log] = run_dir.glob("run-*.wandb")
     history, config_items, project = {}, {}, None
@@ -299,3 +301,50 @@ def test_validation_prompts_and_grid(tmp_path):
     assert runtime.sample_prompts(cfg, 2) == ["one", "two"]
     grid = runtime._grid(torch.zeros(7, 3, 4, 6))
     assert grid.size == (5 * 6, 2 * 4)  # make_image_grid, 5 columns, the last row padded
+
+
+def test_validation_prompts_and_steps_reach_the_sample_grids(cache, tmp_path, monkeypatch):
+    """--validation_prompt / --validation_steps (the diffusers scripts' names) choose what the
+    grids show and when: the sampler gets those prompts at steps 0, 2, 4, one cell each."""
+    import sampling
+    from PIL import Image
+    seen, grid_steps, real_sample, real_grid = [], [], sampling.sample_with_policy, runtime.save_samples
+
+    def sample(bundle, prompts, **kw):  # the sampler, as called for a grid (not for digits' data)
+        if grid_steps:
+            seen.append(list(prompts))
+        return real_sample(bundle, prompts, **kw)
+
+    def save_samples(cfg, bundle, out, step, *a, **kw):
+        grid_steps.append(step)
+        try:
+            return real_grid(cfg, bundle, out, step, *a, **kw)
+        finally:
+            grid_steps.pop()
+
+    monkeypatch.setattr(sampling, "sample_with_policy", sample)
+    monkeypatch.setattr(runtime, "save_samples", save_samples)
+    prompts = ["a photo of the digit 3", "a photo of the digit 7", "a photo of the digit 0"]
+    argv = [f"--{k}={v}" for k, v in {**FAST, "sample_every": 0}.items()]
+    argv += [f"--cache_dir={cache}", "--method=sft", f"--out_dir={tmp_path / 'run'}",
+             f"--validation_prompt={'|'.join(prompts)}", "--validation_steps=2"]
+    assert train.main(argv) == 0
+    assert seen == [prompts] * 3
+    grids = sorted((tmp_path / "run" / "samples").glob("*.png"))
+    assert [g.name for g in grids] == ["step_000000.png", "step_000002.png", "step_000004.png"]
+    with Image.open(grids[0]) as im:
+        assert im.width == 3 * im.height  # one row of three square cells
+
+
+def test_progress_lines_when_stdout_is_not_a_terminal(cache, tmp_path):
+    """Piped (a batch job's log file): a line per log step with loss, rate and ETA on stdout, and
+    no tqdm bar anywhere."""
+    argv = [f"--{k}={v}" for k, v in {**FAST, "max_steps": 3, "save_every": 3}.items()]
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv, f"--cache_dir={cache}", "--method=sft",
+                        f"--out_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300,
+                       cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = re.compile(r"^step (\d+)/3 \| loss [\d.]+ \| lr \S+ \| [\d.]+ s/step \| [\d.]+ samples/s \| ETA \d+m\d\ds$")
+    steps = [int(m.group(1)) for m in map(line.match, r.stdout.splitlines()) if m]
+    assert steps == [1, 2, 3], r.stdout
+    assert "it/s" not in r.stderr and "\r" not in r.stderr + r.stdout
