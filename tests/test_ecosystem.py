@@ -5,10 +5,10 @@ schedules; resuming from a chosen checkpoint; the model card and the SD-1.5 toke
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -190,29 +190,69 @@ def test_missing_tracker_package_is_one_clear_error(monkeypatch):
         config.resolve(argv=["--report_to=wandb"])
 
 
-def test_wandb_tracker_logs_rows_and_images(monkeypatch, tmp_path):
-    """The calls a wandb run receives (a stand-in module records them; WANDB_MODE is wandb's own)."""
-    calls = []
+def _wandb_records(path: Path):
+    """The records of a wandb transaction log (run-ID.wandb), parsed with wandb's own protobuf
+    schema. wandb 0.31 ships no Python reader (its Go core writes the file): LevelDB's log framing,
+    32 KiB blocks of chunks, each with a 7-byte header (crc32c, length, type: 1 full, 2 first,
+    3 middle, 4 last), after a 7-byte file header (':W&B', 0xBEE1, version 0)."""
+    import struct
+    from wandb.proto import wandb_internal_pb2
+    data, block = path.read_bytes(), 32768
+    assert struct.unpack("<4sHB", data[:7]) == (b":W&B", 0xBEE1, 0), "not a wandb transaction log"
+    pos, payload = 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is zero padding
+            pos += block - pos % block
+            continue
+        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        payload += data[pos + 7:pos + 7 + n]
+        pos += 7 + n
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(payload)
+            payload = b""
+            yield record
 
-    class FakeRun:
-        def log(self, d, step):
-            calls.append((step, d))
 
-        def finish(self):
-            calls.append("finish")
-
-    fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw)) or FakeRun(),
-                                 Image=lambda im, caption: ("image", im.size, caption))
-    monkeypatch.setitem(sys.modules, "wandb", fake)
-    import trackers
+def test_wandb_offline_run_holds_every_scalar_and_the_sample_grids(cache, tmp_path, monkeypatch):
+    """report_to=wandb with WANDB_MODE=offline (no account, no network), read back from the run's
+    own files: every metrics.jsonl value at its step, the sample grids as images, the config."""
+    wandb = pytest.importorskip("wandb", reason="report_to=wandb needs the wandb package: pip install wandb")
     from PIL import Image
-    t = trackers.make("wandb", tmp_path, {"lr": 1.0}, "proj")
-    t.log({"loss": 0.5, "step": 3, "time": 1.0}, 3)
-    t.image("samples", Image.new("RGB", (4, 2)), 3)
-    t.close()
-    assert calls[0][1]["project"] == "proj" and calls[0][1]["config"] == {"lr": 1.0}
-    assert calls[1] == (3, {"train/loss": 0.5}) and calls[2] == (3, {"validation/samples": ("image", (4, 2), "step 3")})
-    assert calls[-1] == "finish"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home"))  # nothing written under ~
+    out = train.run({**FAST, "cache_dir": cache, "method": "dpo_cm", "sample_every": 2, "num_sample_prompts": 2,
+                     "report_to": "wandb", "tracker_project_name": "proj", "out_dir": str(tmp_path / "run")})
+    wandb.teardown()  # what process exit does: wait for wandb's service to write the whole log
+    [run_dir] = (out / "wandb").glob("offline-run-*")
+    [log] = run_dir.glob("run-*.wandb")
+    history, config_items, project = {}, {}, None
+    for r in _wandb_records(log):
+        kind = r.WhichOneof("record_type")
+        if kind == "history":
+            row = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
+            history.setdefault(row["_step"], {}).update(row)
+        elif kind == "run":
+            project = r.run.project
+            config_items.update({i.key: json.loads(i.value_json) for i in r.run.config.update})
+    config_items.pop("_wandb", None)  # wandb's own bookkeeping
+    assert project == "proj" and config_items == json.loads((out / "config.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert {"loss", "implicit_acc", "lr", "grad_norm", "samples_per_sec", "mask_rate", "mean_weight",
+            "clip_rate"} <= rows[0].keys()
+    for row in rows:
+        logged = history[row["step"]]
+        for k, v in row.items():
+            if k not in ("step", "time"):
+                assert logged[f"train/{k}"] == pytest.approx(v), (row["step"], k)
+    grids = sorted(step for step, h in history.items() if h.get("validation/samples/_type") == "image-file")
+    assert grids == [0, 2, 4]
+    for step in grids:  # the same pixels as the run's own samples/step_N.png
+        media = run_dir / "files" / history[step]["validation/samples/path"]
+        ours = Image.open(out / "samples" / f"step_{step:06d}.png").convert("RGB")
+        assert np.array_equal(np.asarray(Image.open(media).convert("RGB")), np.asarray(ours))
 
 
 @pytest.fixture(scope="module")
@@ -261,3 +301,55 @@ def test_validation_prompts_and_grid(tmp_path):
     assert runtime.sample_prompts(cfg, 2) == ["one", "two"]
     grid = runtime._grid(torch.zeros(7, 3, 4, 6))
     assert grid.size == (5 * 6, 2 * 4)  # make_image_grid, 5 columns, the last row padded
+
+
+def test_validation_prompts_and_steps_reach_the_sample_grids(cache, tmp_path, monkeypatch):
+    """--validation_prompt / --validation_steps (the diffusers scripts' names) choose what the
+    grids show and when: the sampler gets those prompts at steps 0, 2, 4, one cell each."""
+    import sampling
+    from PIL import Image
+    seen, grid_steps, real_sample, real_grid = [], [], sampling.sample_with_policy, runtime.save_samples
+
+    def sample(bundle, prompts, **kw):  # the sampler, as called for a grid (not for digits' data)
+        if grid_steps:
+            seen.append(list(prompts))
+        return real_sample(bundle, prompts, **kw)
+
+    def save_samples(cfg, bundle, out, step, *a, **kw):
+        grid_steps.append(step)
+        try:
+            return real_grid(cfg, bundle, out, step, *a, **kw)
+        finally:
+            grid_steps.pop()
+
+    monkeypatch.setattr(sampling, "sample_with_policy", sample)
+    monkeypatch.setattr(runtime, "save_samples", save_samples)
+    prompts = ["a photo of the digit 3", "a photo of the digit 7", "a photo of the digit 0"]
+    argv = [f"--{k}={v}" for k, v in {**FAST, "sample_every": 0}.items()]
+    argv += [f"--cache_dir={cache}", "--method=sft", f"--out_dir={tmp_path / 'run'}",
+             f"--validation_prompt={'|'.join(prompts)}", "--validation_steps=2"]
+    train.run(argv=argv)  # (train.main would also run the digits judge: slow, and not the point here)
+    assert seen == [prompts] * 3
+    grids = sorted((tmp_path / "run" / "samples").glob("*.png"))
+    assert [g.name for g in grids] == ["step_000000.png", "step_000002.png", "step_000004.png"]
+    with Image.open(grids[0]) as im:
+        assert im.width == 3 * im.height  # one row of three square cells
+
+
+def test_progress_lines_when_stdout_is_not_a_terminal(tmp_path):
+    """Piped (a batch job's log file): a line per log step with loss, rate and ETA on stdout, and
+    no tqdm bar anywhere. The tiny SD-1.5 stand-in (the digits default would also run its judge)."""
+    sd = sd15.write_tiny(str(tmp_path / "sd15"))
+    _write_pickapic(tmp_path / "pickapic")
+    argv = ["--config=sd15_pickapic", f"--model_path={sd}", f"--data_path={tmp_path / 'pickapic'}", "--method=dpo",
+            "--lora_rank=4", "--max_steps=3", "--resolution=16", "--grad_accum=1", "--warmup_steps=0",
+            "--num_workers=0", "--log_every=1", "--checkpointing_steps=3", "--sample_every=0",
+            "--num_sample_prompts=1", "--mixed_precision=no", f"--out_dir={tmp_path / 'run'}"]
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], capture_output=True, text=True, timeout=300,
+                       cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = re.compile(r"^step (\d+)/3 \| loss [\d.]+ \| acc [\d.]+ \| margin \S+ \| lr \S+ \| [\d.]+ s/step "
+                      r"\| [\d.]+ samples/s \| ETA \d+m\d\ds$")
+    steps = [int(m.group(1)) for m in map(line.match, r.stdout.splitlines()) if m]
+    assert steps == [1, 2, 3], r.stdout
+    assert "it/s" not in r.stderr and "\r" not in r.stderr + r.stdout
