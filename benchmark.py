@@ -208,52 +208,6 @@ def run_table(out: Path, size: dict, methods=None, keep_checkpoints: bool = Fals
     return results
 
 
-def summarize(results: dict) -> dict:
-    """method -> metric -> [mean, std over seeds]."""
-    summary = {}
-    for name, runs in results["runs"].items():
-        keys = runs[0]["final"].keys()
-        summary[name] = {k: [float(np.mean([r["final"][k] for r in runs])), float(np.std([r["final"][k] for r in runs]))]
-                         for k in keys}
-    return summary
-
-
-def write_table_md(results: dict, summary: dict, path: Path, command: str) -> None:
-    """Four markdown tables (in/out-of-distribution prompts x with/without guidance), mean +- std."""
-    size = results["size"]
-    lines = ["# Digits results\n",
-             f"`{command}` — {results['date']}; {size['seeds']} seeds; train overrides {json.dumps(size['train'])}; "
-             f"~{size['n_final']} generated digits per condition, {size['inference_steps']} DDIM steps, guidance 3.\n",
-             f"Judge accuracy on real held-out eval digits: {results['judge_accuracy']:.4f}. "
-             "acc = prompt alignment (higher is better); conf = mean judge probability of the prompted digit; "
-             "FD = Frechet distance to real eval digits in the judge's PCA features (lower is better). "
-             "`base` is the starting model (no updates; its ± is sampling noise only).\n"]
-    titles = {"id": "in-distribution prompts (training caption templates)",
-              "ood": "out-of-distribution prompts (held-out caption templates)"}
-    for split in ("id", "ood"):
-        for g, gname in (("cfg", "with guidance"), ("nocfg", "without guidance")):
-            lines += [f"\n## {titles[split]}, {gname}\n", "| method | acc | conf | FD |", "|---|---|---|---|"]
-            for name, s in summary.items():
-                cells = [f"{s[f'{split}_{g}/{k}'][0]:.3f} ± {s[f'{split}_{g}/{k}'][1]:.3f}"
-                         for k in ("accuracy", "confidence", "frechet")]
-                lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    path.write_text("\n".join(lines) + "\n")
-
-
-def update_readme(marker: str, text: str, readme: Path = ROOT / "README.md") -> None:
-    """Replace the block between <!-- results:MARKER --> and <!-- /results:MARKER --> in the
-    README with generated text, so the README's numbers always come from a command."""
-    src = readme.read_text()
-    head, tail = f"<!-- results:{marker} -->", f"<!-- /results:{marker} -->"
-    if head not in src or tail not in src:
-        raise ValueError(f"{readme} lacks the markers {head} ... {tail}")
-    before, rest = src.split(head, 1)
-    after = rest.split(tail, 1)[1]
-    readme.write_text(f"{before}{head}\n{text.strip()}\n{tail}{after}")
-
-
-
-
 # ----------------------------------------------------------------------------- the sweep
 
 def _validation(bundle, size: dict) -> dict:
@@ -355,9 +309,9 @@ def cmd_claims(args) -> None:
         command = "python benchmark.py " + " ".join(sys.argv[1:])
         results.update(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), seconds=time.time() - t0,
                        command=command)
-    results["summary"] = summary = summarize(results)
+    results["summary"] = summary = report.summarize(results)
     (out / "table.json").write_text(json.dumps(results, indent=1))
-    write_table_md(results, summary, out / "table.md", command)
+    report.write_table_md(results, summary, out / "table.md", command)
     rows = report.build_claims(results)
     header = (f"# The paper's claims on the digits benchmark\n\n`{command}` — {results['date']}, "
               f"{results['seconds'] / 60:.0f} min; {size['seeds']} seeds; {json.dumps(size['train'])}; "
@@ -369,7 +323,7 @@ def cmd_claims(args) -> None:
     report.plot_curves(results, out)
     write_grid(results, out / "samples_grid.png")
     if not args.quick:
-        update_readme("claims", "\n".join(f"- {r['claim']}: **{r['verdict']}** ({r['measure']}, "
+        report.update_readme("claims", "\n".join(f"- {r['claim']}: **{r['verdict']}** ({r['measure']}, "
                                            f"{r['diff']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}])" for r in rows))
     print((out / "claims.md").read_text())
     print(f"wrote {out}/claims.md, table.md, table.json, samples_grid.png, curve_*.png, ssr_rate.png "
@@ -404,7 +358,7 @@ def cmd_frontier(args) -> None:
     tuned = _load_tuned(out, args.quick)  # the same SSPO lr/beta as the claims run
     results = run_table(out / "frontier", size, keep_checkpoints=False, jobs=args.jobs, specs=specs, tuned=tuned)
     results.update(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), seconds=time.time() - t0,
-                   costs=costs, cost_batch=batch, cost_repeats=repeats, summary=summarize(results))
+                   costs=costs, cost_batch=batch, cost_repeats=repeats, summary=report.summarize(results))
     (out / "loser_frontier.json").write_text(json.dumps(results, indent=1))
     frontier.write(results, out, "python benchmark.py " + " ".join(sys.argv[1:]))
     print((out / "loser_frontier.md").read_text())
@@ -412,28 +366,13 @@ def cmd_frontier(args) -> None:
           f"{results['seconds'] / 60:.1f} min")
 
 
-def default_run_markdown(ev: dict) -> str:
-    """The README's table of the default run from its eval.json (base vs final, every condition)."""
-    rows = [("training templates, guidance 3 (SVC / RandomForest)", "id_cfg/accuracy", "id_cfg/accuracy_rf"),
-            ("training templates, no guidance", "id_nocfg/accuracy", None),
-            ("held-out templates, guidance 3", "ood_cfg/accuracy", None),
-            ("held-out templates, no guidance", "ood_nocfg/accuracy", None),
-            ("Frechet distance to real digits, training templates, guidance 3 (lower is better)",
-             "id_cfg/frechet", None)]
-    fmt = lambda m, k, k2: f"{ev[m][k]:.3f}" + (f" / {ev[m][k2]:.3f}" if k2 and k2 in ev[m] else "")
-    lines = ["| prompts | base | after SSPO |", "|---|---|---|"]
-    lines += [f"| {label} | {fmt('base', k, k2)} | {fmt('final', k, k2)} |" for label, k, k2 in rows]
-    lines += ["", f"The SVC judge's accuracy on real held-out digits: {ev['judge_real_accuracy']:.3f}."]
-    return "\n".join(lines)
-
-
 def cmd_readme(args) -> None:
     """Copy a finished default run's eval.json to results/default_run.json and its table into the README."""
     ev = json.loads((Path(args.run) / "eval.json").read_text())
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "default_run.json").write_text(json.dumps(ev, indent=1))
-    update_readme("default", default_run_markdown(ev))
-    print(default_run_markdown(ev))
+    report.update_readme("default", report.default_run_markdown(ev))
+    print(report.default_run_markdown(ev))
 
 
 def main(argv=None) -> None:

@@ -18,7 +18,9 @@ large held-out set of real digits, and the spread of samples drawn for the same 
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -274,3 +276,67 @@ def plot_curves(results: dict, out, conditions=("id_nocfg", "ood_nocfg")) -> lis
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths
+
+
+# ----------------------------------------------------------------------------- tables written into results/ and the README
+
+README = Path(__file__).resolve().parent / "README.md"
+
+
+def summarize(results: dict) -> dict:
+    """method -> metric -> [mean, std over seeds]."""
+    summary = {}
+    for name, runs in results["runs"].items():
+        keys = runs[0]["final"].keys()
+        summary[name] = {k: [float(np.mean([r["final"][k] for r in runs])), float(np.std([r["final"][k] for r in runs]))]
+                         for k in keys}
+    return summary
+
+
+def write_table_md(results: dict, summary: dict, path: Path, command: str) -> None:
+    """Four markdown tables (in/out-of-distribution prompts x with/without guidance), mean +- std."""
+    size = results["size"]
+    lines = ["# Digits results\n",
+             f"`{command}` — {results['date']}; {size['seeds']} seeds; train overrides {json.dumps(size['train'])}; "
+             f"~{size['n_final']} generated digits per condition, {size['inference_steps']} DDIM steps, guidance 3.\n",
+             f"Judge accuracy on real held-out eval digits: {results['judge_accuracy']:.4f}. "
+             "acc = prompt alignment (higher is better); conf = mean judge probability of the prompted digit; "
+             "FD = Frechet distance to real eval digits in the judge's PCA features (lower is better). "
+             "`base` is the starting model (no updates; its ± is sampling noise only).\n"]
+    titles = {"id": "in-distribution prompts (training caption templates)",
+              "ood": "out-of-distribution prompts (held-out caption templates)"}
+    for split in ("id", "ood"):
+        for g, gname in (("cfg", "with guidance"), ("nocfg", "without guidance")):
+            lines += [f"\n## {titles[split]}, {gname}\n", "| method | acc | conf | FD |", "|---|---|---|---|"]
+            for name, s in summary.items():
+                cells = [f"{s[f'{split}_{g}/{k}'][0]:.3f} ± {s[f'{split}_{g}/{k}'][1]:.3f}"
+                         for k in ("accuracy", "confidence", "frechet")]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def update_readme(marker: str, text: str, readme: Path = README) -> None:
+    """Replace the block between <!-- results:MARKER --> and <!-- /results:MARKER --> in the
+    README with generated text, so the README's numbers always come from a command."""
+    src = readme.read_text()
+    head, tail = f"<!-- results:{marker} -->", f"<!-- /results:{marker} -->"
+    if head not in src or tail not in src:
+        raise ValueError(f"{readme} lacks the markers {head} ... {tail}")
+    before, rest = src.split(head, 1)
+    after = rest.split(tail, 1)[1]
+    readme.write_text(f"{before}{head}\n{text.strip()}\n{tail}{after}")
+
+
+def default_run_markdown(ev: dict) -> str:
+    """The README's table of the default run from its eval.json (base vs final, every condition)."""
+    rows = [("training templates, guidance 3 (SVC / RandomForest)", "id_cfg/accuracy", "id_cfg/accuracy_rf"),
+            ("training templates, no guidance", "id_nocfg/accuracy", None),
+            ("held-out templates, guidance 3", "ood_cfg/accuracy", None),
+            ("held-out templates, no guidance", "ood_nocfg/accuracy", None),
+            ("Frechet distance to real digits, training templates, guidance 3 (lower is better)",
+             "id_cfg/frechet", None)]
+    fmt = lambda m, k, k2: f"{ev[m][k]:.3f}" + (f" / {ev[m][k2]:.3f}" if k2 and k2 in ev[m] else "")
+    lines = ["| prompts | base | after SSPO |", "|---|---|---|"]
+    lines += [f"| {label} | {fmt('base', k, k2)} | {fmt('final', k, k2)} |" for label, k, k2 in rows]
+    lines += ["", f"The SVC judge's accuracy on real held-out digits: {ev['judge_real_accuracy']:.3f}."]
+    return "\n".join(lines)

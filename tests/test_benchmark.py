@@ -24,10 +24,10 @@ def _fake_results(methods=("base", "sft", "sspo"), seeds=2):
 
 def test_table_markdown_and_plots(tmp_path):
     results = _fake_results()
-    summary = benchmark.summarize(results)
+    summary = report.summarize(results)
     acc = [r["final"]["ood_nocfg/accuracy"] for r in results["runs"]["sft"]]
     assert summary["sft"]["ood_nocfg/accuracy"] == pytest.approx([np.mean(acc), np.std(acc)])
-    benchmark.write_table_md(results, summary, tmp_path / "table.md", "python benchmark.py table --quick")
+    report.write_table_md(results, summary, tmp_path / "table.md", "python benchmark.py table --quick")
     md = (tmp_path / "table.md").read_text()
     assert md.count("| sspo |") == 4 and "python benchmark.py table --quick" in md and "0.9800" in md
     assert f"{np.mean(acc):.3f} ± {np.std(acc):.3f}" in md
@@ -100,7 +100,7 @@ def test_frontier_markdown_plot_and_costs(tmp_path):
     results = _fake_results(methods=names, seeds=3)
     results.update(costs={n: {"ratio": 1.0 + i, "q1": 0.9 + i, "q3": 1.2 + i, "sspo_ms": 5.0, "dpo_ms": 2.0}
                           for i, n in enumerate(names)},
-                   cost_batch=16, cost_repeats=7, summary=benchmark.summarize(results))
+                   cost_batch=16, cost_repeats=7, summary=report.summarize(results))
     frontier.write(results, tmp_path, "python benchmark.py frontier --quick")
     md = (tmp_path / "loser_frontier.md").read_text()
     acc = [r["final"]["id_cfg/accuracy"] for r in results["runs"][names[1]]]
@@ -133,11 +133,11 @@ def test_default_run_table_comes_from_eval_json(tmp_path):
             "ood_nocfg/accuracy", "id_cfg/frechet")
     ev = {"judge_real_accuracy": 0.99, "base": {k: 0.1 + i / 100 for i, k in enumerate(keys)},
           "final": {k: 0.5 + i / 100 for i, k in enumerate(keys)}}
-    md = benchmark.default_run_markdown(ev)
+    md = report.default_run_markdown(ev)
     assert "| training templates, guidance 3 (SVC / RandomForest) | 0.100 / 0.110 | 0.500 / 0.510 |" in md
     assert "| held-out templates, no guidance | 0.140 | 0.540 |" in md
     readme = tmp_path / "README.md"
     readme.write_text("a\n<!-- results:default -->\nold\n<!-- /results:default -->\nb\n")
-    benchmark.update_readme("default", md, readme)
+    report.update_readme("default", md, readme)
     text = readme.read_text()
     assert "old" not in text and "0.500 / 0.510" in text and text.startswith("a\n") and text.endswith("b\n")
