@@ -95,6 +95,18 @@ def test_run_table_trains_the_given_specs_with_the_tuned_lr(tmp_path):
     assert cfg["lr"] == 1e-5 and cfg["loser_every"] == 2
 
 
+def test_run_table_checks_every_setting_before_training_and_frontier_sizes_are_valid(tmp_path):
+    size = {**benchmark.SIZES["quick"], "seeds": 1}
+    bad = {"base": None, "ok": {"method": "sspo"}, "bad": {"method": "sspo", "loser_every": 3}}  # save_every 5
+    with pytest.raises(ValueError, match="multiple of 'loser_every'"):
+        benchmark.run_table(tmp_path, size, specs=bad)
+    assert not (tmp_path / "runs").exists()  # nothing trained
+    import config
+    for size in benchmark.FRONTIER_SIZES.values():  # every frontier setting is a valid config at each size
+        for spec in frontier.FRONTIER.values():
+            config.resolve({**size["train"], **spec})
+
+
 def test_frontier_markdown_plot_and_costs(tmp_path):
     names = ["ddim 10, cfg 3, every 1", "dpmsolver++ 4, cfg 3, every 4"]
     results = _fake_results(methods=names, seeds=3)
