@@ -24,6 +24,7 @@ import datetime
 import json
 import multiprocessing
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -310,7 +311,7 @@ def cmd_claims(args) -> None:
     else:
         t0 = time.time()
         results = run_table(out, size, args.methods, args.keep_checkpoints, args.jobs, tuned)
-        command = "python benchmark.py " + " ".join(sys.argv[1:])
+        command = "python benchmark.py " + shlex.join(sys.argv[1:])
         results.update(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), seconds=time.time() - t0,
                        command=command)
     results["summary"] = summary = report.summarize(results)
@@ -339,7 +340,7 @@ def cmd_sweep(args) -> None:
     out = Path(args.out)
     sweep = run_sweep(out, size, args.jobs)
     (out / "sweep.json").write_text(json.dumps(sweep, indent=1))
-    write_sweep_md(sweep, out / "sweep.md", "python benchmark.py " + " ".join(sys.argv[1:]))
+    write_sweep_md(sweep, out / "sweep.md", "python benchmark.py " + shlex.join(sys.argv[1:]))
     print((out / "sweep.md").read_text())
 
 
@@ -364,7 +365,7 @@ def cmd_frontier(args) -> None:
     results.update(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), seconds=time.time() - t0,
                    costs=costs, cost_batch=batch, cost_repeats=repeats, summary=report.summarize(results))
     (out / "loser_frontier.json").write_text(json.dumps(results, indent=1))
-    frontier.write(results, out, "python benchmark.py " + " ".join(sys.argv[1:]))
+    frontier.write(results, out, "python benchmark.py " + shlex.join(sys.argv[1:]))
     print((out / "loser_frontier.md").read_text())
     print(f"wrote {out / 'loser_frontier.md'}, loser_frontier.png, loser_frontier.json in "
           f"{results['seconds'] / 60:.1f} min")
