@@ -140,8 +140,16 @@ def _rows(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
         with open(path, newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
             return [(n, row) for n, row in enumerate(reader, 2)], list(reader.fieldnames or [])
-    rows, columns = [], {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    rows = read_jsonl(path)
+    columns = {k: None for _, obj in rows for k in obj}
+    return rows, list(columns)
+
+
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """[(line number, object)] of a JSON-lines file (blank lines skipped); a line that is not
+    a JSON object is one error naming the file and line."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -151,8 +159,7 @@ def _rows(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
         if not isinstance(obj, dict):
             raise ValueError(f"{path}:{n}: expected a JSON object, got {line[:100]}")
         rows.append((n, obj))
-        columns.update(dict.fromkeys(obj))
-    return rows, list(columns)
+    return rows
 
 
 def find_metadata(root, split: str = "train") -> Path:

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from data import BaseDataset
-from data_layouts import read_captions
+from data_layouts import read_captions, read_jsonl
 
 
 def _read_magictime_csv(path: Path) -> list[tuple[str, str]]:
@@ -111,21 +111,14 @@ class VideoFolderDataset(BaseDataset):
 
 def _read_pairs(root: Path) -> list[tuple[str, str, str]]:
     """root/pairs.jsonl: one {"text": str, "winner": file, "loser": file} per line."""
-    import json
     path = root / "pairs.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; expected one JSON object per line with "
                                 f"'text', 'winner' and 'loser' (video files relative to {root})")
     entries = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not (isinstance(obj, dict) and all(isinstance(obj.get(k), str) for k in ("text", "winner", "loser"))):
-            raise ValueError(f"{path}:{n}: expected {{\"text\": str, \"winner\": str, \"loser\": str}}, got {line[:100]}")
+    for n, obj in read_jsonl(path):
+        if not all(isinstance(obj.get(k), str) for k in ("text", "winner", "loser")):
+            raise ValueError(f"{path}:{n}: expected {{\"text\": str, \"winner\": str, \"loser\": str}}, got {obj}")
         entries.append((obj["text"], obj["winner"], obj["loser"]))
     if not entries:
         raise ValueError(f"{path}: no entries")

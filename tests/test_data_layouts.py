@@ -234,3 +234,18 @@ def test_split_samples_and_caption_column_from_the_command_line(layouts, tmp_pat
     assert [it["prompt"] for it in _items(ds)] == ["red 0", "red 1", "red 2"]
     with pytest.raises(ValueError, match="'max_train_samples' must be >= 0"):
         config.resolve(argv=["--max_train_samples=-1"])
+
+
+def test_jsonl_files_name_the_bad_line(tmp_path):
+    """metadata.jsonl and the video pairs.jsonl share one reader: a broken line is named by file and line."""
+    import data_video
+    from data_layouts import read_jsonl
+    (tmp_path / "pairs.jsonl").write_text('{"text": "a", "winner": "w.mp4", "loser": "l.mp4"}\n\n{"text": 1}\n')
+    with pytest.raises(ValueError, match=r"pairs.jsonl:3: expected"):
+        data_video._read_pairs(tmp_path)
+    for bad, why in (("{oops", "not valid JSON"), ("[1, 2]", "expected a JSON object")):
+        (tmp_path / "m.jsonl").write_text('{"file_name": "a.png"}\n' + bad + "\n")
+        with pytest.raises(ValueError, match=rf"m.jsonl:2: {why}"):
+            read_jsonl(tmp_path / "m.jsonl")
+    (tmp_path / "m.jsonl").write_text('{"file_name": "a.png"}\n\n{"file_name": "b.png"}\n')
+    assert read_jsonl(tmp_path / "m.jsonl") == [(1, {"file_name": "a.png"}), (3, {"file_name": "b.png"})]
