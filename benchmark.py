@@ -307,7 +307,8 @@ def cmd_claims(args) -> None:
     tuned = _load_tuned(out, args.quick)
     if args.from_json:  # re-derive tables, verdicts and pictures from a finished run, no training
         results = json.loads(Path(args.from_json).read_text())
-        size, tuned, command = results["size"], results["tuned"], results["command"]
+        size, tuned = results["size"], results.get("tuned", {})
+        command = results.get("command", f"(a run recorded in {args.from_json})")
     else:
         t0 = time.time()
         results = run_table(out, size, args.methods, args.keep_checkpoints, args.jobs, tuned)
@@ -326,7 +327,11 @@ def cmd_claims(args) -> None:
                  "retraining) by the command with `--from-json`." if args.from_json else ""))
     (out / "claims.md").write_text(report.claims_markdown(rows, header))
     report.plot_curves(results, out)
-    write_grid(results, out / "samples_grid.png")
+    models_here = all(Path(runs[0]["run_dir"]).exists() for runs in results["runs"].values())
+    if models_here:
+        write_grid(results, out / "samples_grid.png")
+    else:  # --from-json on another machine: results/runs/ (the final models) is not in git
+        print("samples_grid.png not rewritten: the runs' final models are not here", flush=True)
     if not args.quick:
         report.update_readme("claims", "\n".join(f"- {r['claim']}: **{r['verdict']}** ({r['measure']}, "
                                            f"{r['diff']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}])" for r in rows))

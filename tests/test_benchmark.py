@@ -107,6 +107,26 @@ def test_run_table_checks_every_setting_before_training_and_frontier_sizes_are_v
             config.resolve({**size["train"], **spec})
 
 
+def test_claims_from_json_rewrites_reports_without_training(tmp_path, capsys):
+    """`claims --from-json`: verdicts, tables and curves from a recorded table.json; without the
+    runs' models (not in git) the grid is left alone and the command says so."""
+    results = _fake_results(tuple(benchmark.METHODS), seeds=3)
+    for runs in results["runs"].values():
+        for r in runs:
+            r["run_dir"] = str(tmp_path / "gone")
+    results.update(seconds=60.0, tuned={}, command="python benchmark.py claims --jobs 2")
+    src = tmp_path / "recorded.json"
+    src.write_text(json.dumps(results))
+    out = tmp_path / "out"
+    out.mkdir()
+    benchmark.main(["claims", "--quick", "--from-json", str(src), "--out", str(out)])
+    claims = (out / "claims.md").read_text()
+    assert "`python benchmark.py claims --jobs 2`" in claims and "Rewritten from" in claims
+    assert "Table 1: SSPO beats sft (training templates, no guidance)" in claims
+    assert (out / "curve_accuracy.png").exists() and not (out / "samples_grid.png").exists()
+    assert "not rewritten" in capsys.readouterr().out
+
+
 def test_frontier_markdown_plot_and_costs(tmp_path):
     names = ["ddim 10, cfg 3, every 1", "dpmsolver++ 4, cfg 3, every 4"]
     results = _fake_results(methods=names, seeds=3)
