@@ -65,10 +65,6 @@ METHODS = {
 }
 VALIDATION_SEED = 1000  # generation noise for the sweep; evaluation uses seeds 0..S-1
 SWEEP = {"lr": (1e-4, 3e-4, 1e-3), "beta": (500.0, 2500.0)}
-# A setting whose samples drift this far from real digits (validation Frechet distance over the
-# base's) is not admissible, however accurate: on digits, Diffusion-DPO with a large step reaches
-# the prompted class with shapes no person would call digits.
-SWEEP_MAX_FD_RATIO = 2.0
 SIZES = {
     # train: extra train.run overrides (None = the digits preset's value). save_every is also the
     # replay-pool snapshot interval, so the full table keeps the preset's.
@@ -239,15 +235,6 @@ def _sweep_one(method: str, lr: float, beta: float, out: Path, size: dict, commo
     return {"method": method, "lr": lr, "beta": beta, **m}
 
 
-def choose(rows: list, base_frechet: float, max_ratio: float = SWEEP_MAX_FD_RATIO) -> dict:
-    """The sweep's rule for one method's rows: among settings with validation FD <= max_ratio x
-    the base's, the highest accuracy (ties -> lower FD); if none is admissible, the lowest FD."""
-    ok = [r for r in rows if r["frechet"] <= max_ratio * base_frechet]
-    best = (sorted(ok, key=lambda r: (-r["accuracy"], r["frechet"])) if ok
-            else sorted(rows, key=lambda r: r["frechet"]))[0]
-    return {"lr": best["lr"], "beta": best["beta"], "admissible": bool(ok)}
-
-
 def run_sweep(out: Path, size: dict, jobs: int) -> dict:
     """lr x beta per method (lr only for SFT); returns {method: {"lr", "beta"}} and the rows."""
     out.mkdir(parents=True, exist_ok=True)
@@ -257,26 +244,8 @@ def run_sweep(out: Path, size: dict, jobs: int) -> dict:
     todo = [(m, lr, beta) for m in methods for lr in SWEEP["lr"]
             for beta in (SWEEP["beta"] if m != "sft" else SWEEP["beta"][:1])]
     rows = list(_in_workers(_sweep_one, {k: (*k, out, size, common) for k in todo}, jobs).values())
-    best = {m: choose([r for r in rows if r["method"] == m], base["frechet"]) for m in methods}
-    return {"best": best, "rows": rows, "size": size, "base": base, "max_fd_ratio": SWEEP_MAX_FD_RATIO}
-
-
-def write_sweep_md(sweep: dict, path: Path, command: str) -> None:
-    lines = ["# Settings per method (validation sweep)\n",
-             f"`{command}`. Validation measure: accuracy and Frechet distance (FD) to the real *align* "
-             f"digits, training templates, no guidance, generation noise seed {VALIDATION_SEED} (never "
-             f"used in evaluation); {sweep['size']['train'].get('max_steps')} updates, seed 0. Rule "
-             f"(benchmark.choose): among the settings whose FD is at most {sweep['max_fd_ratio']:g}x the "
-             f"base's ({sweep['base']['frechet']:.2f}; base accuracy {sweep['base']['accuracy']:.3f}), the "
-             "highest accuracy (ties -> lower FD); if none qualifies, the lowest FD (marked `no` below). "
-             "SFT has no beta.\n",
-             "| method | chosen lr | chosen beta | admissible |", "|---|---|---|---|"]
-    lines += [f"| {m} | {b['lr']:g} | {b['beta']:g} | {'yes' if b['admissible'] else 'no'} |"
-              for m, b in sweep["best"].items()]
-    lines += ["", "| method | lr | beta | validation accuracy | validation FD |", "|---|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['lr']:g} | {r['beta']:g} | {r['accuracy']:.3f} | {r['frechet']:.2f} |"
-              for r in sorted(sweep["rows"], key=lambda r: (r["method"], r["lr"], r["beta"]))]
-    path.write_text("\n".join(lines) + "\n")
+    best = {m: report.choose([r for r in rows if r["method"] == m], base["frechet"]) for m in methods}
+    return {"best": best, "rows": rows, "size": size, "base": base, "max_fd_ratio": report.SWEEP_MAX_FD_RATIO}
 
 
 # ----------------------------------------------------------------------------- commands
@@ -345,7 +314,7 @@ def cmd_sweep(args) -> None:
     out = Path(args.out)
     sweep = run_sweep(out, size, args.jobs)
     (out / "sweep.json").write_text(json.dumps(sweep, indent=1))
-    write_sweep_md(sweep, out / "sweep.md", "python benchmark.py " + shlex.join(sys.argv[1:]))
+    report.write_sweep_md(sweep, out / "sweep.md", "python benchmark.py " + shlex.join(sys.argv[1:]), VALIDATION_SEED)
     print((out / "sweep.md").read_text())
 
 

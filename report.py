@@ -340,3 +340,38 @@ def default_run_markdown(ev: dict) -> str:
     lines += [f"| {label} | {fmt('base', k, k2)} | {fmt('final', k, k2)} |" for label, k, k2 in rows]
     lines += ["", f"The SVC judge's accuracy on real held-out digits: {ev['judge_real_accuracy']:.3f}."]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the validation sweep's rule
+
+# A setting whose samples drift this far from real digits (validation Frechet distance over the
+# base's) is not admissible, however accurate: on digits, Diffusion-DPO with a large step reaches
+# the prompted class with shapes no person would call digits.
+SWEEP_MAX_FD_RATIO = 2.0
+
+
+def choose(rows: list, base_frechet: float, max_ratio: float = SWEEP_MAX_FD_RATIO) -> dict:
+    """The sweep's rule for one method's rows: among settings with validation FD <= max_ratio x
+    the base's, the highest accuracy (ties -> lower FD); if none is admissible, the lowest FD."""
+    ok = [r for r in rows if r["frechet"] <= max_ratio * base_frechet]
+    best = (sorted(ok, key=lambda r: (-r["accuracy"], r["frechet"])) if ok
+            else sorted(rows, key=lambda r: r["frechet"]))[0]
+    return {"lr": best["lr"], "beta": best["beta"], "admissible": bool(ok)}
+
+
+def write_sweep_md(sweep: dict, path: Path, command: str, validation_seed: int) -> None:
+    lines = ["# Settings per method (validation sweep)\n",
+             f"`{command}`. Validation measure: accuracy and Frechet distance (FD) to the real *align* "
+             f"digits, training templates, no guidance, generation noise seed {validation_seed} (never "
+             f"used in evaluation); {sweep['size']['train'].get('max_steps')} updates, seed 0. Rule "
+             f"(report.choose): among the settings whose FD is at most {sweep['max_fd_ratio']:g}x the "
+             f"base's ({sweep['base']['frechet']:.2f}; base accuracy {sweep['base']['accuracy']:.3f}), the "
+             "highest accuracy (ties -> lower FD); if none qualifies, the lowest FD (marked `no` below). "
+             "SFT has no beta.\n",
+             "| method | chosen lr | chosen beta | admissible |", "|---|---|---|---|"]
+    lines += [f"| {m} | {b['lr']:g} | {b['beta']:g} | {'yes' if b['admissible'] else 'no'} |"
+              for m, b in sweep["best"].items()]
+    lines += ["", "| method | lr | beta | validation accuracy | validation FD |", "|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['lr']:g} | {r['beta']:g} | {r['accuracy']:.3f} | {r['frechet']:.2f} |"
+              for r in sorted(sweep["rows"], key=lambda r: (r["method"], r["lr"], r["beta"]))]
+    path.write_text("\n".join(lines) + "\n")

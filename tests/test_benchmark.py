@@ -149,11 +149,11 @@ def test_sweep_rule_rejects_unrealistic_settings_and_tuned_passes_only_lr_beta()
     rows = [{"lr": 1e-3, "beta": 500.0, "accuracy": 0.95, "frechet": 9.0},   # accurate, not digit-like
             {"lr": 3e-4, "beta": 500.0, "accuracy": 0.80, "frechet": 1.5},
             {"lr": 1e-4, "beta": 2500.0, "accuracy": 0.80, "frechet": 1.2}]  # same accuracy, lower FD
-    assert benchmark.choose(rows, base_frechet=1.0) == {"lr": 1e-4, "beta": 2500.0, "admissible": True}
+    assert report.choose(rows, base_frechet=1.0) == {"lr": 1e-4, "beta": 2500.0, "admissible": True}
     # with a permissive ratio the accurate unrealistic setting wins: the FD bound is what rejects it
-    assert benchmark.choose(rows, base_frechet=1.0, max_ratio=10.0)["lr"] == 1e-3
+    assert report.choose(rows, base_frechet=1.0, max_ratio=10.0)["lr"] == 1e-3
     # nothing admissible -> the most realistic one, marked
-    assert benchmark.choose(rows, base_frechet=0.1) == {"lr": 1e-4, "beta": 2500.0, "admissible": False}
+    assert report.choose(rows, base_frechet=0.1) == {"lr": 1e-4, "beta": 2500.0, "admissible": False}
     tuned = {"sspo": {"lr": 3e-4, "beta": 500.0, "admissible": True}}
     assert benchmark._tuned({"method": "sspo", "ssr": "none"}, tuned) == {
         "lr": 3e-4, "beta": 500.0, "method": "sspo", "ssr": "none"}
