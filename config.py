@@ -56,6 +56,8 @@ class Config:
     loser_scheduler: str = _f("ddim", "sampler of replayed samples: ddim | dpmsolver++ | unipc | euler (diffusers classes)")
     loser_every: int = _f(1, "sspo family: regenerate losers every k updates; the k-1 updates between "
                              "retrain on the same pairs with the checkpoint that made them as reference")
+    loser_batch: int = _f(0, "sspo family: pairs per loser-sampling call, a multiple of batch_size; 0 = one "
+                             "micro-batch. Larger: the losers of several micro-batches of an update in one call")
     # ---- optimisation
     max_steps: int = _f(300, "optimizer updates")
     batch_size: int = _f(32, "pairs per device per micro-step")
@@ -288,6 +290,9 @@ def validate(cfg: Config) -> None:
     if LOSS_OF.get(cfg.method) == "sspo" and cfg.save_every % cfg.loser_every:  # the pool must not change within a cycle (see loop.update)
         raise ValueError(f"config key 'save_every' ({cfg.save_every}) must be a multiple of "
                          f"'loser_every' ({cfg.loser_every})")
+    if cfg.loser_batch < 0 or cfg.loser_batch % cfg.batch_size:
+        raise ValueError(f"config key 'loser_batch' must be 0 or a multiple of 'batch_size' ({cfg.batch_size}), "
+                         f"got {cfg.loser_batch}")
     if not 0.0 <= cfg.cfg_drop < 1.0:
         raise ValueError(f"config key 'cfg_drop' must be in [0, 1), got {cfg.cfg_drop}")
     for key in ("beta", "lr", "resolution", "num_frames", "num_sample_prompts"):
@@ -358,9 +363,11 @@ def ignored_settings(cfg: Config, given: set[str] | None = None) -> list[str]:
     loss, defaults = LOSS_OF[cfg.method], Config()
     why: dict[str, str] = {}
     if loss != "sspo":
-        for key in ("ssr", "replay", "loser_steps"):
+        for key in ("ssr", "replay", "loser_steps", "loser_batch"):
             why[key] = (f"only sspo, sspo_r and spin replay checkpoints and sample losers; {cfg.method} "
                         + ("has no reference" if loss == "sft" else "uses the initial model as reference"))
+    elif cfg.grad_accum == 1:
+        why["loser_batch"] = "with grad_accum 1 an update has one micro-batch, whose losers are sampled in one call"
     if loss == "sft":
         why["beta"] = "sft has no preference term"
         why["pool_storage"] = "sft keeps no checkpoint pool"

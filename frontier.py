@@ -25,11 +25,27 @@ FRONTIER = {
     "euler 10, cfg 3, every 1": _losers("euler", 10, 3.0, 1),
     "unipc 6, cfg 3, every 1": _losers("unipc", 6, 3.0, 1),
     "unipc 6, no cfg, every 1": _losers("unipc", 6, 1.0, 1),
+    "unipc 4, cfg 3, every 1": _losers("unipc", 4, 3.0, 1),
+    "dpmsolver++ 4, cfg 3, every 1": _losers("dpmsolver++", 4, 3.0, 1),
+    "unipc 3, cfg 3, every 1": _losers("unipc", 3, 3.0, 1),
+    "unipc 6, cfg 3, every 2": _losers("unipc", 6, 3.0, 2),
     "ddim 10, cfg 3, every 4": _losers("ddim", 10, 3.0, 4),
     "unipc 6, cfg 3, every 4": _losers("unipc", 6, 3.0, 4),
     "dpmsolver++ 4, cfg 3, every 4": _losers("dpmsolver++", 4, 3.0, 4),
 }
 CONDITIONS = ("id_cfg", "ood_cfg")
+
+
+def held(summary: dict, name: str, default: str) -> bool:
+    """Does setting ``name`` hold the digits results of ``default`` (the issue's rule)? For every
+    condition: mean accuracy >= the default's mean - its seed std, and mean Frechet distance <=
+    the default's mean + its seed std (inside the default's seed spread, or better)."""
+    ok = True
+    for cond in CONDITIONS:
+        (acc, _), (ref_acc, ref_acc_sd) = summary[name][f"{cond}/accuracy"], summary[default][f"{cond}/accuracy"]
+        (fd, _), (ref_fd, ref_fd_sd) = summary[name][f"{cond}/frechet"], summary[default][f"{cond}/frechet"]
+        ok &= acc >= ref_acc - ref_acc_sd and fd <= ref_fd + ref_fd_sd
+    return bool(ok)
 
 
 def costs(specs: dict, batch: int, repeats: int, log=print) -> dict:
@@ -73,6 +89,9 @@ def costs(specs: dict, batch: int, repeats: int, log=print) -> dict:
 def write(results: dict, out: Path, command: str) -> None:
     """loser_frontier.md (table) and loser_frontier.png (accuracy and FD against cost ratio)."""
     size, summary, costs = results["size"], results["summary"], results["costs"]
+    default = next(iter(FRONTIER))  # the digits preset's loser sampling
+    if default not in summary:
+        raise ValueError(f"the frontier needs its reference setting {default!r} to say what holds quality")
     L = ["# Loser sampling: the quality-cost frontier on digits\n",
          f"`{command}` — {results['date']}; {size['seeds']} seeds; train overrides "
          f"{json.dumps(size['train'])}; {size['n_final']} generated digits per condition, "
@@ -81,14 +100,17 @@ def write(results: dict, out: Path, command: str) -> None:
          "cost = full SSPO update (loop.update: swap + loser generation + training pass, per update "
          "of a loser_every cycle) / Diffusion-DPO update, digits, full fine-tuning, batch "
          f"{results['cost_batch']}, median of {results['cost_repeats']} round-robin repeats "
-         "[q1, q3]. acc / FD: final judge accuracy and Frechet distance, mean ± std over seeds.\n",
+         "[q1, q3]. acc / FD: final judge accuracy and Frechet distance, mean ± std over seeds. "
+         f"held: every acc >= {default}'s mean - std and every FD <= its mean + std "
+         "(frontier.held: inside the digits preset's seed spread, or better).\n",
          "| setting (scheduler, steps, guidance, regenerated every) | cost vs DPO | "
-         + " | ".join(f"{c} acc | {c} FD" for c in CONDITIONS) + " |",
-         "|" + "---|" * (2 + 2 * len(CONDITIONS))]
+         + " | ".join(f"{c} acc | {c} FD" for c in CONDITIONS) + " | held |",
+         "|" + "---|" * (3 + 2 * len(CONDITIONS))]
     for name, c in costs.items():
         cells = [f"{summary[name][f'{cond}/{k}'][0]:.3f} ± {summary[name][f'{cond}/{k}'][1]:.3f}"
                  for cond in CONDITIONS for k in ("accuracy", "frechet")]
-        L.append(f"| {name} | {c['ratio']:.2f} [{c['q1']:.2f}, {c['q3']:.2f}] | " + " | ".join(cells) + " |")
+        ok = "preset" if name == default else ("yes" if held(summary, name, default) else "no")
+        L.append(f"| {name} | {c['ratio']:.2f} [{c['q1']:.2f}, {c['q3']:.2f}] | " + " | ".join(cells) + f" | {ok} |")
     (out / "loser_frontier.md").write_text("\n".join(L) + "\n")
     import matplotlib
     matplotlib.use("Agg")

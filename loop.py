@@ -100,7 +100,7 @@ class Run:
     params: list
     logger: runtime.Logger
     loaded_ref: int | None = None      # which pool entry the reference holds now
-    replayed: dict | None = None       # loser_every > 1: {"step", "ref", "batches"} of this cycle
+    replayed: dict | None = None       # loser_every or loser_group > 1: {"step", "ref", "batches"} of this cycle
 
 
 def setup(cfg: Config, ctx: runtime.Dist) -> Run:
@@ -188,6 +188,15 @@ def loser_every(run: Run) -> int:
     return run.cfg.loser_every if run.loss_kind == "sspo" else 1
 
 
+def loser_group(run: Run) -> int:
+    """Micro-batches whose losers one sampling call makes: cfg.loser_batch // batch_size for the
+    SSPO family (0: one), else 1. The losers are the same as one call per micro-batch (each
+    pair's z_T is keyed by its dataset index), made with fewer, larger network calls."""
+    if run.loss_kind != "sspo" or not run.cfg.loser_batch:
+        return 1
+    return max(1, run.cfg.loser_batch // run.cfg.batch_size)
+
+
 def batches(run: Run, step: int):
     """Batches from update ``step`` on, resuming mid-epoch exactly where that update began
     (with loser_every = k, the updates of one cycle share its batches: the stream moves once
@@ -216,7 +225,12 @@ def update(run: Run, stream, step: int, stop: runtime.StopOnSignal) -> dict | No
     same (prompt, winner, loser) pairs with fresh (t, eps), and c stays their reference, so every
     pair is scored by the checkpoint that made its loser (RCR holds). The pool only grows at
     multiples of save_every, which config.validate makes a multiple of k, so c is a function of
-    gen_step alone and a resume inside a cycle regenerates the very same losers."""
+    gen_step alone and a resume inside a cycle regenerates the very same losers.
+
+    Batched sampling (cfg.loser_batch = g * batch_size, g > 1): the losers of g micro-batches of
+    the update are sampled in one call when the first of them is reached (the same losers as
+    one call each, in fewer and larger network calls; the batches are taken from the stream in
+    the same order, only earlier)."""
     cfg, ctx = run.cfg, run.ctx
     every = loser_every(run)
     gen_step = step - step % every  # the update whose checkpoint and z_T make this update's losers
@@ -224,7 +238,7 @@ def update(run: Run, stream, step: int, stop: runtime.StopOnSignal) -> dict | No
     if ref_idx is not None and ref_idx != run.loaded_ref:
         run.reference.load(run.pool.get(ref_idx))  # in place: one reference module, or a LoRA adapter
         run.loaded_ref = ref_idx
-    if every == 1:
+    if every == 1 and loser_group(run) == 1:
         run.replayed = None
     elif run.replayed is None or run.replayed["step"] != gen_step:
         run.replayed = {"step": gen_step, "ref": ref_idx, "batches": []}  # a new cycle
@@ -261,8 +275,9 @@ def update(run: Run, stream, step: int, stop: runtime.StopOnSignal) -> dict | No
 
 
 def _cycle_batch(run: Run, stream, micro: int, gen_step: int, ref_idx: int | None) -> dict:
-    """The micro-batch ``micro`` of this update: the next one from the stream, or with
-    loser_every > 1 the cycle's cached batch with its replayed losers (sampled on first use)."""
+    """The micro-batch ``micro`` of this update: the next one from the stream, or (loser_every
+    > 1 or loser_batch > batch_size) the cycle's cached batch with its replayed losers, sampled
+    on first use together with those of the next loser_group - 1 micro-batches of the update."""
     if run.replayed is None:
         return next(stream)
     cycle = run.replayed
@@ -270,20 +285,24 @@ def _cycle_batch(run: Run, stream, micro: int, gen_step: int, ref_idx: int | Non
         raise RuntimeError(f"replayed losers of update {gen_step} were made by checkpoint {cycle['ref']}, "
                            f"but the reference holds {run.loaded_ref}")
     if micro == len(cycle["batches"]):
-        batch = next(stream)
-        cycle["batches"].append(dict(batch, x0_l_replayed=replay_losers(run, batch, gen_step)))
+        group = [next(stream) for _ in range(min(loser_group(run), run.cfg.grad_accum - micro))]
+        losers = replay_losers(run, group, gen_step)
+        cycle["batches"] += [dict(b, x0_l_replayed=x0_l) for b, x0_l in zip(group, losers)]
     return cycle["batches"][micro]
 
 
-def replay_losers(run: Run, batch: dict, step: int) -> torch.Tensor:
-    """x0_l (B,*shape): the reference checkpoint's samples for the batch's prompts (RCR, sec. 4.1),
-    from the initial noise z_T keyed by (seed, ``step``, dataset index)."""
+def replay_losers(run: Run, batches: list[dict], step: int) -> list[torch.Tensor]:
+    """x0_l (B_i,*shape) per batch: the reference checkpoint's samples for the batches' prompts
+    (RCR, sec. 4.1), from the initial noise z_T keyed by (seed, ``step``, dataset index); all
+    batches in one sampling call."""
     cfg = run.cfg
-    z_T = noise.pair_noise(cfg.seed, step, batch["index"], run.shape, run.noise)[2].to(run.ctx.device)
+    z_T = torch.cat([noise.pair_noise(cfg.seed, step, b["index"], run.shape, run.noise)[2] for b in batches])
+    prompts = [p for b in batches for p in b["prompt"]]
     with run.autocast():
-        return sampling.sample(run.bundle, run.reference, batch["prompt"], latents=z_T,
+        x0_l = sampling.sample(run.bundle, run.reference, prompts, latents=z_T.to(run.ctx.device),
                                latent_shape=run.shape, num_inference_steps=cfg.loser_steps,
                                guidance_scale=cfg.loser_guidance, scheduler=cfg.loser_scheduler)
+    return list(x0_l.split([len(b["prompt"]) for b in batches]))
 
 
 def training_step(run: Run, batch: dict, step: int):
@@ -304,7 +323,7 @@ def training_step(run: Run, batch: dict, step: int):
         if kind == "sspo":  # the replayed checkpoint samples the "losers" (RCR, sec. 4.1)
             x0_l = batch.get("x0_l_replayed")  # given when reused within a loser_every cycle
             if x0_l is None:
-                x0_l = replay_losers(run, batch, step)
+                x0_l = replay_losers(run, [batch], step)[0]
         else:  # a preference pair from the data set
             with torch.no_grad(), autocast():
                 x0_l = models.encode_pixels(bundle, batch["x0_l"].to(device),

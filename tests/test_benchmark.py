@@ -139,7 +139,16 @@ def test_frontier_markdown_plot_and_costs(tmp_path):
     row = next(line for line in md.splitlines() if line.startswith(f"| {names[1]} |"))
     assert "| 2.00 [1.90, 2.20] |" in row and f"{np.mean(acc):.3f} ± {np.std(acc):.3f}" in row
     assert "python benchmark.py frontier --quick" in md
+    assert row.endswith("| yes |") == frontier.held(results["summary"], names[1], names[0])
     assert Image.open(tmp_path / "loser_frontier.png").size[0] > 300
+    # held: inside the reference's seed spread (acc >= mean - std, FD <= mean + std) in every condition
+    ref = {f"{c}/{k}": v for c in frontier.CONDITIONS for k, v in (("accuracy", [0.9, 0.02]), ("frechet", [2.0, 0.3]))}
+    def summary(**changes):
+        return {"ref": ref, "x": {**ref, **{k.replace("__", "/"): [v, 0.1] for k, v in changes.items()}}}
+    assert frontier.held(summary(id_cfg__accuracy=0.881), "x", "ref")
+    assert not frontier.held(summary(ood_cfg__accuracy=0.879), "x", "ref")
+    assert frontier.held(summary(id_cfg__frechet=2.29, ood_cfg__accuracy=0.99), "x", "ref")
+    assert not frontier.held(summary(ood_cfg__frechet=2.31), "x", "ref")
     # the cost measurement itself (loop.update on digits, batch 2, one repeat): per update of a cycle
     costs = frontier.costs({n: frontier.FRONTIER[n] for n in names}, batch=2, repeats=1, log=lambda s: None)
     assert set(costs) == set(names) and all(c["ratio"] > 0 and c["dpo_ms"] > 0 for c in costs.values())

@@ -196,6 +196,42 @@ def test_reused_losers_keep_their_checkpoint_as_reference(cache, tmp_path, monke
         config.resolve({"loser_every": 3, "save_every": 4})
 
 
+@pytest.mark.parametrize("loser_every", [1, 2])
+def test_batched_losers_equal_per_micro_batch(cache, tmp_path, monkeypatch, loser_every):
+    """loser_batch = 2 micro-batches: the losers of an update's micro-batches are sampled in
+    ceil(3 / 2) = 2 calls instead of 3, and they are the same losers (each pair keeps its own z_T
+    and prompt), so the run ends where one call per micro-batch ends."""
+    import replay
+    import sampling
+    real_sample, calls = sampling.sample, []
+
+    def sample(bundle, denoise_fn, prompts, *a, **k):
+        out = real_sample(bundle, denoise_fn, prompts, *a, **k)
+        if isinstance(denoise_fn, replay.Reference):
+            calls[-1].append((list(prompts), out.clone()))
+        return out
+
+    monkeypatch.setattr(sampling, "sample", sample)
+    args = {**FAST, "cache_dir": cache, "method": "sspo", "max_steps": 4, "grad_accum": 3,
+            "loser_every": loser_every, "save_every": 2}
+    for name, loser_batch in (("one", 0), ("grouped", 2 * FAST["batch_size"])):
+        calls.append([])
+        train.run({**args, "loser_batch": loser_batch, "out_dir": str(tmp_path / name)})
+    one, grouped = calls
+    assert [len(p) for p, _ in one] == [4] * (3 * 4 // loser_every)
+    assert [len(p) for p, _ in grouped] == [8, 4] * (4 // loser_every)
+    flat = lambda c: (sum((p for p, _ in c), []), torch.cat([x for _, x in c]))
+    (p1, x1), (p2, x2) = flat(one), flat(grouped)
+    assert p1 == p2
+    torch.testing.assert_close(x2, x1, rtol=1e-4, atol=1e-5)
+    a, b = _weights(tmp_path / "one", 4), _weights(tmp_path / "grouped", 4)
+    # Adam moves even a weight whose gradient is only rounding noise by ~lr (1e-3): a tenth of it
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-4) for k in a)
+    with pytest.raises(ValueError, match="'loser_batch' must be 0 or a multiple of 'batch_size'"):
+        config.resolve({"loser_batch": 6, "batch_size": 4})
+    assert any("loser_batch" in w for w in config.ignored_settings(config.resolve({"loser_batch": 8, "batch_size": 4})))
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(cache, tmp_path, monkeypatch):
     real = sspo.sspo_loss
     calls = {"n": 0}
