@@ -38,7 +38,9 @@ is always timed.
 timed call is one cycle of ``loser_every`` updates (the first swaps in a checkpoint, always
 reloaded: RCR's worst case, and samples the losers with the preset's scheduler, steps and
 guidance; the others retrain on those pairs with that same checkpoint as reference), reported
-per update, against ``loop.update`` for Diffusion-DPO. The other rows time ``training_step``
+per update, against ``loop.update`` for Diffusion-DPO. Both updates have ``accum`` micro-steps
+of the profile's batch: the preset's ``loser_batch`` / ``batch_size`` (its 128 micro-steps are
+128 / accum such groups, each with one loser-sampling call, so the ratio per update is the same). The other rows time ``training_step``
 directly: ``sspo`` swaps and generates on every update with the profile's steps. Outliers
 (Tukey's fences) are listed, not dropped; medians and IQRs are over all repeats.
 """
@@ -74,8 +76,12 @@ def preset_losers(model: str) -> dict:
     import config
     c = dataclasses.replace(config.Config(), **{k: v for k, v in config.load_preset(
         "digits" if model == "digits" else "sd15_pickapic").items()})
+    # accum: micro-steps per timed update. The preset's 128 (batch 1) are timed as one group of
+    # loser_batch / batch_size micro-steps, whose losers are sampled in one call: the 128 micro-steps
+    # of a real update are 128 / accum such groups, so the per-update ratio is the same.
+    accum = max(1, c.loser_batch // c.batch_size) if c.loser_batch else 1
     return {"scheduler": c.loser_scheduler, "steps": c.loser_steps, "guidance": c.loser_guidance,
-            "every": c.loser_every}
+            "every": c.loser_every, "batch": c.loser_batch, "accum": min(accum, c.grad_accum)}
 
 
 def profile(model: str, cuda: bool, quick: bool, cuda_check: bool = False) -> dict:

@@ -123,17 +123,19 @@ class Harness:
     def cycle(self, method: str, loser: dict, step: int) -> int:
         """``loop.update`` itself for one loser-generation cycle: k = loser["every"] updates for
         "sspo" (the first swaps the reference and samples the losers, the others reuse them with
-        the same reference), one update for "dpo". Returns the number of updates run. The
-        reference is reloaded at each cycle's start (RCR's worst case: a new checkpoint each time)."""
+        the same reference), one update for "dpo"; each update has loser["accum"] micro-steps of
+        the fixed batch (default 1), the SSPO losers sampled loser["batch"] pairs per call
+        (0: one micro-batch). Returns the number of updates run. The reference is reloaded at
+        each cycle's start (RCR's worst case: a new checkpoint each time)."""
         import loop
         import replay
         import runtime
         if self.opt is None:
             self.step("sft")  # builds the optimizer (one untimed update)
         if not hasattr(self, "_loop_run"):
-            cfg = dataclasses.replace(self.cfg, grad_accum=1, loser_steps=loser["steps"],
+            cfg = dataclasses.replace(self.cfg, grad_accum=loser.get("accum", 1), loser_steps=loser["steps"],
                                       loser_guidance=loser["guidance"], loser_scheduler=loser["scheduler"],
-                                      loser_every=loser["every"])
+                                      loser_every=loser["every"], loser_batch=loser.get("batch", 0))
             initial = replay.CheckpointPool("initial", storage="memory")
             initial.add(self.pools[self.p["storage"]].get(0), 0)
             self._loop_run = SimpleNamespace(

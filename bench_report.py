@@ -48,14 +48,15 @@ def write_markdown(res: dict, path: Path) -> None:
          f"{m['loadavg_start']}, at end {m.get('loadavg_end')}; {res['runtime_s']:.0f} s in all.", "",
          "## Settings", "",
          "| model | UNet widths | latent | batch (pairs) | loser steps (preset) | guidance | "
-         "preset's losers: scheduler, steps, guidance, every | beta | LoRA rank | "
+         "preset's losers: scheduler, steps, guidance, every, pairs per call, micro-steps per timed update | beta | LoRA rank | "
          "grad. ckpt | bf16 | pool storage | warm-up + repeats |", "|" + "---|" * 13]
     for model, p in res["profiles"].items():
         lo = p.get("loser") or {}
         width = "x".join(map(str, p["width"])) if p.get("width") else "real"
         L.append(f"| {model} | {width} | {p['channels']}x{p['latent']}x{p['latent']} | {p['batch']} | "
                  f"{p['loser_steps']} ({p['preset_loser_steps']}) | {p['guidance']} | "
-                 f"{lo.get('scheduler')}, {lo.get('steps')}, {lo.get('guidance')}, {lo.get('every')} | "
+                 f"{lo.get('scheduler')}, {lo.get('steps')}, {lo.get('guidance')}, {lo.get('every')}, "
+                 f"{lo.get('batch', 0) or p['batch']}, {lo.get('accum', 1)} | "
                  f"{p['beta']:g} | {p['lora_rank']} | {p['grad_ckpt']} | {p['bf16']} | {p['storage']} | "
                  f"{p['warmup']} + {p['repeats']} |")
     L += ["", "## Time per call (ms)", "",

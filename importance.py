@@ -178,7 +178,7 @@ def dpo_cm_loss(model_err_w: torch.Tensor, model_err_l: torch.Tensor, ref_err_w:
     gives Diffusion-DPO; tau = 0 with eps_clip = inf gives plain importance weighting w * dpo_loss.
 
     Args: four per-sample errors (B,) as in :func:`dpo_loss`; log_weight (B,); beta as in
-    :func:`dpo_loss`; tau >= 0; eps_clip >= 0 (defaults: config.py's).
+    :func:`dpo_loss`; tau >= 0; eps_clip >= 0 (defaults: config_fields.METHOD_PRESETS).
     Returns per-sample losses (B,) (zero where masked) and metrics incl. "mask_rate" (fraction
     of pairs masked), "clip_rate" (fraction of kept pairs whose weight the clip changed) and
     "mean_weight" (mean unclipped w).
@@ -203,7 +203,7 @@ def sdpo_loss(model_err_w: torch.Tensor, model_err_l: torch.Tensor, ref_err_w: t
     flows into the weights. The weights average 1 over the kept pairs of the local batch (under
     DDP, each process's micro-batch); a caller's ``.mean()`` over all B pairs then scales the
     loss by the kept fraction, as masking in DPO-C&M does.
-    Args and returns as :func:`dpo_cm_loss` (defaults: config.py's sdpo preset).
+    Args and returns as :func:`dpo_cm_loss` (defaults: config_fields.METHOD_PRESETS['sdpo']).
     """
     base, metrics = dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta)
     w, keep, clipped, was_clipped = _clipped_weights(log_weight, tau, eps_clip)

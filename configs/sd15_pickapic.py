@@ -35,6 +35,8 @@ CONFIG = dict(
     loser_steps=6,
     loser_guidance=7.5,     # SD-1.5 default guidance (assumed)
     loser_every=4,          # save_every (200) must stay a multiple of it
+    loser_batch=16,         # the losers of 16 micro-steps (of batch 1) sampled in one call: the same
+                            # losers, in larger UNet calls that use the device better (loop.update)
     mixed_precision="bf16",
     gradient_checkpointing=True,
     cfg_drop=0.0,           # assumed

@@ -55,6 +55,36 @@ def _check_twice():
     assert 1.3 <= ratio <= 3.0, ratio
 
 
+def test_cycle_times_the_presets_micro_steps_and_one_sampling_call_per_group(monkeypatch):
+    """bench's "full SSPO step at the preset's loser settings": an update of `accum` micro-steps
+    whose losers are sampled `batch` pairs per call, as loop.update runs the SD-1.5 preset."""
+    import config
+    import loop
+    import sampling
+    from bench_harness import Harness
+    preset = config.load_preset("sd15_pickapic")
+    lo = bench.preset_losers("sd15")
+    assert (lo["steps"], lo["every"], lo["batch"]) == (preset["loser_steps"], preset["loser_every"],
+                                                       preset.get("loser_batch", 0))
+    assert lo["accum"] == max(1, lo["batch"] // preset["batch_size"])
+    p = dict(bench.profile("digits", cuda=False, quick=True), batch=2, storage="memory")
+    h = Harness("digits", False, p, torch.device("cpu"), storages=("memory",))
+    samples, steps = [], []
+    real_sample, real_step = sampling.sample, loop.training_step
+    monkeypatch.setattr(sampling, "sample", lambda b, f, prompts, *a, **k: samples.append(len(prompts))
+                        or real_sample(b, f, prompts, *a, **k))
+    monkeypatch.setattr(loop, "training_step", lambda run, batch, step: steps.append(run.loss_kind)
+                        or real_step(run, batch, step))
+    loser = {"scheduler": "ddim", "steps": 2, "guidance": 3.0, "every": 1, "batch": 4, "accum": 3}
+    h.step("sft")  # builds the optimizer
+    samples.clear(), steps.clear()
+    assert h.cycle("sspo", loser, 0) == 1
+    assert samples == [4, 2] and steps == ["sspo"] * 3  # 3 micro-steps; losers of 2 + 1 micro-batches
+    samples.clear(), steps.clear()
+    h.cycle("dpo", loser, 1)
+    assert samples == [] and steps == ["dpo"] * 3
+
+
 def test_child_peak_rss_grows_with_an_allocation():
     small = bench.run_child({"kind": "alloc", "mb": 0, "device": "cpu"})
     big = bench.run_child({"kind": "alloc", "mb": 400, "device": "cpu"})
