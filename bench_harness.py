@@ -128,6 +128,7 @@ class Harness:
         (0: one micro-batch). Returns the number of updates run. The reference is reloaded at
         each cycle's start (RCR's worst case: a new checkpoint each time)."""
         import loop
+        import losers
         import replay
         import runtime
         if self.opt is None:
@@ -146,7 +147,7 @@ class Harness:
                 pools={"sspo": self.pools[self.p["storage"]], "dpo": initial})
         run = self._loop_run
         run.loss_kind, run.pool, run.loaded_ref = LOSS_KIND[method], run.pools[method], None
-        k = loop.loser_every(run)
+        k = losers.loser_every(run)
         stream = iter(lambda: self.batch, None)  # the same batch (a fresh dict per call)
         stop = SimpleNamespace(requested=False)
         for i in range(k):

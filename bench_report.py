@@ -55,9 +55,9 @@ def write_markdown(res: dict, path: Path) -> None:
         width = "x".join(map(str, p["width"])) if p.get("width") else "real"
         L.append(f"| {model} | {width} | {p['channels']}x{p['latent']}x{p['latent']} | {p['batch']} | "
                  f"{p['loser_steps']} ({p['preset_loser_steps']}) | {p['guidance']} | "
-                 f"{lo.get('scheduler')}, {lo.get('steps')}, {lo.get('guidance')}, {lo.get('every')}, "
-                 f"{lo.get('batch', 0) or p['batch']}, {lo.get('accum', 1)} | "
-                 f"{p['beta']:g} | {p['lora_rank']} | {p['grad_ckpt']} | {p['bf16']} | {p['storage']} | "
+                 + (f"{lo['scheduler']}, {lo['steps']}, {lo['guidance']}, {lo['every']}, "
+                    f"{lo.get('batch', 0) or p['batch']}, {lo.get('accum', 1)} | " if lo.get("scheduler") else "- | ")
+                 + f"{p['beta']:g} | {p['lora_rank']} | {p['grad_ckpt']} | {p['bf16']} | {p['storage']} | "
                  f"{p['warmup']} + {p['repeats']} |")
     L += ["", "## Time per call (ms)", "",
           "| model | mode | measurement | median | IQR | q1 - q3 | n | outliers (Tukey) |", "|" + "---|" * 8]

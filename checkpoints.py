@@ -166,7 +166,7 @@ def chosen_step(out: Path, which: str) -> int:
 # Keys whose change breaks "a resumed run equals an uninterrupted one" (max_steps may grow).
 TRAJECTORY_KEYS = ("method", "ssr", "replay", "model", "model_path", "data", "data_path", "beta",
                    "tau", "eps_clip", "save_every", "loser_steps", "loser_guidance", "loser_scheduler",
-                   "loser_every", "batch_size",
+                   "loser_every", "loser_batch", "batch_size",  # loser_batch: rounding of batched calls
                    "grad_accum", "lr", "warmup_steps", "lr_scheduler", "seed", "lora_rank", "mixed_precision", "cfg_drop", "fsdp")  # fsdp: the optimizer state's layout
 
 

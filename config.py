@@ -150,9 +150,8 @@ def validate(cfg: Config) -> None:
     if LOSS_OF.get(cfg.method) == "sspo" and cfg.save_every % cfg.loser_every:  # the pool must not change within a cycle (see loop.update)
         raise ValueError(f"config key 'save_every' ({cfg.save_every}) must be a multiple of "
                          f"'loser_every' ({cfg.loser_every})")
-    if cfg.loser_batch < 0 or cfg.loser_batch % cfg.batch_size:
-        raise ValueError(f"config key 'loser_batch' must be 0 or a multiple of 'batch_size' ({cfg.batch_size}), "
-                         f"got {cfg.loser_batch}")
+    if cfg.loser_batch < 0:
+        raise ValueError(f"config key 'loser_batch' must be >= 0, got {cfg.loser_batch}")
     if not 0.0 <= cfg.cfg_drop < 1.0:
         raise ValueError(f"config key 'cfg_drop' must be in [0, 1), got {cfg.cfg_drop}")
     for key in ("beta", "lr", "resolution", "num_frames", "num_sample_prompts"):

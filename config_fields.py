@@ -48,8 +48,8 @@ class Config:
     loser_scheduler: str = _f("ddim", "sampler of replayed samples: ddim | dpmsolver++ | unipc | euler (diffusers classes)")
     loser_every: int = _f(1, "sspo family: regenerate losers every k updates; the k-1 updates between "
                              "retrain on the same pairs with the checkpoint that made them as reference")
-    loser_batch: int = _f(0, "sspo family: pairs per loser-sampling call, a multiple of batch_size; 0 = one "
-                             "micro-batch. Larger: the losers of several micro-batches of an update in one call")
+    loser_batch: int = _f(0, "sspo family: pairs per loser-sampling call, rounded down to whole micro-batches "
+                             "(0 = one): the losers of several micro-batches of an update in one call")
     # ---- optimisation
     max_steps: int = _f(300, "optimizer updates")
     batch_size: int = _f(32, "pairs per device per micro-step")

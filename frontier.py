@@ -36,6 +36,13 @@ FRONTIER = {
 CONDITIONS = ("id_cfg", "ood_cfg")
 
 
+def cheapest_held(summary: dict, costs: dict, default: str) -> str | None:
+    """The setting with the lowest cost ratio among those that hold the default's quality
+    (``held``), or None when no other setting does."""
+    ok = [n for n in costs if n != default and n in summary and held(summary, n, default)]
+    return min(ok, key=lambda n: costs[n]["ratio"]) if ok else None
+
+
 def held(summary: dict, name: str, default: str) -> bool:
     """Does setting ``name`` hold the digits results of ``default`` (the issue's rule)? For every
     condition: mean accuracy >= the default's mean - its seed std, and mean Frechet distance <=
@@ -111,21 +118,35 @@ def write(results: dict, out: Path, command: str) -> None:
                  for cond in CONDITIONS for k in ("accuracy", "frechet")]
         ok = "preset" if name == default else ("yes" if held(summary, name, default) else "no")
         L.append(f"| {name} | {c['ratio']:.2f} [{c['q1']:.2f}, {c['q3']:.2f}] | " + " | ".join(cells) + f" | {ok} |")
+    choice = cheapest_held(summary, costs, default)
+    L.append("\nCheapest setting that holds the digits preset's quality: " + (
+        f"**{choice}**, {costs[choice]['ratio']:.2f}x a DPO update against {costs[default]['ratio']:.2f}x for "
+        f"{default}." if choice else f"none; only {default} itself."))
     (out / "loser_frontier.md").write_text("\n".join(L) + "\n")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for ax, metric in zip(axes, ("accuracy", "frechet")):
-        for i, (name, c) in enumerate(costs.items()):
-            m, sd = summary[name][f"{CONDITIONS[0]}/{metric}"]
-            ax.errorbar(c["ratio"], m, yerr=sd, xerr=[[c["ratio"] - c["q1"]], [c["q3"] - c["ratio"]]],
-                        fmt="o", capsize=3, color=plt.cm.tab10(i % 10), label=name)
-        ax.set_xlabel("full SSPO update / Diffusion-DPO update (time)")
-        ax.set_ylabel(f"final {metric} ({CONDITIONS[0]}; mean ± std over seeds)")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "loser_frontier.png", dpi=110)
+    # one panel per condition x metric; the band is the preset's seed spread (mean ± std), the
+    # rule ``held`` applies; settings that do not hold it are drawn hollow
+    fig, axes = plt.subplots(len(CONDITIONS), 2, figsize=(14, 4.6 * len(CONDITIONS)), squeeze=False)
+    for row, cond in zip(axes, CONDITIONS):
+        for ax, metric in zip(row, ("accuracy", "frechet")):
+            ref_m, ref_sd = summary[default][f"{cond}/{metric}"]
+            ax.axhspan(ref_m - ref_sd, ref_m + ref_sd, color="0.85", zorder=0)
+            for k, (name, c) in enumerate(costs.items()):
+                m, sd = summary[name][f"{cond}/{metric}"]
+                ok = name == default or held(summary, name, default)
+                color = plt.cm.tab20(k % 20)
+                ax.errorbar(c["ratio"], m, yerr=sd, xerr=[[c["ratio"] - c["q1"]], [c["q3"] - c["ratio"]]],
+                            fmt="s" if name == default else "o", capsize=3, color=color, ms=7,
+                            mfc=color if ok else "white", label=name + ("" if ok else " (not held)"))
+            ax.set_xlabel("full SSPO update / Diffusion-DPO update (time)")
+            ax.set_ylabel(f"final {'accuracy (higher is better)' if metric == 'accuracy' else 'Frechet distance (lower is better)'}")
+            ax.set_title(f"{cond}; grey band: {default} mean ± std over seeds", fontsize=9)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.78, 1))
+    fig.savefig(out / "loser_frontier.png", dpi=100)
     plt.close(fig)
 
 

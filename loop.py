@@ -34,9 +34,9 @@ import models
 import noise
 import replay
 import runtime
-import sampling
 import sharding
 import importance
+import losers
 import sspo
 from config import LOSS_OF, Config
 
@@ -183,25 +183,11 @@ def start(run: Run) -> int:
     return resumed or 0
 
 
-def loser_every(run: Run) -> int:
-    """Updates per loser-generation cycle: cfg.loser_every for the SSPO family, else 1."""
-    return run.cfg.loser_every if run.loss_kind == "sspo" else 1
-
-
-def loser_group(run: Run) -> int:
-    """Micro-batches whose losers one sampling call makes: cfg.loser_batch // batch_size for the
-    SSPO family (0: one), else 1. The losers are the same as one call per micro-batch (each
-    pair's z_T is keyed by its dataset index), made with fewer, larger network calls."""
-    if run.loss_kind != "sspo" or not run.cfg.loser_batch:
-        return 1
-    return max(1, run.cfg.loser_batch // run.cfg.batch_size)
-
-
 def batches(run: Run, step: int):
     """Batches from update ``step`` on, resuming mid-epoch exactly where that update began
     (with loser_every = k, the updates of one cycle share its batches: the stream moves once
     per cycle, and a resume inside a cycle starts at the cycle's first batch)."""
-    epoch, within = divmod(step // loser_every(run) * run.cfg.grad_accum, run.batches_per_epoch)
+    epoch, within = divmod(step // losers.loser_every(run) * run.cfg.grad_accum, run.batches_per_epoch)
     while True:
         run.sampler.set_epoch(epoch, start=within * run.cfg.batch_size)
         run.dataset.set_epoch(epoch)
@@ -228,17 +214,17 @@ def update(run: Run, stream, step: int, stop: runtime.StopOnSignal) -> dict | No
     gen_step alone and a resume inside a cycle regenerates the very same losers.
 
     Batched sampling (cfg.loser_batch = g * batch_size, g > 1): the losers of g micro-batches of
-    the update are sampled in one call when the first of them is reached (the same losers as
-    one call each, in fewer and larger network calls; the batches are taken from the stream in
-    the same order, only earlier)."""
+    the update are sampled in one call when the first of them is reached (the losers of one call
+    each, up to floating-point rounding, in fewer and larger network calls; the batches are taken
+    from the stream in the same order, only earlier)."""
     cfg, ctx = run.cfg, run.ctx
-    every = loser_every(run)
+    every = losers.loser_every(run)
     gen_step = step - step % every  # the update whose checkpoint and z_T make this update's losers
     ref_idx = run.pool.choose(gen_step) if run.pool is not None else None
     if ref_idx is not None and ref_idx != run.loaded_ref:
         run.reference.load(run.pool.get(ref_idx))  # in place: one reference module, or a LoRA adapter
         run.loaded_ref = ref_idx
-    if every == 1 and loser_group(run) == 1:
+    if every == 1 and losers.loser_group(run) == 1:
         run.replayed = None
     elif run.replayed is None or run.replayed["step"] != gen_step:
         run.replayed = {"step": gen_step, "ref": ref_idx, "batches": []}  # a new cycle
@@ -250,7 +236,7 @@ def update(run: Run, stream, step: int, stop: runtime.StopOnSignal) -> dict | No
         sync = micro == cfg.grad_accum - 1
         # DDP all-reduces on the last micro-step only; FSDP reduce-scatters every micro-step
         with (contextlib.nullcontext() if sync or ctx.world == 1 or cfg.fsdp else run.policy.no_sync()):
-            loss, metrics = training_step(run, _cycle_batch(run, stream, micro, gen_step, ref_idx), step)
+            loss, metrics = training_step(run, losers.cycle_batch(run, stream, micro, gen_step, ref_idx), step)
             run.scaler.scale(loss / cfg.grad_accum).backward()
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v.detach() / cfg.grad_accum
@@ -274,37 +260,6 @@ def update(run: Run, stream, step: int, stop: runtime.StopOnSignal) -> dict | No
     return sums
 
 
-def _cycle_batch(run: Run, stream, micro: int, gen_step: int, ref_idx: int | None) -> dict:
-    """The micro-batch ``micro`` of this update: the next one from the stream, or (loser_every
-    > 1 or loser_batch > batch_size) the cycle's cached batch with its replayed losers, sampled
-    on first use together with those of the next loser_group - 1 micro-batches of the update."""
-    if run.replayed is None:
-        return next(stream)
-    cycle = run.replayed
-    if cycle["ref"] != ref_idx or run.loaded_ref != ref_idx:  # never score a loser with another checkpoint
-        raise RuntimeError(f"replayed losers of update {gen_step} were made by checkpoint {cycle['ref']}, "
-                           f"but the reference holds {run.loaded_ref}")
-    if micro == len(cycle["batches"]):
-        group = [next(stream) for _ in range(min(loser_group(run), run.cfg.grad_accum - micro))]
-        losers = replay_losers(run, group, gen_step)
-        cycle["batches"] += [dict(b, x0_l_replayed=x0_l) for b, x0_l in zip(group, losers)]
-    return cycle["batches"][micro]
-
-
-def replay_losers(run: Run, batches: list[dict], step: int) -> list[torch.Tensor]:
-    """x0_l (B_i,*shape) per batch: the reference checkpoint's samples for the batches' prompts
-    (RCR, sec. 4.1), from the initial noise z_T keyed by (seed, ``step``, dataset index); all
-    batches in one sampling call."""
-    cfg = run.cfg
-    z_T = torch.cat([noise.pair_noise(cfg.seed, step, b["index"], run.shape, run.noise)[2] for b in batches])
-    prompts = [p for b in batches for p in b["prompt"]]
-    with run.autocast():
-        x0_l = sampling.sample(run.bundle, run.reference, prompts, latents=z_T.to(run.ctx.device),
-                               latent_shape=run.shape, num_inference_steps=cfg.loser_steps,
-                               guidance_scale=cfg.loser_guidance, scheduler=cfg.loser_scheduler)
-    return list(x0_l.split([len(b["prompt"]) for b in batches]))
-
-
 def training_step(run: Run, batch: dict, step: int):
     """Loss of one micro-batch; returns (scalar loss, metrics of detached 0-d tensors)."""
     cfg, bundle, device, autocast = run.cfg, run.bundle, run.ctx.device, run.autocast
@@ -321,9 +276,9 @@ def training_step(run: Run, batch: dict, step: int):
         x0, t2, eps2, text2, extra2 = x0_w, t, eps, text, extra_w
     else:
         if kind == "sspo":  # the replayed checkpoint samples the "losers" (RCR, sec. 4.1)
-            x0_l = batch.get("x0_l_replayed")  # given when reused within a loser_every cycle
+            x0_l = batch.get("x0_l_replayed")  # given by losers.cycle_batch (loser_every / loser_batch)
             if x0_l is None:
-                x0_l = replay_losers(run, [batch], step)[0]
+                x0_l = losers.replay_losers(run, [batch], step)[0]
         else:  # a preference pair from the data set
             with torch.no_grad(), autocast():
                 x0_l = models.encode_pixels(bundle, batch["x0_l"].to(device),

@@ -26,17 +26,17 @@ CONFIG = dict(
     save_every=200,         # K, the checkpoint interval of RCR (assumed; paper's Fig. 4 varies it)
     pool_storage="disk",    # 1.7-3.4 GB per full-UNet snapshot: keep them as safetensors files
     keep_checkpoints=2,
-    # Loser sampling (issue 15): a full SSPO step within 1.8x a Diffusion-DPO step (results/bench.md).
-    # UniPC (multistep predictor-corrector, made for 5-10 step sampling) at 6 steps; SD-1.5's usual
-    # guidance, so that losers look like what the model produces in use; losers are sampled every
-    # 4th update and the 3 updates between retrain on those pairs with the checkpoint that made
-    # them as reference (loop.update). Cost per update: 6/4 = 1.5 guided UNet calls instead of 20.
+    # Loser sampling (issue 15): a full SSPO step within 1.8x a Diffusion-DPO step (results/bench.md),
+    # chosen on the digits frontier (results/loser_frontier.md) as its cheapest setting that keeps
+    # the digits preset's quality: UniPC (multistep predictor-corrector, made for 5-10 step
+    # sampling) at 6 steps with guidance, losers sampled every 2nd update (the update between
+    # retrains on those pairs with the checkpoint that made them as reference, loop.update), and
+    # the losers of 16 micro-steps sampled in one call (the same losers, larger UNet calls).
     loser_scheduler="unipc",
     loser_steps=6,
-    loser_guidance=7.5,     # SD-1.5 default guidance (assumed)
-    loser_every=4,          # save_every (200) must stay a multiple of it
-    loser_batch=16,         # the losers of 16 micro-steps (of batch 1) sampled in one call: the same
-                            # losers, in larger UNet calls that use the device better (loop.update)
+    loser_guidance=7.5,     # SD-1.5 default guidance (assumed; digits' frontier used its own 3)
+    loser_every=2,          # save_every (200) must stay a multiple of it
+    loser_batch=16,         # pairs per sampling call = 16 micro-steps of batch 1
     mixed_precision="bf16",
     gradient_checkpointing=True,
     cfg_drop=0.0,           # assumed

@@ -149,6 +149,14 @@ def test_frontier_markdown_plot_and_costs(tmp_path):
     assert not frontier.held(summary(ood_cfg__accuracy=0.879), "x", "ref")
     assert frontier.held(summary(id_cfg__frechet=2.29, ood_cfg__accuracy=0.99), "x", "ref")
     assert not frontier.held(summary(ood_cfg__frechet=2.31), "x", "ref")
+    # the choice: the cheapest setting that holds, never the reference itself
+    both = {**summary(), "y": ref, "z": {**ref, "id_cfg/accuracy": [0.5, 0.0]}}
+    cost = lambda **r: {k: {"ratio": v} for k, v in r.items()}
+    assert frontier.cheapest_held(both, cost(ref=1.0, x=3.0, y=2.0, z=0.5), "ref") == "y"
+    assert frontier.cheapest_held(both, cost(ref=1.0, x=1.5, y=2.0, z=0.5), "ref") == "x"
+    assert frontier.cheapest_held(both, cost(ref=1.0, z=0.5), "ref") is None
+    choice = frontier.cheapest_held(results["summary"], results["costs"], names[0])
+    assert (f"holds the digits preset's quality: **{choice}**" if choice else "none; only") in md
     # the cost measurement itself (loop.update on digits, batch 2, one repeat): per update of a cycle
     costs = frontier.costs({n: frontier.FRONTIER[n] for n in names}, batch=2, repeats=1, log=lambda s: None)
     assert set(costs) == set(names) and all(c["ratio"] > 0 and c["dpo_ms"] > 0 for c in costs.values())
