@@ -35,6 +35,7 @@ import torch
 
 import config
 import digits
+import digits_judge
 import frontier
 import models
 import report
@@ -101,7 +102,7 @@ def _curve(bundle, run_dir: Path, judge, size: dict, seed: int, base_point: dict
     points = [(0, base_point)]  # the base model, judged on the same noise
     for ckpt in _checkpoints_for_curve(run_dir, size["curve_points"]):
         models.load_trainable(bundle, load_file(str(ckpt / "trainable.safetensors")))
-        points.append((int(ckpt.name.split("_")[1]), digits.evaluate_model(
+        points.append((int(ckpt.name.split("_")[1]), digits_judge.evaluate_model(
             bundle, judge, n_per_condition=size["n_curve"], num_inference_steps=size["curve_inference_steps"],
             seed=seed, conditions=CURVE_CONDITIONS)))
     return points
@@ -126,8 +127,8 @@ def _memo(bundle, overrides: dict, seed: int) -> dict:
     the small split itself) and as many held-out eval digits per class."""
     per_class = overrides.get("digits_align_per_class", 0) or 40
     align, heldout = digits.real_subset("align", per_class)[0], digits.real_subset("eval", per_class)[0]
-    prompts, labels = digits.digit_prompts(digits.TRAIN_TEMPLATES[:1], 100)
-    x = digits.generate_digits(bundle, prompts, seed=seed)
+    prompts, labels = digits_judge.digit_prompts(digits.TRAIN_TEMPLATES[:1], 100)
+    x = digits_judge.generate_digits(bundle, prompts, seed=seed)
     return report.memorization(x, labels, align, heldout)
 
 
@@ -136,7 +137,7 @@ def _run_one(name: str, spec: dict, seed: int, out: Path, size: dict, common: di
     """Train one (method, seed) with train.run and judge its final model and checkpoints."""
     if threads:
         torch.set_num_threads(threads)
-    judge = digits.DigitsJudge.from_splits()  # deterministic fit: every worker process has the same judge
+    judge = digits_judge.DigitsJudge.from_splits()  # deterministic fit: every worker process has the same judge
     run_dir = out / "runs" / name.replace(" ", "_").replace("=", "-") / f"seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
     overrides = _tuned(spec, tuned)
@@ -144,7 +145,7 @@ def _run_one(name: str, spec: dict, seed: int, out: Path, size: dict, common: di
     run_dir = Path(train.run({**common, **overrides, "seed": seed, "out_dir": str(run_dir), "sample_every": 0}))
     train_s = time.time() - t0
     bundle = models.build_model("digits", path=str(run_dir / "final"))
-    final = digits.evaluate_model(bundle, judge, n_per_condition=size["n_final"],
+    final = digits_judge.evaluate_model(bundle, judge, n_per_condition=size["n_final"],
                                   num_inference_steps=size["inference_steps"], seed=seed)
     row = {"seed": seed, "train_seconds": train_s, "final": final, "run_dir": str(run_dir),
            "memo": _memo(bundle, overrides, seed), "settings": overrides,
@@ -181,16 +182,16 @@ def run_table(out: Path, size: dict, methods=None, keep_checkpoints: bool = Fals
     specs: name -> train.run overrides (None = not trained: the base); default METHODS."""
     specs = METHODS if specs is None else specs
     out.mkdir(parents=True, exist_ok=True)
-    judge = digits.DigitsJudge.from_splits()
+    judge = digits_judge.DigitsJudge.from_splits()
     print(f"judge accuracy on real eval digits: {judge.real_accuracy:.4f}", flush=True)
     common, base_dir = _base(size)
     base = models.build_model("digits", path=str(base_dir))
     base_rows = {}
     for seed in range(size["seeds"]):
-        curve = digits.evaluate_model(base, judge, n_per_condition=size["n_curve"], seed=seed,
+        curve = digits_judge.evaluate_model(base, judge, n_per_condition=size["n_curve"], seed=seed,
                                       num_inference_steps=size["curve_inference_steps"], conditions=CURVE_CONDITIONS)
         base_rows[seed] = {"seed": seed, "train_seconds": 0.0, "curve": [], "ssr": [], "run_dir": str(base_dir),
-                           "final": digits.evaluate_model(base, judge, n_per_condition=size["n_final"],
+                           "final": digits_judge.evaluate_model(base, judge, n_per_condition=size["n_final"],
                                                           num_inference_steps=size["inference_steps"], seed=seed),
                            "memo": _memo(base, {}, seed), "base_curve": curve}
     results = {"size": size, "judge_accuracy": judge.real_accuracy, "base_model": str(base_dir), "runs": {},
@@ -214,8 +215,8 @@ def run_table(out: Path, size: dict, methods=None, keep_checkpoints: bool = Fals
 def _validation(bundle, size: dict) -> dict:
     """The sweep's measure: accuracy and FD (against the real *align* digits, not eval) on
     training templates without guidance, generation noise VALIDATION_SEED."""
-    judge = digits.DigitsJudge.from_splits(ref_split="align")
-    m = digits.evaluate_model(bundle, judge, n_per_condition=size["n_curve"], seed=VALIDATION_SEED,
+    judge = digits_judge.DigitsJudge.from_splits(ref_split="align")
+    m = digits_judge.evaluate_model(bundle, judge, n_per_condition=size["n_curve"], seed=VALIDATION_SEED,
                               num_inference_steps=size["curve_inference_steps"], conditions=("id_nocfg",))
     return {"accuracy": m["id_nocfg/accuracy"], "frechet": m["id_nocfg/frechet"]}
 
@@ -256,7 +257,7 @@ def write_grid(results: dict, path: Path) -> None:
     rows = {}
     for name, runs in results["runs"].items():
         path_ = runs[0]["run_dir"] if METHODS[name] is None else Path(runs[0]["run_dir"]) / "final"
-        rows[name] = digits.generate_digits(models.build_model("digits", path=str(path_)), prompts, seed=0)
+        rows[name] = digits_judge.generate_digits(models.build_model("digits", path=str(path_)), prompts, seed=0)
     report.labelled_grid(rows).save(path)
 
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 import digits
+import digits_judge
 import export
 import models
 
@@ -31,17 +32,17 @@ def report_digits_run(run_dir, n_per_condition: int = 100, num_inference_steps: 
     {"base": metrics, "final": metrics} (same prompts and noise for both)."""
     run_dir = Path(run_dir)
     saved = json.loads((run_dir / "config.json").read_text())
-    judge = digits.DigitsJudge.from_splits()
+    judge = digits_judge.DigitsJudge.from_splits()
     base = saved.get("model_path") or digits.ensure_base(saved["cache_dir"], saved["digits_base_steps"],
                                                          saved["digits_corrupt"])
     res = {"judge_real_accuracy": judge.real_accuracy}
-    rf = digits.second_judge()
-    prompts, labels = digits.digit_prompts(digits.TRAIN_TEMPLATES, n_per_condition)
+    rf = digits_judge.second_judge()
+    prompts, labels = digits_judge.digit_prompts(digits.TRAIN_TEMPLATES, n_per_condition)
     for name, path in (("base", base), ("final", run_dir / "final")):
         bundle = models.build_model("digits", str(path))
-        res[name] = digits.evaluate_model(bundle, judge, seed=seed, n_per_condition=n_per_condition,
+        res[name] = digits_judge.evaluate_model(bundle, judge, seed=seed, n_per_condition=n_per_condition,
                                           num_inference_steps=num_inference_steps)
-        x = digits.generate_digits(bundle, prompts, num_inference_steps=num_inference_steps, seed=seed)
+        x = digits_judge.generate_digits(bundle, prompts, num_inference_steps=num_inference_steps, seed=seed)
         res[name]["id_cfg/accuracy_rf"] = float((rf(x) == labels).mean())  # the independent check
     (run_dir / "eval.json").write_text(json.dumps(res, indent=1))
     export.write_model_card(run_dir)  # the card in final/ now carries these numbers

@@ -12,6 +12,7 @@ from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 
 import digits
+import digits_judge
 import evaluate
 import models
 from families import animatediff, common, sd15
@@ -60,7 +61,7 @@ def splits():
 
 @pytest.fixture(scope="module")
 def judge(splits):
-    return digits.DigitsJudge.from_splits(splits)
+    return digits_judge.DigitsJudge.from_splits(splits)
 
 
 def test_judge_real_digits_far_above_chance_shuffled_near_chance(judge, splits):
@@ -90,7 +91,7 @@ def test_generate_digits_matches_stable_diffusion_pipeline(digits_bundle, guidan
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     b = digits_bundle
     prompts = ["a handwritten digit seven", "the number two, written by hand", "a scan of the numeral one"]
-    ours = digits.generate_digits(b, prompts, guidance_scale=guidance, num_inference_steps=5, seed=3, batch_size=2)
+    ours = digits_judge.generate_digits(b, prompts, guidance_scale=guidance, num_inference_steps=5, seed=3, batch_size=2)
     pipe = StableDiffusionPipeline(vae=None, text_encoder=b.text_encoder, tokenizer=b.tokenizer, unet=b.unet,
                                    scheduler=DDIMScheduler.from_config(b.scheduler_config), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -105,7 +106,7 @@ def test_generate_digits_matches_stable_diffusion_pipeline(digits_bundle, guidan
 
 
 def test_digit_prompts_are_balanced():
-    prompts, labels = digits.digit_prompts(digits.HELDOUT_TEMPLATES, 45)
+    prompts, labels = digits_judge.digit_prompts(digits.HELDOUT_TEMPLATES, 45)
     k = -(-45 // (10 * len(digits.HELDOUT_TEMPLATES)))
     assert len(prompts) == len(labels) == 10 * k * len(digits.HELDOUT_TEMPLATES)
     assert np.bincount(labels).tolist() == [k * len(digits.HELDOUT_TEMPLATES)] * 10
@@ -114,14 +115,14 @@ def test_digit_prompts_are_balanced():
 
 
 def test_evaluate_digits_model_reports_every_condition(digits_bundle, judge, monkeypatch):
-    calls, real = {}, digits.generate_digits
+    calls, real = {}, digits_judge.generate_digits
 
     def spy(bundle, prompts, guidance_scale, **kw):
         calls[len(calls)] = (list(prompts), guidance_scale)
         return real(bundle, prompts, guidance_scale=guidance_scale, **kw)
 
-    monkeypatch.setattr(digits, "generate_digits", spy)
-    res = digits.evaluate_model(digits_bundle, judge, n_per_condition=20, num_inference_steps=2, seed=0,
+    monkeypatch.setattr(digits_judge, "generate_digits", spy)
+    res = digits_judge.evaluate_model(digits_bundle, judge, n_per_condition=20, num_inference_steps=2, seed=0,
                                 guidance_scale=2.5)
     # id = training caption templates, ood = held-out ones; cfg = the guidance asked for, nocfg = 1
     train_caps = {digits.digit_caption(d, t) for d in range(10) for t in digits.TRAIN_TEMPLATES}
@@ -134,7 +135,7 @@ def test_evaluate_digits_model_reports_every_condition(digits_bundle, judge, mon
             acc = res[f"{split}_{g}/accuracy"]
             assert 0 <= acc <= 1 and res[f"{split}_{g}/frechet"] > 0
     assert len(res) == 12
-    again = digits.evaluate_model(digits_bundle, judge, n_per_condition=20, num_inference_steps=2, seed=0,
+    again = digits_judge.evaluate_model(digits_bundle, judge, n_per_condition=20, num_inference_steps=2, seed=0,
                                            conditions=("ood_nocfg",))
     assert again == {k: v for k, v in res.items() if k.startswith("ood_nocfg")}  # seeded: reproducible
 
