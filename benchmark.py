@@ -323,7 +323,7 @@ def cmd_frontier(args) -> None:
     size = copy.deepcopy(FRONTIER_SIZES["quick" if args.quick else "full"])
     if args.seeds is not None:
         size["seeds"] = args.seeds
-    specs = {n: frontier.FRONTIER[n] for n in (args.settings or frontier.FRONTIER)}
+    specs = frontier.selected(args.settings)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -370,7 +370,7 @@ def main(argv=None) -> None:
         c.add_argument("--out", default="results", help="output folder")
         if fn is cmd_frontier:
             c.add_argument("--seeds", type=int, help="training seeds per setting (default 3; quick 2)")
-            c.add_argument("--settings", nargs="+", choices=list(frontier.FRONTIER), help="subset of settings")
+            c.add_argument("--settings", nargs="+", choices=list(frontier.FRONTIER), help="subset of settings (the first, the digits preset's, always runs: the others are judged against it)")
         if fn is cmd_claims:
             c.add_argument("--seeds", type=int, help="number of training seeds (default 3; quick 2)")
             c.add_argument("--steps", type=int, help="optimizer updates per method (same for all)")

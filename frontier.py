@@ -36,6 +36,13 @@ FRONTIER = {
 CONDITIONS = ("id_cfg", "ood_cfg")
 
 
+def selected(names: list[str] | None) -> dict:
+    """The settings to run: ``names`` (all when None), with the reference setting (the digits
+    preset's, the first of FRONTIER) always among them, since ``held`` compares with it."""
+    default = next(iter(FRONTIER))
+    return {n: FRONTIER[n] for n in ([default] + [n for n in (names or FRONTIER) if n != default])}
+
+
 def cheapest_held(summary: dict, costs: dict, default: str) -> str | None:
     """The setting with the lowest cost ratio among those that hold the default's quality
     (``held``), or None when no other setting does."""

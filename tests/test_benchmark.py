@@ -141,6 +141,10 @@ def test_frontier_markdown_plot_and_costs(tmp_path):
     assert "python benchmark.py frontier --quick" in md
     assert row.endswith("| yes |") == frontier.held(results["summary"], names[1], names[0])
     assert Image.open(tmp_path / "loser_frontier.png").size[0] > 300
+    # a subset of settings always runs the reference first (held needs it), each once
+    assert list(frontier.selected(["unipc 6, cfg 3, every 2"])) == [names[0], "unipc 6, cfg 3, every 2"]
+    assert list(frontier.selected([names[1], names[0]])) == names
+    assert list(frontier.selected(None)) == list(frontier.FRONTIER)
     # held: inside the reference's seed spread (acc >= mean - std, FD <= mean + std) in every condition
     ref = {f"{c}/{k}": v for c in frontier.CONDITIONS for k, v in (("accuracy", [0.9, 0.02]), ("frechet", [2.0, 0.3]))}
     def summary(**changes):
