@@ -64,7 +64,7 @@ import numpy as np
 import torch
 
 from bench_harness import Harness
-from bench_report import machine_info, merge_previous, write_markdown  # noqa: F401  (bench.write_markdown)
+from bench_report import machine_info, merge_previous, ratio_rows, write_markdown  # noqa: F401  (bench.write_markdown, bench.ratio_rows)
 
 ROOT = Path(__file__).resolve().parent
 METHODS = ("sft", "dpo", "sspo_nogen", "sspo")  # optimizer steps; "sspo" includes generation + swap
@@ -283,59 +283,6 @@ def _bench_model(model: str, p: dict, device: torch.device, log=print) -> tuple[
             del h, fns
             gc.collect()
     return timings, memory, extra
-
-
-def ratio_rows(timings: list, memory: list, profiles: dict) -> list:
-    """The ratios of the issue, each with its target (or None: reported only)."""
-    T = {(r["model"], r["mode"], r["measure"]): r["median_ms"] for r in timings}
-    M = {(r["model"], r["mode"], r["method"]): r["above_baseline_mb"] for r in memory}
-    rows = []
-
-    def add(model, mode, name, num, den, target=None, note=""):
-        if num is None or den is None or den <= 0:
-            return
-        v = num / den
-        met = None if target is None else v <= target
-        rows.append(dict(model=model, mode=mode, ratio=name, value=v, target=target, met=met,
-                         over_pp=None if met in (None, True) else 100 * (v - target), note=note))
-
-    for model, p in profiles.items():
-        for mode in ("ft", "lora"):
-            t = lambda k: T.get((model, mode, k))
-            swap = t(f"swap_{p['storage']}")
-            add(model, mode, "SSPO step w/o generation / DPO step", t("sspo_nogen"), t("dpo"), 1.05)
-            add(model, mode, "full SSPO step / DPO step at the preset's loser settings", t("sspo_preset"),
-                t("dpo_update"), 1.8 if model == "sd15" else None)
-            add(model, mode, "loser generation at the preset's settings, one micro-batch / DPO step",
-                t("gen_preset"), t("dpo"))
-            add(model, mode, "generation at the preset's settings, bf16 / fp32", t("gen_preset"),
-                t("gen_preset_fp32"))
-            add(model, mode, "generation at the preset's settings, channels-last / default",
-                t("gen_preset_channels_last"), t("gen_preset"))
-            add(model, mode, "full SSPO step / DPO step", t("sspo"), t("dpo"))
-            add(model, mode, f"swap ({p['storage']}) / full SSPO step", swap, t("sspo"),
-                0.02 if mode == "lora" else None)
-            add(model, mode, f"swap ({p['storage']}) / SSPO step w/o generation", swap, t("sspo_nogen"))
-            add(model, mode, f"generation ({p['loser_steps']} {p.get('scheduler', 'ddim')} steps, CFG) / full SSPO step",
-                t("gen_cfg"), t("sspo"))
-            add(model, mode, "generation without CFG / with CFG", t("gen_nocfg"), t("gen_cfg"))
-            if t("gen_cfg") and t("sspo_nogen"):
-                # Derived, not measured: generation is linear in DDIM steps (one UNet call each).
-                per_call = t("gen_cfg") / p["loser_steps"]
-                rest = t("sspo_nogen") + (swap or 0)
-                n = p["preset_loser_steps"]
-                add(model, mode, f"generation share at the preset's {n} steps (derived)",
-                    per_call * n, per_call * n + rest, note=f"{per_call:.1f} ms per CFG step")
-                k = max(2, (p.get("loser") or {}).get("every") or 4)
-                add(model, mode, f"generation share if regenerated every {k} updates, one micro-batch per call (derived)",
-                    per_call * n / k, per_call * n / k + rest)
-            m = lambda meth: M.get((model, mode, meth))
-            if mode == "ft":
-                add(model, mode, "SSPO memory / DPO memory", m("sspo"), m("dpo"), 1.05)
-            else:
-                add(model, mode, "SSPO memory / SFT memory", m("sspo"), m("sft"), 1.10)
-                add(model, mode, "SSPO memory / DPO memory", m("sspo"), m("dpo"))
-    return rows
 
 
 NOTES = [" ".join(par.split()) for par in __doc__.split("\n\n")[2:]]

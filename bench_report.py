@@ -1,5 +1,6 @@
-"""bench.py's report: the machine, the markdown table of timings, memory and the ratio rows,
-and the rows of models a run did not measure, kept from the previous bench.json."""
+"""bench.py's report: the ratios against the issue's targets, the machine, the markdown table of
+timings, memory and the ratio rows, and the rows of models a run did not measure, kept from the
+previous bench.json."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +11,61 @@ import platform
 from pathlib import Path
 
 import torch
+
+
+def ratio_rows(timings: list, memory: list, profiles: dict) -> list:
+    """The ratios of the issue, each with its target (or None: reported only)."""
+    T = {(r["model"], r["mode"], r["measure"]): r["median_ms"] for r in timings}
+    M = {(r["model"], r["mode"], r["method"]): r["above_baseline_mb"] for r in memory}
+    rows = []
+
+    def add(model, mode, name, num, den, target=None, note=""):
+        if num is None or den is None or den <= 0:
+            return
+        v = num / den
+        met = None if target is None else v <= target
+        rows.append(dict(model=model, mode=mode, ratio=name, value=v, target=target, met=met,
+                         over_pp=None if met in (None, True) else 100 * (v - target), note=note))
+
+    for model, p in profiles.items():
+        for mode in ("ft", "lora"):
+            t = lambda k: T.get((model, mode, k))
+            swap = t(f"swap_{p['storage']}")
+            add(model, mode, "SSPO step w/o generation / DPO step", t("sspo_nogen"), t("dpo"), 1.05)
+            add(model, mode, "full SSPO step / DPO step at the preset's loser settings", t("sspo_preset"),
+                t("dpo_update"), 1.8 if model == "sd15" else None)
+            add(model, mode, "loser generation at the preset's settings, one micro-batch / DPO step",
+                t("gen_preset"), t("dpo"))
+            add(model, mode, "generation at the preset's settings, bf16 / fp32", t("gen_preset"),
+                t("gen_preset_fp32"))
+            add(model, mode, "generation at the preset's settings, channels-last / default",
+                t("gen_preset_channels_last"), t("gen_preset"))
+            add(model, mode, "full SSPO step / DPO step", t("sspo"), t("dpo"))
+            add(model, mode, f"swap ({p['storage']}) / full SSPO step", swap, t("sspo"),
+                0.02 if mode == "lora" else None)
+            add(model, mode, f"swap ({p['storage']}) / SSPO step w/o generation", swap, t("sspo_nogen"))
+            add(model, mode, f"generation ({p['loser_steps']} {p.get('scheduler', 'ddim')} steps, CFG) / full SSPO step",
+                t("gen_cfg"), t("sspo"))
+            add(model, mode, "generation without CFG / with CFG", t("gen_nocfg"), t("gen_cfg"))
+            if t("gen_cfg") and t("sspo_nogen"):
+                # Derived, not measured: generation is linear in DDIM steps (one UNet call each).
+                per_call = t("gen_cfg") / p["loser_steps"]
+                rest = t("sspo_nogen") + (swap or 0)
+                n = p["preset_loser_steps"]
+                add(model, mode, f"generation share at the preset's {n} steps (derived)",
+                    per_call * n, per_call * n + rest, note=f"{per_call:.1f} ms per CFG step")
+                every = (p.get("loser") or {}).get("every") or 1
+                k = every if every > 1 else 4  # the preset's reuse interval, or 4 for a preset without reuse
+                add(model, mode, f"generation share if regenerated every {k} updates, one micro-batch per call (derived)",
+                    per_call * n / k, per_call * n / k + rest)
+            m = lambda meth: M.get((model, mode, meth))
+            if mode == "ft":
+                add(model, mode, "SSPO memory / DPO memory", m("sspo"), m("dpo"), 1.05)
+            else:
+                add(model, mode, "SSPO memory / SFT memory", m("sspo"), m("sft"), 1.10)
+                add(model, mode, "SSPO memory / DPO memory", m("sspo"), m("dpo"))
+    return rows
+
 
 def machine_info(device: torch.device) -> dict:
     import diffusers, peft, transformers
