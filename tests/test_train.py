@@ -212,13 +212,24 @@ def test_batched_losers_equal_per_micro_batch(cache, tmp_path, monkeypatch, lose
             calls[-1].append((list(prompts), out.clone()))
         return out
 
+    import loop
+    real_update, held = loop.update, []
+
+    def update(run, *a):  # micro-batches (pixels + losers) still held after each update
+        out = real_update(run, *a)
+        held[-1].append(0 if run.replayed is None else sum(b is not None for b in run.replayed["batches"]))
+        return out
+
     monkeypatch.setattr(sampling, "sample", sample)
+    monkeypatch.setattr(loop, "update", update)
     args = {**FAST, "cache_dir": cache, "method": "sspo", "max_steps": 4, "grad_accum": 3,
             "loser_every": loser_every, "save_every": 2}
     for name, loser_batch in (("one", 0), ("grouped", 2 * FAST["batch_size"])):
-        calls.append([])
+        calls.append([]), held.append([])
         train.run({**args, "loser_batch": loser_batch, "out_dir": str(tmp_path / name)})
     one, grouped = calls
+    # used once (loser_every 1): released after use; reused: kept for the cycle, as without grouping
+    assert held == [[3 * (loser_every > 1)] * 4] * 2
     assert [len(p) for p, _ in one] == [4] * (3 * 4 // loser_every)
     assert [len(p) for p, _ in grouped] == [8, 4] * (4 // loser_every)
     flat = lambda c: (sum((p for p, _ in c), []), torch.cat([x for _, x in c]))
