@@ -1,8 +1,9 @@
-"""Training configuration: typed defaults (config_fields.py), presets, and ``--key=value`` overrides.
+"""Training configuration: the settings table (``Config``, one typed default with a comment each;
+``METHODS``, one record per method), presets, and ``--key=value`` overrides.
 
 Resolution order (later wins): the defaults of ``Config`` < a preset file (``--config=digits`` or
-``--config=configs/sd15_pickapic.py``, a module defining ``CONFIG = {...}``) < the method preset
-(``METHOD_PRESETS``) < command-line ``--key=value``. Unknown keys and values of the wrong type
+``--config=configs/sd15_pickapic.py``, a module defining ``CONFIG = {...}``) < the method's settings
+(``METHODS``) < command-line ``--key=value``. Unknown keys and values of the wrong type
 are errors that name the key. The resolved config is saved with every checkpoint.
 """
 
@@ -11,12 +12,171 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
-import json
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from config_fields import (ALIASES, CHOICES, DATA_MODE_OF, DATA_OF_MODEL, LOSS_OF, METHOD_PRESETS,  # noqa: F401
-                           ROOT, VIDEO_MODELS, Config)
+ROOT = Path(__file__).resolve().parent
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # ---- what to train
+    method: str = _f("sspo", "sft | dpo | spin | sspo | sspo_r | dpo_cm | sdpo (see METHODS)")
+    ssr: str = _f("sign", "Self-Sampling Regularization, SSPO eq. 9: sign | indicator | none (ablations)")
+    replay: str = _f("uniform", "reference checkpoint drawn from the pool: uniform (RCR) | initial | last")
+    model: str = _f("digits", "model family: digits | sd15 | animatediff | sdxl | cogvideox | wan")
+    model_path: str = _f("", "local dir or hub id (sd15/animatediff/sdxl/cogvideox/wan); digits: '' = the cached base")
+    motion_adapter_path: str = _f("", "animatediff: local dir of the MotionAdapter")
+    local_files_only: bool = _f(True, "never reach a model hub (set false to let diffusers download)")
+    data: str = _f("digits", "digits | pickapic | imagefolder | videofolder | videopairs (pairs.jsonl)")
+    data_path: str = _f("", "local dataset directory (not used for digits); layouts: data/layouts.py")
+    dataset_split_name: str = _f("train", "split read from data_path: pickapic shards {split}-*.parquet or "
+                                 "a save_to_disk split; image/video folders: data_path/{split}/ if no metadata at the root")
+    max_train_samples: int = _f(0, "keep only the first N items (pickapic: after dropping ties); 0 = all")
+    caption_column: str = _f("text", "imagefolder/videofolder metadata column holding captions "
+                             "('text' falls back to 'caption')")
+    magictime_csv: str = _f("", "videofolder: a MagicTime caption CSV (columns videoid,name; videos at "
+                            "data_path/{videoid}.mp4) read instead of a metadata file")
+    # ---- the objective
+    beta: float = _f(500.0, "DPO beta, sspo.py convention: inside = -beta/2 * (...); 5000 = 2500 w/o the 1/2")
+    tau: float = _f(0.8, "dpo_cm/sdpo: mask pairs whose importance weight (importance.pair_log_weight) is "
+                         "below tau; 0 = no mask. Shares masked: results/pair_weights.md")
+    eps_clip: float = _f(0.05, "dpo_cm/sdpo: clip kept weights into [1-eps_clip, 1+eps_clip]; inf = no "
+                              "clip (with tau=0: plain importance weighting)")
+    # ---- Random Checkpoint Replay and loser generation (sspo, sspo_r, spin)
+    save_every: int = _f(50, "optimizer updates between checkpoints (= replay pool snapshots)")
+    pool_storage: str = _f("memory", "replay snapshots: memory (fp32) | memory_bf16 (checkpoint 0 exact) | disk (safetensors)")
+    loser_steps: int = _f(10, "DDIM steps to sample a replayed (losing) sample")
+    loser_guidance: float = _f(3.0, "classifier-free guidance scale for replayed samples")
+    loser_scheduler: str = _f("ddim", "sampler of replayed samples: ddim | dpmsolver++ | unipc | euler (diffusers classes)")
+    loser_every: int = _f(1, "sspo family: regenerate losers every k updates; the k-1 updates between "
+                             "retrain on the same pairs with the checkpoint that made them as reference")
+    loser_batch: int = _f(0, "sspo family: pairs per loser-sampling call, rounded down to whole micro-batches "
+                             "(0 = one): the losers of several micro-batches of an update in one call")
+    # ---- optimisation
+    max_steps: int = _f(300, "optimizer updates")
+    batch_size: int = _f(32, "pairs per device per micro-step")
+    grad_accum: int = _f(1, "micro-steps per update; global batch = batch_size * grad_accum * world")
+    lr: float = _f(1e-4, "AdamW learning rate (after warmup)")
+    warmup_steps: int = _f(0, "linear learning-rate warmup, in updates")
+    lr_scheduler: str = _f("constant_with_warmup", "diffusers.optimization.get_scheduler: constant | "
+                           "constant_with_warmup | linear | cosine (linear/cosine decay to 0 at max_steps)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    max_grad_norm: float = _f(1.0, "gradient clipping (<= 0 disables)")
+    mixed_precision: str = _f("no", "no | bf16 | fp16 (fp16 uses a GradScaler)")
+    gradient_checkpointing: bool = _f(False, "recompute UNet activations in backward")
+    lora_rank: int = _f(0, "0 = full fine-tuning (of the UNet, or motion modules); >0 = LoRA rank")
+    fsdp: bool = _f(False, "cogvideox/wan full fine-tuning under torchrun: shard the transformer (and its "
+                           "reference copy) with PyTorch's FSDP2 fully_shard instead of DDP (models/sharding.py)")
+    # ---- data
+    resolution: int = _f(512, "image (or frame) side in pixels for every family but digits")
+    height: int = _f(0, "cogvideox/wan frame height in px, 0 = resolution (a multiple of 16: VAE 8 x patch 2)")
+    width: int = _f(0, "cogvideox/wan frame width in px, 0 = resolution (releases: 480x720 CogVideoX, 480x832 Wan)")
+    num_frames: int = _f(16, "frames per clip (animatediff; cogvideox/wan: 4k+1, e.g. 49 / 81)")
+    random_crop: bool = _f(False, "random instead of center crop")
+    hflip: bool = _f(False, "random horizontal flips")
+    cfg_drop: float = _f(0.1, "probability of an empty caption (classifier-free guidance)")
+    num_workers: int = _f(0, "DataLoader workers")
+    # ---- the embedded digits default
+    digits_base_steps: int = _f(1000, "updates of the (cached) misaligned base model's pretraining (half of them clean)")
+    digits_corrupt: float = _f(0.65, "fraction of pretrain captions naming a wrong digit in the base's second stage")
+    digits_loser_wrong: float = _f(0.5, "share of digits preference pairs whose loser shows a wrong digit "
+                                        "(the rest: the right digit, smudged)")
+    digits_classes: str = _f("", "comma-separated digit classes kept in the alignment split ('' = all)")
+    digits_align_per_class: int = _f(0, "keep only the first N alignment digits of each class (0 = all; memorization runs)")
+    cache_dir: str = _f(str(ROOT / "cache"), "where the digits base model is cached")
+    # ---- run
+    seed: int = _f(0, "seed for init, data order, noise and replay choices")
+    out_dir: str = _f("runs/digits_sspo", "output directory")
+    resume: bool = _f(False, "continue from the newest complete checkpoint in out_dir/checkpoints")
+    resume_from_checkpoint: str = _f("", "'latest' (= --resume) or a checkpoint: step_N or a path to "
+                                     "out_dir/checkpoints/step_N")
+    overwrite: bool = _f(False, "a fresh run may clear an out_dir that holds an earlier run")
+    keep_checkpoints: int = _f(0, "training-state checkpoints to keep (0 = all)")
+    log_every: int = _f(10, "updates between log lines / metrics.jsonl rows")
+    sample_every: int = _f(100, "updates between sample grids (0 = only at the end)")
+    num_sample_prompts: int = _f(10, "prompts in a sample grid")
+    validation_prompts: str = _f("", "sample-grid prompts: a text file (one per line) or prompts "
+                                 "separated by '|' ('' = the built-in set)")
+    report_to: str = _f("none", "none | tensorboard (out_dir/logs) | wandb (WANDB_MODE=offline works): "
+                        "every logged scalar and the sample grids")
+    tracker_project_name: str = _f("sspo", "wandb project name")
+    save_merged_pipeline: bool = _f(False, "LoRA on sd15/animatediff: also write the merged full pipeline "
+                                    "to final/merged (final/ always holds the diffusers-format adapter)")
+    init: str = _f("pretrained", "pretrained | scratch (digits only: the base model's own pretraining)")
+    data_split: str = _f("align", "digits split to train on: pretrain | align")
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a ``--method`` means: the loss it trains with, where its winners and losers come from,
+    and the settings it brings (applied after the preset file, before the command line, so that
+    ``--method=spin --ssr=sign`` still wins).
+
+    loss:    sft | dpo | sspo | dpo_cm | sdpo (sspo.py / importance.py); SPIN-Diffusion is the
+             sspo loss with ssr="none" (= Diffusion-DPO against replayed samples)
+    winners: "data" (the preferred image of a pair, or a single-image data set) | "random" (SSPOr:
+             one image of each pair drawn at random)
+    losers:  "none" (SFT) | "data" (the pair's other image) | "replayed" (sampled by a checkpoint
+             drawn from the run's own pool, which is also the reference: Random Checkpoint Replay)
+    """
+    loss: str
+    winners: str = "data"
+    losers: str = "data"
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def data_mode(self) -> str:
+        """What the data set yields: pairs (winner and loser), winners, or random (SSPOr)."""
+        return "pairs" if self.losers == "data" else ("random" if self.winners == "random" else "winners")
+
+
+METHODS: dict[str, Method] = {
+    "sft": Method("sft", losers="none"),
+    "dpo": Method("dpo"),
+    # tau/eps_clip chosen so that masking and clipping both act on a visible share of pairs on
+    # the digits model and at SD-1.5's latent shape (research/pair_weights.py ->
+    # results/pair_weights.md). SDPO re-weights rather than drops: a lower tau and a wider clip
+    # band than DPO-C&M.
+    "dpo_cm": Method("dpo_cm", settings={"tau": 0.8, "eps_clip": 0.05}),
+    "sdpo": Method("sdpo", settings={"tau": 0.7, "eps_clip": 0.1}),
+    "sspo": Method("sspo", losers="replayed", settings={"replay": "uniform", "ssr": "sign"}),
+    "sspo_r": Method("sspo", winners="random", losers="replayed", settings={"replay": "uniform", "ssr": "sign"}),
+    "spin": Method("sspo", losers="replayed", settings={"replay": "last", "ssr": "none"}),  # as compared in the paper
+}
+DATA_OF_MODEL = {"digits": ("digits",), "sd15": ("pickapic", "imagefolder"), "sdxl": ("pickapic", "imagefolder"),
+                 "animatediff": ("videofolder", "videopairs"), "cogvideox": ("videofolder", "videopairs"),
+                 "wan": ("videofolder", "videopairs")}
+VIDEO_MODELS = ("animatediff", "cogvideox", "wan")
+CHOICES = {
+    "method": tuple(METHODS), "ssr": ("sign", "indicator", "none"),
+    "replay": ("uniform", "initial", "last"),
+    "model": ("digits", "sd15", "animatediff", "sdxl", "cogvideox", "wan"),
+    "data": ("digits", "pickapic", "imagefolder", "videofolder", "videopairs"),
+    "pool_storage": ("memory", "memory_bf16", "disk"), "mixed_precision": ("no", "bf16", "fp16"),
+    "init": ("pretrained", "scratch"), "data_split": ("pretrain", "align"),
+    "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine"),
+    "report_to": ("none", "tensorboard", "wandb"),
+    "loser_scheduler": ("ddim", "dpmsolver++", "unipc", "euler"),  # = models.sampling.SCHEDULERS
+}
+# The diffusers training scripts' flag names (train_text_to_image*.py, the Diffusion-DPO example)
+# accepted as aliases of this project's keys on the command line.
+ALIASES = {
+    "pretrained_model_name_or_path": "model_path", "output_dir": "out_dir", "train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "learning_rate": "lr", "max_train_steps": "max_steps",
+    "checkpointing_steps": "save_every", "checkpoints_total_limit": "keep_checkpoints",
+    "lr_warmup_steps": "warmup_steps", "adam_weight_decay": "weight_decay", "rank": "lora_rank",
+    "beta_dpo": "beta", "train_data_dir": "data_path", "dataloader_num_workers": "num_workers",
+    "random_flip": "hflip", "validation_steps": "sample_every", "validation_prompt": "validation_prompts",
+}
+
 
 
 def _convert(key: str, raw, typ: str):
@@ -104,9 +264,9 @@ def resolve(overrides: dict | None = None, argv: list[str] | None = None) -> Con
         _apply(cfg, load_preset(preset), f"preset {preset}")
     if "method" in updates:
         _apply(cfg, {"method": updates["method"]}, "overrides")
-    if cfg.method not in METHOD_PRESETS:
-        raise ValueError(f"config key 'method' must be one of {tuple(METHOD_PRESETS)}, got {cfg.method!r}")
-    _apply(cfg, METHOD_PRESETS[cfg.method], f"method preset {cfg.method}")
+    if cfg.method not in METHODS:
+        raise ValueError(f"config key 'method' must be one of {tuple(METHODS)}, got {cfg.method!r}")
+    _apply(cfg, METHODS[cfg.method].settings, f"method preset {cfg.method}")
     _apply(cfg, updates, "overrides")
     if cfg.resume_from_checkpoint:
         cfg.resume = True  # "latest" or a chosen checkpoint; prepare_out_dir keeps the run
@@ -147,7 +307,7 @@ def validate(cfg: Config) -> None:
     for key in ("max_steps", "batch_size", "grad_accum", "save_every", "loser_steps", "log_every", "loser_every"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"config key {key!r} must be >= 1, got {getattr(cfg, key)}")
-    if LOSS_OF.get(cfg.method) == "sspo" and cfg.save_every % cfg.loser_every:  # the pool must not change within a cycle (see loop.update)
+    if METHODS[cfg.method].losers == "replayed" and cfg.save_every % cfg.loser_every:  # the pool must not change within a cycle (see loop.update)
         raise ValueError(f"config key 'save_every' ({cfg.save_every}) must be a multiple of "
                          f"'loser_every' ({cfg.loser_every})")
     if cfg.loser_batch < 0:
@@ -192,7 +352,7 @@ def frame_size(cfg: Config) -> tuple[int, int]:
 
 def check_consistency(cfg: Config) -> None:
     """Refuse, with one line, settings that contradict each other (rather than run something else)."""
-    if DATA_MODE_OF[cfg.method] in ("pairs", "random") and cfg.data not in PAIR_DATA:
+    if METHODS[cfg.method].data_mode in ("pairs", "random") and cfg.data not in PAIR_DATA:
         raise ValueError(f"method {cfg.method!r} trains on preference pairs (data {' or '.join(PAIR_DATA)}); "
                          f"data {cfg.data!r} has winners only: use sft, sspo or spin")
     if cfg.fsdp and cfg.model not in ("cogvideox", "wan"):
@@ -219,9 +379,10 @@ def ignored_settings(cfg: Config, given: set[str] | None = None) -> list[str]:
     it is passed (``resolve`` passes the keys of the user's overrides, so that a preset's or a
     method preset's own values never warn).
     """
-    loss, defaults = LOSS_OF[cfg.method], Config()
+    method, defaults = METHODS[cfg.method], Config()
+    loss, replayed = method.loss, method.losers == "replayed"
     why: dict[str, str] = {}
-    if loss != "sspo":
+    if not replayed:
         for key in ("ssr", "replay", "loser_steps", "loser_batch"):
             why[key] = (f"only sspo, sspo_r and spin replay checkpoints and sample losers; {cfg.method} "
                         + ("has no reference" if loss == "sft" else "uses the initial model as reference"))
@@ -230,7 +391,7 @@ def ignored_settings(cfg: Config, given: set[str] | None = None) -> list[str]:
     if loss == "sft":
         why["beta"] = "sft has no preference term"
         why["pool_storage"] = "sft keeps no checkpoint pool"
-    elif loss != "sspo" and cfg.pool_storage == "memory_bf16":
+    elif not replayed and cfg.pool_storage == "memory_bf16":
         why["pool_storage"] = f"{cfg.method}'s pool holds only checkpoint 0, which memory_bf16 keeps exact"
     if loss not in ("dpo_cm", "sdpo"):
         why["tau"] = why["eps_clip"] = f"only dpo_cm and sdpo weight pairs; {cfg.method} does not"
@@ -262,7 +423,7 @@ def ignored_settings(cfg: Config, given: set[str] | None = None) -> list[str]:
         why["resolution"] = f"height and width ({cfg.height}x{cfg.width}) are both set"
     out = [f"setting {key}={getattr(cfg, key)!r} has no effect: {reason}" for key, reason in why.items()
            if getattr(cfg, key) != getattr(defaults, key) and (given is None or key in given)]
-    if (loss == "sspo" and cfg.replay != "initial" and cfg.save_every >= cfg.max_steps
+    if (replayed and cfg.replay != "initial" and cfg.save_every >= cfg.max_steps
             and (given is None or "replay" in given)):
         out.append(f"setting replay={cfg.replay!r} has no effect: save_every={cfg.save_every} >= max_steps="
                    f"{cfg.max_steps}, so the pool never holds more than checkpoint 0")
@@ -278,5 +439,5 @@ def help_text() -> str:
     for f in dataclasses.fields(Config):
         lines.append(f"  --{f.name}={f.default!r:<24} {f.metadata['help']}")
     lines += ["", "aliases (diffusers training scripts): " + ", ".join(f"--{a} = --{k}" for a, k in ALIASES.items())]
-    lines += ["", "method presets: " + json.dumps(METHOD_PRESETS)]
+    lines += ["", "methods: " + "; ".join(f"{n} = {m}" for n, m in METHODS.items())]
     return "\n".join(lines)

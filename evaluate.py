@@ -7,7 +7,7 @@
         [--hpsv2 HPS_v2.1_compressed.pt] [--reference DIR --clip-fid CLIP_DIR] ...
 
 The digits judge and its metrics are defined in digits.py; the model-based real-scale scorers and
-the metric math live in scorers.py. The table over many methods and seeds: benchmark.py.
+the metric math live in scoring/scorers.py. The table over many methods and seeds: research/benchmark.py.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 import digits
-import digits_judge
-import export
+import digits.judge
+from infra import export
 import models
 
 
@@ -32,17 +32,17 @@ def report_digits_run(run_dir, n_per_condition: int = 100, num_inference_steps: 
     {"base": metrics, "final": metrics} (same prompts and noise for both)."""
     run_dir = Path(run_dir)
     saved = json.loads((run_dir / "config.json").read_text())
-    judge = digits_judge.DigitsJudge.from_splits()
+    judge = digits.judge.DigitsJudge.from_splits()
     base = saved.get("model_path") or digits.ensure_base(saved["cache_dir"], saved["digits_base_steps"],
                                                          saved["digits_corrupt"])
     res = {"judge_real_accuracy": judge.real_accuracy}
-    rf = digits_judge.second_judge()
-    prompts, labels = digits_judge.digit_prompts(digits.TRAIN_TEMPLATES, n_per_condition)
+    rf = digits.judge.second_judge()
+    prompts, labels = digits.judge.digit_prompts(digits.TRAIN_TEMPLATES, n_per_condition)
     for name, path in (("base", base), ("final", run_dir / "final")):
         bundle = models.build_model("digits", str(path))
-        res[name] = digits_judge.evaluate_model(bundle, judge, seed=seed, n_per_condition=n_per_condition,
+        res[name] = digits.judge.evaluate_model(bundle, judge, seed=seed, n_per_condition=n_per_condition,
                                           num_inference_steps=num_inference_steps)
-        x = digits_judge.generate_digits(bundle, prompts, num_inference_steps=num_inference_steps, seed=seed)
+        x = digits.judge.generate_digits(bundle, prompts, num_inference_steps=num_inference_steps, seed=seed)
         res[name]["id_cfg/accuracy_rf"] = float((rf(x) == labels).mean())  # the independent check
     (run_dir / "eval.json").write_text(json.dumps(res, indent=1))
     export.write_model_card(run_dir)  # the card in final/ now carries these numbers
@@ -219,7 +219,7 @@ def main(argv=None) -> None:
     if args.cmd == "report":
         report_digits_run(args.run_dir)
     elif args.cmd == "generate":
-        from prompt_sets import load_prompts
+        from scoring.prompts import load_prompts
         prompts = load_prompts(args.prompts, args.column, args.limit)
         try:
             pipe = load_pipeline(args.family, args.checkpoint, lora=args.lora, motion_adapter=args.motion_adapter,
@@ -232,7 +232,7 @@ def main(argv=None) -> None:
     else:
         kw = {k: getattr(args, k) for k in ("clip", "pickscore", "pickscore_processor", "aesthetic_clip",
                                               "aesthetic_head", "hpsv2", "imagereward", "reference", "clip_fid_model", "i3d")}
-        from scorers import score_generated
+        from scoring.scorers import score_generated
         scores = score_generated(args.generated, **kw)
         out = Path(args.out or Path(args.generated) / "scores.json")
         out.write_text(json.dumps(scores, indent=1))

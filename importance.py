@@ -61,7 +61,7 @@ reading, derived here because the paper's is not available.
    steps) lambda_t is small and both networks predict eps almost exactly, so w stays near 1.
    This reading places low (and high) weights at the *late* reverse steps, small t, not at the
    early ones where the [SDPO] abstract reports low weights; it does not reproduce that
-   statement. Measured (weights_report.py): after short Diffusion-DPO fine-tunes w < 1 for
+   statement. Measured (research/pair_weights.py): after short Diffusion-DPO fine-tunes w < 1 for
    most pairs (DPO raised the policy's error on both images) and falls well below 1 only for
    t < ~100 (digits) or ~200 (SD-1.5's latent shape).
 7. Use: DPO-C&M masks pairs with w < tau (zero loss and gradient: too far off-policy) and clips
@@ -178,7 +178,7 @@ def dpo_cm_loss(model_err_w: torch.Tensor, model_err_l: torch.Tensor, ref_err_w:
     gives Diffusion-DPO; tau = 0 with eps_clip = inf gives plain importance weighting w * dpo_loss.
 
     Args: four per-sample errors (B,) as in :func:`dpo_loss`; log_weight (B,); beta as in
-    :func:`dpo_loss`; tau >= 0; eps_clip >= 0 (defaults: config_fields.METHOD_PRESETS).
+    :func:`dpo_loss`; tau >= 0; eps_clip >= 0 (defaults: config.METHODS).
     Returns per-sample losses (B,) (zero where masked) and metrics incl. "mask_rate" (fraction
     of pairs masked), "clip_rate" (fraction of kept pairs whose weight the clip changed) and
     "mean_weight" (mean unclipped w).
@@ -203,7 +203,7 @@ def sdpo_loss(model_err_w: torch.Tensor, model_err_l: torch.Tensor, ref_err_w: t
     flows into the weights. The weights average 1 over the kept pairs of the local batch (under
     DDP, each process's micro-batch); a caller's ``.mean()`` over all B pairs then scales the
     loss by the kept fraction, as masking in DPO-C&M does.
-    Args and returns as :func:`dpo_cm_loss` (defaults: config_fields.METHOD_PRESETS['sdpo']).
+    Args and returns as :func:`dpo_cm_loss` (defaults: config.METHODS['sdpo']).
     """
     base, metrics = dpo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta)
     w, keep, clipped, was_clipped = _clipped_weights(log_weight, tau, eps_clip)

@@ -1,16 +1,30 @@
 """The training loop: SFT, Diffusion-DPO, SPIN-Diffusion, SSPO (and its ablations, SSPOr),
 DPO-C&M and SDPO, for every model family, on one process or one rank of a torchrun job.
+train.py runs the outer loop of Algorithm 1; this module holds what it calls: ``setup`` (model,
+data, optimizer, pool), ``start`` (resume or begin), ``update`` per optimizer step (grad_accum
+micro-steps of ``training_step``), ``finish``. Files, logging and signals live in infra/.
 
-One SSPO update ([SSPO] Algorithm 1 / DESIGN.md "One SSPO step, as data"):
-  1. a batch of prompts and winners x0_w (B items) from data.py / digits.py;
-  2. replay.py picks a checkpoint from the pool (uniform = Random Checkpoint Replay), loads it
-     into the reference network, and sampling.py samples x0_l for the same prompts with it,
-     in latent space;
-  3. [x0_w; x0_l] (2B) share one (t, eps) per pair; the reference runs once on 2B without grad,
-     the policy once on 2B with grad;
-  4. sspo.py turns the four per-sample errors into per-sample losses (eq. 8-9).
-``train`` reads top to bottom: ``setup`` (model, data, optimizer, pool), ``start`` (resume or
-begin), ``update`` per optimizer step, ``finish``. Files, logging and signals live in runtime.py.
+One SSPO micro-step as data (SSPO Algorithm 1 and sec. 4.1), B pairs, diffusion-space shape S
+(C,H,W for images, C,F,H,W for videos):
+
+    batch = run.losers.next_batch(stream, micro)     # replay.Losers, after run.losers.begin(step):
+      prompt  list of B strings                      #   from data/ or digits/
+      x0_w    (B,*pixels)  winners                   #   from data/ or digits/
+      index   (B,) long    dataset indices           #   keys every random draw below
+      x0_l    (B,*S)       losers, sampled by the checkpoint k = pool.choose(step) drawn
+                           from the run's own pool (Random Checkpoint Replay), now loaded
+                           in run.reference; for Diffusion-DPO/DPO-C&M/SDPO the data's loser
+                           (pixels), for SFT absent
+    x0_w    = encode_pixels(x0_w)                    (B,*S)   (VAE; identity for digits)
+    t, eps  = noise.pair_noise(seed, step, index)    (B,), (B,*S): one per pair, keyed
+    x0      = [x0_w; x0_l]                           (2B,*S)  winners first
+    x_t     = q_sample(x0, [t; t], [eps; eps])       (2B,*S)
+    target  = eps, v, or the flow velocity           (2B,*S)
+    r_w, r_l = per_sample_error(reference(x_t), target).chunk(2)   (B,), (B,)  no grad
+    m_w, m_l = per_sample_error(policy(x_t), target).chunk(2)      (B,), (B,)  with grad
+    loss    = sspo.sspo_loss(m_w, m_l, r_w, r_l, beta, ssr).mean() eq. 8-9
+
+Other methods change only the losers (above) and the last line (``config.METHODS`` says which).
 """
 from __future__ import annotations
 
@@ -18,27 +32,22 @@ import contextlib
 import dataclasses
 import logging
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import builders
-import checkpoints
 import config as config_mod
 import data
-import export
+import importance
 import models
 import noise
 import replay
-import runtime
-import sharding
-import importance
-import losers
 import sspo
-from config import LOSS_OF, Config
+from config import METHODS, Config, Method
+from infra import builders, checkpoints, export, runtime
+from models import sharding
 
 log = logging.getLogger(__name__)
 
@@ -92,23 +101,23 @@ class Run:
     autocast: object                   # () -> context manager
     noise: noise.Process               # DDPM (eps / v) or flow matching, from the scheduler config
     shape: tuple                       # one x0 in diffusion space
-    loss_kind: str                     # sft | dpo | sspo | dpo_cm | sdpo
+    method: Method                     # the loss, and where winners and losers come from
+    losers: replay.Losers              # the update's reference checkpoint and the losers of its batches
     loader: torch.utils.data.DataLoader
     sampler: data.ResumableDistributedSampler
     dataset: builders.Indexed
     batches_per_epoch: int
     params: list
     logger: runtime.Logger
-    loaded_ref: int | None = None      # which pool entry the reference holds now
-    replayed: dict | None = None       # loser_every or loser_group > 1: {"step", "ref", "batches"} of this cycle
 
 
 def setup(cfg: Config, ctx: runtime.Dist) -> Run:
     """Model on the device, data, optimizer, reference and replay pool."""
     out, device = Path(cfg.out_dir), ctx.device
     torch.manual_seed(cfg.seed)
-    loss_kind = LOSS_OF[cfg.method]
-    preference = loss_kind != "sft"
+    method = METHODS[cfg.method]
+    preference = method.losers != "none"
+    replayed = method.losers == "replayed"
     prepare_out_dir(cfg, ctx)
     if cfg.fsdp and ctx.world == 1:
         raise ValueError("fsdp shards the model across the processes of a torchrun job; "
@@ -148,14 +157,22 @@ def setup(cfg: Config, ctx: runtime.Dist) -> Run:
         if ctx.world > 1 and not cfg.fsdp else bundle.unet
     # The pool of replayable checkpoints: RCR for the SSPO family; for DPO-style methods it only
     # holds checkpoint 0, the fixed initial reference; SFT needs no reference at all.
-    pool = replay.CheckpointPool(strategy=cfg.replay if loss_kind == "sspo" else "initial",
+    pool = replay.CheckpointPool(strategy=cfg.replay if replayed else "initial",
                                  seed=cfg.seed, storage=cfg.pool_storage,
                                  directory=str((out / "replay").resolve())) if preference else None
-    return Run(cfg, ctx, out, bundle, policy, reference, pool, opt, lr_sched,
-               torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16"), autocast,
-               noise.Process.from_config(bundle.scheduler_config, device),
-               models.latent_shape(bundle, config_mod.frame_size(cfg), cfg.num_frames), loss_kind, loader, sampler,
-               dataset, batches_per_epoch, params, runtime.Logger(cfg, ctx, out))
+    process = noise.Process.from_config(bundle.scheduler_config, device)
+    shape = models.latent_shape(bundle, config_mod.frame_size(cfg), cfg.num_frames)
+    losers = replay.Losers(
+        pool=pool, reference=reference, replayed=replayed, every=cfg.loser_every,
+        group=max(1, cfg.loser_batch // cfg.batch_size), grad_accum=cfg.grad_accum,
+        sample=dict(num_inference_steps=cfg.loser_steps, guidance_scale=cfg.loser_guidance,
+                    scheduler=cfg.loser_scheduler),
+        seed=cfg.seed, shape=shape, process=process, device=device, autocast=autocast)
+    return Run(cfg=cfg, ctx=ctx, out=out, bundle=bundle, policy=policy, reference=reference, pool=pool, opt=opt,
+               lr_sched=lr_sched, scaler=torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16"),
+               autocast=autocast, noise=process, shape=shape, method=method, losers=losers, loader=loader,
+               sampler=sampler, dataset=dataset, batches_per_epoch=batches_per_epoch, params=params,
+               logger=runtime.Logger(cfg, ctx, out))
 
 
 def start(run: Run) -> int:
@@ -187,7 +204,7 @@ def batches(run: Run, step: int):
     """Batches from update ``step`` on, resuming mid-epoch exactly where that update began
     (with loser_every = k, the updates of one cycle share its batches: the stream moves once
     per cycle, and a resume inside a cycle starts at the cycle's first batch)."""
-    epoch, within = divmod(step // losers.loser_every(run) * run.cfg.grad_accum, run.batches_per_epoch)
+    epoch, within = divmod(step // run.losers.every * run.cfg.grad_accum, run.batches_per_epoch)
     while True:
         run.sampler.set_epoch(epoch, start=within * run.cfg.batch_size)
         run.dataset.set_epoch(epoch)
@@ -203,31 +220,11 @@ def batches(run: Run, step: int):
 
 def update(run: Run, stream, step: int, stop: runtime.StopOnSignal) -> dict | None:
     """One optimizer update (grad_accum micro-steps). Returns its metrics, or None when a
-    SIGTERM arrived between micro-steps (the partial gradient is dropped).
-
-    Loser reuse (cfg.loser_every = k > 1, SSPO family): updates come in cycles of k. The
-    cycle's first update ``gen_step`` draws the reference checkpoint c = pool.choose(gen_step),
-    takes fresh batches and samples their losers with c; the next k-1 updates retrain on those
-    same (prompt, winner, loser) pairs with fresh (t, eps), and c stays their reference, so every
-    pair is scored by the checkpoint that made its loser (RCR holds). The pool only grows at
-    multiples of save_every, which config.validate makes a multiple of k, so c is a function of
-    gen_step alone and a resume inside a cycle regenerates the very same losers.
-
-    Batched sampling (cfg.loser_batch = g * batch_size, g > 1): the losers of g micro-batches of
-    the update are sampled in one call when the first of them is reached (the losers of one call
-    each, up to floating-point rounding, in fewer and larger network calls; the batches are taken
-    from the stream in the same order, only earlier)."""
+    SIGTERM arrived between micro-steps (the partial gradient is dropped). The update's
+    reference checkpoint and its losers (reused over loser_every updates, sampled loser_batch
+    pairs per call) come from ``run.losers`` (replay.Losers)."""
     cfg, ctx = run.cfg, run.ctx
-    every = losers.loser_every(run)
-    gen_step = step - step % every  # the update whose checkpoint and z_T make this update's losers
-    ref_idx = run.pool.choose(gen_step) if run.pool is not None else None
-    if ref_idx is not None and ref_idx != run.loaded_ref:
-        run.reference.load(run.pool.get(ref_idx))  # in place: one reference module, or a LoRA adapter
-        run.loaded_ref = ref_idx
-    if every == 1 and losers.loser_group(run) == 1:
-        run.replayed = None
-    elif run.replayed is None or run.replayed["step"] != gen_step:
-        run.replayed = {"step": gen_step, "ref": ref_idx, "batches": []}  # a new cycle
+    ref_idx = run.losers.begin(step)
     sums: dict[str, torch.Tensor] = {}
     for micro in range(cfg.grad_accum):
         if micro and ctx.any_flag(stop.requested):
@@ -236,7 +233,7 @@ def update(run: Run, stream, step: int, stop: runtime.StopOnSignal) -> dict | No
         sync = micro == cfg.grad_accum - 1
         # DDP all-reduces on the last micro-step only; FSDP reduce-scatters every micro-step
         with (contextlib.nullcontext() if sync or ctx.world == 1 or cfg.fsdp else run.policy.no_sync()):
-            loss, metrics = training_step(run, losers.cycle_batch(run, stream, micro, gen_step, ref_idx), step)
+            loss, metrics = training_step(run, run.losers.next_batch(stream, micro), step)
             run.scaler.scale(loss / cfg.grad_accum).backward()
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v.detach() / cfg.grad_accum
@@ -263,7 +260,7 @@ def update(run: Run, stream, step: int, stop: runtime.StopOnSignal) -> dict | No
 def training_step(run: Run, batch: dict, step: int):
     """Loss of one micro-batch; returns (scalar loss, metrics of detached 0-d tensors)."""
     cfg, bundle, device, autocast = run.cfg, run.bundle, run.ctx.device, run.autocast
-    prompts, kind = batch["prompt"], run.loss_kind
+    prompts, kind = batch["prompt"], run.method.loss
     with torch.no_grad(), autocast():
         # float32 from here on: under bf16 autocast the VAE returns bf16 latents, and a bf16
         # schedule rounds abar_t to 1 at small t (no noise added at all).
@@ -275,13 +272,10 @@ def training_step(run: Run, batch: dict, step: int):
     if kind == "sft":
         x0, t2, eps2, text2, extra2 = x0_w, t, eps, text, extra_w
     else:
-        if kind == "sspo":  # the replayed checkpoint samples the "losers" (RCR, sec. 4.1)
-            x0_l = batch.get("x0_l_replayed")  # given by losers.cycle_batch (loser_every / loser_batch)
-            if x0_l is None:
-                x0_l = losers.replay_losers(run, [batch], step)[0]
-        else:  # a preference pair from the data set
+        x0_l = batch["x0_l"]  # replay.Losers: sampled by the drawn checkpoint (RCR, sec. 4.1), or the data's
+        if run.method.losers == "data":  # a preference pair from the data set: pixels, encoded as the winners
             with torch.no_grad(), autocast():
-                x0_l = models.encode_pixels(bundle, batch["x0_l"].to(device),
+                x0_l = models.encode_pixels(bundle, x0_l.to(device),
                                             noise.vae_generators(cfg.seed, step, batch["index"], 2))
         x0 = torch.cat([x0_w, x0_l.float()])  # [winners; losers]: (2B,*shape)
         t2, eps2, text2 = torch.cat([t, t]), torch.cat([eps, eps]), torch.cat([text, text])
@@ -326,36 +320,3 @@ def finish(run: Run, step: int) -> None:
             run.logger.samples(bundle, step, run.shape)
     run.logger.close()
     run.ctx.barrier()
-
-
-def train(cfg: Config, ctx: runtime.Dist) -> Path:
-    """Train until max_steps and return the output dir; on SIGTERM save and raise Preempted."""
-    run = setup(cfg, ctx)
-    step = start(run)
-    stream = batches(run, step)
-    stop = runtime.StopOnSignal()
-    run.bundle.unet.train()
-    try:
-        while step < cfg.max_steps:
-            t0 = time.perf_counter()
-            metrics = update(run, stream, step, stop)
-            if metrics is not None:
-                step += 1
-                lr = float(metrics.pop("lr"))
-                run.logger.step(step, metrics, lr, time.perf_counter() - t0)
-            stopping = metrics is None or ctx.any_flag(stop.requested)
-            if step % cfg.save_every == 0 and metrics is not None and run.loss_kind == "sspo":
-                run.pool.add(run.bundle.trainable_state_dict(), step)
-            if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
-                checkpoints.save_checkpoint(run.out, step, run.bundle, run.opt, run.lr_sched, run.scaler,
-                                        run.pool, cfg, ctx)
-            if cfg.sample_every and step % cfg.sample_every == 0 and metrics is not None:
-                run.logger.samples(run.bundle, step, run.shape)
-            if stopping:
-                break
-    finally:
-        stop.restore()
-    finish(run, step)
-    if step < cfg.max_steps:
-        raise runtime.Preempted(step)  # train.py: exit code 143, never "done:"
-    return run.out

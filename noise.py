@@ -4,14 +4,14 @@ prediction, optionally zero terminal SNR / CogVideoX's SNR shift) or flow matchi
 One object answers the questions the training loop asks, so that ``loop.training_step`` reads
 the same for every family:
     sample_t(g)          -> (1,) long    training index t (uniform for DDPM; logit-normal for flows)
-    q_sample(x0, t, eps) -> x_t          ``sspo.q_sample`` | ``sspo_flow.flow_q_sample``
+    q_sample(x0, t, eps) -> x_t          ``sspo.q_sample`` | ``flow.flow_q_sample``
     target(x0, eps, t)   -> target       eps or v (``sspo.training_target``) | eps - x0
     model_t(t)           -> timestep     what the network is called with: t itself (DDPM), or
                                          T * sigma_t (flows, as ``FlowMatchEulerDiscreteScheduler``)
     pair_log_weight(m_w, m_l, r_w, r_l, t, D)  DPO-C&M / SDPO importance weight (``importance.pair_log_weight``
-                                         | ``sspo_flow.flow_pair_log_weight``)
+                                         | ``flow.flow_pair_log_weight``)
 Errors for every loss are ``sspo.per_sample_error(pred, target)``: noise / v errors for DDPM,
-velocity errors for flows (sspo_flow.py, derivations 1-3). Pure tensor code; imports only the math.
+velocity errors for flows (flow.py, derivations 1-3). Pure tensor code; imports only the math.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 
 import importance
 import sspo
-import sspo_flow
+import flow
 
 FLOW_CLASSES = ("FlowMatchEulerDiscreteScheduler",)
 
@@ -54,7 +54,7 @@ class Process:
     def from_config(cls, sc: dict, device: torch.device | str = "cpu") -> "Process":
         T = int(sc.get("num_train_timesteps", 1000))
         if is_flow(sc):
-            return cls("flow", T, "flow", sigmas=sspo_flow.flow_sigmas(T, flow_shift_of(sc)).to(device))
+            return cls("flow", T, "flow", sigmas=flow.flow_sigmas(T, flow_shift_of(sc)).to(device))
         schedule = sspo.make_schedule(T, sc["beta_start"], sc["beta_end"], sc["beta_schedule"],
                                       rescale_betas_zero_snr=bool(sc.get("rescale_betas_zero_snr", False)),
                                       snr_shift_scale=sc.get("snr_shift_scale"))
@@ -65,17 +65,17 @@ class Process:
         """One training index, (1,) long: uniform on [0, T) for DDPM (DDPM / Diffusion-DPO);
         logit-normal(0, 1) on the unshifted time for flows ([SD3] Sec. 3.1, as Wan trains)."""
         if self.kind == "flow":
-            return sspo_flow.flow_sample_timesteps(1, self.num_timesteps, generator=generator)
+            return flow.flow_sample_timesteps(1, self.num_timesteps, generator=generator)
         return torch.randint(0, self.num_timesteps, (1,), generator=generator)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         if self.kind == "flow":
-            return sspo_flow.flow_q_sample(x0, self.sigmas[t], eps)
+            return flow.flow_q_sample(x0, self.sigmas[t], eps)
         return sspo.q_sample(x0, t, eps, self.abar)
 
     def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.kind == "flow":
-            return sspo_flow.flow_target(x0, eps)
+            return flow.flow_target(x0, eps)
         return sspo.training_target(x0, eps, t, self.abar, self.prediction_type)
 
     def model_t(self, t: torch.Tensor) -> torch.Tensor:
@@ -89,8 +89,8 @@ class Process:
         ``num_values`` values of a sample (sspo.py, "Importance weights"). Flows: the same
         reading with sspo_flow's posterior-step coefficient in place of kappa_t."""
         if self.kind == "flow":
-            log_w = sspo_flow.flow_pair_log_weight(model_err_w - ref_err_w, model_err_l - ref_err_l, self.sigmas[t],
-                                                   sspo_flow.flow_sigma_next(t, self.sigmas), scale=num_values)
+            log_w = flow.flow_pair_log_weight(model_err_w - ref_err_w, model_err_l - ref_err_l, self.sigmas[t],
+                                                   flow.flow_sigma_next(t, self.sigmas), scale=num_values)
             return log_w.clamp(-importance.LOG_WEIGHT_CAP, importance.LOG_WEIGHT_CAP)
         return importance.pair_log_weight(model_err_w, model_err_l, ref_err_w, ref_err_l, t, self.schedule,
                                     num_values, self.prediction_type)

@@ -1,11 +1,12 @@
-"""Random Checkpoint Replay (SSPO paper, section 4.1): the checkpoint pool and the reference
-network that runs a chosen checkpoint (which also samples the replayed "losers", via sampling.py).
+"""Random Checkpoint Replay (SSPO paper, section 4.1): the checkpoint pool, the reference
+network that runs a chosen checkpoint, and the losers of an update that it samples.
 
-Per SSPO step (DESIGN.md, "One SSPO step, as data"):
+Per SSPO update (``Losers`` does the first three lines, loop.training_step the rest):
 
     k = pool.choose(step)                 # uniform over {0 (initial model), 1, ..., K} = the ERD
     reference.load(pool.get(k))           # weights copied in place, no new module
-    x0_l = sampling.sample(bundle, reference, prompts, latents=z_T, latent_shape=(C,H,W))
+    x0_l = models.sampling.sample(bundle, reference, prompts, latents=z_T, latent_shape=(C,H,W))
+    # the training step scores [x0_w; x0_l] with the policy and with that same reference
 
 and every ``save_every`` optimizer updates ``pool.add(bundle.trainable_state_dict(), step)``.
 
@@ -24,8 +25,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from models import Bundle, unet_forward
-from sharding import copy_full_
+import noise
+from models import Bundle, sampling, unet_forward
+from models.sharding import copy_full_
 
 STRATEGIES = ("uniform", "initial", "last")
 STORAGES = ("memory", "memory_bf16", "disk")
@@ -217,3 +219,84 @@ class Reference:
                     return unet_forward(self.bundle, unet, x_t, t, text_emb, extra)
                 finally:
                     unet.set_adapter(active)
+
+
+class Losers:
+    """The reference and the losers of each update: ``begin(step)`` draws the update's reference
+    checkpoint and loads it, ``next_batch(stream, micro)`` returns micro-batch ``micro`` with its
+    ``x0_l``. For SFT (no pool) both only pass the data through; for Diffusion-DPO, DPO-C&M and
+    SDPO the pool holds checkpoint 0 alone and ``x0_l`` is the data's own loser (pixels).
+
+    For the SSPO family (``replayed=True``) ``x0_l`` (B,*shape), in diffusion space, is sampled
+    by the drawn checkpoint (RCR, sec. 4.1) from per-pair initial noise z_T keyed by (seed, step
+    of the cycle, dataset index):
+
+    - ``every = k > 1`` (cfg.loser_every): updates come in cycles of k. The cycle's first update
+      ``gen_step`` draws c = pool.choose(gen_step), takes fresh batches and samples their losers
+      with c; the next k-1 updates retrain on those same (prompt, winner, loser) pairs with fresh
+      (t, eps), and c stays their reference, so every pair is scored by the checkpoint that made
+      its loser. The pool only grows at multiples of save_every, which config.validate makes a
+      multiple of k, so c is a function of gen_step alone and a resume inside a cycle samples the
+      very same losers.
+    - ``group = g > 1`` (cfg.loser_batch // batch_size): the losers of g micro-batches of an
+      update are sampled in one call when the first of them is reached: the same losers, up to
+      floating-point rounding, in fewer and larger network calls (the batches are taken from
+      the stream in the same order, only earlier).
+    """
+
+    def __init__(self, *, pool: CheckpointPool | None, reference: Reference | None, replayed: bool,
+                 every: int = 1, group: int = 1, grad_accum: int = 1, sample: dict | None = None, seed: int = 0,
+                 shape: tuple = (), process=None, device=None, autocast=contextlib.nullcontext):
+        self.pool, self.reference, self.replayed = pool, reference, replayed
+        self.every, self.group = (every, group) if replayed else (1, 1)
+        self.grad_accum = grad_accum  # micro-steps per update: a group never reaches into the next update
+        self.sample_kwargs = dict(sample or {})  # num_inference_steps, guidance_scale, scheduler
+        self.seed, self.shape, self.process, self.device, self.autocast = seed, shape, process, device, autocast
+        self.loaded: int | None = None   # the pool entry the reference holds now
+        self.cycle_step: int | None = None  # the update whose checkpoint and z_T make the cached losers
+        self.cycle_ref: int | None = None
+        self.batches: list[dict | None] = []  # the cycle's micro-batches with their losers
+
+    def begin(self, step: int) -> int | None:
+        """Draw update ``step``'s reference checkpoint (that of its cycle's first update) and load it
+        into the reference network; returns its pool index (None without a pool)."""
+        if self.pool is None:
+            return None
+        gen_step = step - step % self.every
+        ref = self.pool.choose(gen_step)
+        if ref != self.loaded:
+            self.reference.load(self.pool.get(ref))  # in place: one reference module, or a LoRA adapter
+            self.loaded = ref
+        if self.replayed and gen_step != self.cycle_step:
+            self.cycle_step, self.cycle_ref, self.batches = gen_step, ref, []  # a new cycle
+        return ref
+
+    def next_batch(self, stream, micro: int) -> dict:
+        """Micro-batch ``micro`` of the current update, with ``x0_l``: the next one from the
+        stream, or the cycle's cached batch with its replayed losers, sampled on first use with
+        those of the next group - 1 micro-batches of the update (``micro`` counts from 0 at each
+        update; the caller's grad_accum bounds it)."""
+        if not self.replayed:
+            return next(stream)
+        if self.cycle_ref != self.loaded:  # never score a loser with another checkpoint
+            raise RuntimeError(f"replayed losers of update {self.cycle_step} were made by checkpoint "
+                               f"{self.cycle_ref}, but the reference holds {self.loaded}")
+        if micro == len(self.batches):
+            group = [next(stream) for _ in range(min(self.group, self.grad_accum - micro))]
+            made = self.sample(group, self.cycle_step)
+            self.batches += [dict(b, x0_l=x0_l) for b, x0_l in zip(group, made)]
+        batch = self.batches[micro]
+        if self.every == 1:  # used once: do not hold its pixels and losers until the next update
+            self.batches[micro] = None
+        return batch
+
+    def sample(self, batches: list[dict], step: int) -> list[torch.Tensor]:
+        """x0_l (B_i,*shape) per batch: the loaded reference checkpoint's samples for the batches'
+        prompts, from the initial noise z_T keyed by (seed, ``step``, dataset index); all batches
+        in one sampling call."""
+        z_T = torch.cat([noise.pair_noise(self.seed, step, b["index"], self.shape, self.process)[2] for b in batches])
+        prompts = [p for b in batches for p in b["prompt"]]
+        with self.autocast():
+            x0_l = sampling.sample(self.reference.bundle, self.reference, prompts, latents=z_T.to(self.device),
+                                   latent_shape=self.shape, **self.sample_kwargs)
+        return list(x0_l.split([len(b["prompt"]) for b in batches]))

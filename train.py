@@ -5,15 +5,17 @@
     torchrun --nproc_per_node=8 train.py --config=sd15_pickapic --method=sspo
 
 Order of work: resolve the config (config.py); on digits, build the misaligned base if it is not
-cached (digits.py, its own small loop); train (loop.py); on digits, judge the final model
-against its base (evaluate.py). Exit codes: 0 done, 2 bad input, settings or files (one line
-on stderr), 143 preempted by SIGTERM (checkpoint saved; --resume continues it).
+cached (digits/, its own small loop); train (``train`` below: the outer loop of SSPO's
+Algorithm 1 over loop.py's steps); on digits, judge the final model against its base
+(evaluate.py). Exit codes: 0 done, 2 bad input, settings or files (one line on stderr), 143
+preempted by SIGTERM (checkpoint saved; --resume continues it).
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -22,7 +24,8 @@ import data
 import digits
 import evaluate
 import loop
-import runtime
+from config import Config
+from infra import checkpoints, runtime
 
 
 def run(overrides: dict | None = None, argv: list[str] | None = None) -> Path:
@@ -36,11 +39,49 @@ def run(overrides: dict | None = None, argv: list[str] | None = None) -> Path:
             if ctx.rank == 0:
                 digits.ensure_base(cfg.cache_dir, cfg.digits_base_steps, cfg.digits_corrupt)
             ctx.barrier()
-        return loop.train(cfg, ctx)
+        return train(cfg, ctx)
     finally:
         if close_logs:
             close_logs()
         ctx.teardown()
+
+
+def train(cfg: Config, ctx: runtime.Dist) -> Path:
+    """Train until max_steps and return the output dir; on SIGTERM save and raise Preempted.
+
+    SSPO's Algorithm 1: each update draws a reference checkpoint from the pool, samples the
+    losers with it and takes one optimizer step (loop.update); every save_every updates the
+    policy joins the pool as a new checkpoint (Random Checkpoint Replay) and a training
+    checkpoint is written."""
+    run = loop.setup(cfg, ctx)
+    step = loop.start(run)
+    stream = loop.batches(run, step)
+    stop = runtime.StopOnSignal()
+    run.bundle.unet.train()
+    try:
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            metrics = loop.update(run, stream, step, stop)
+            if metrics is not None:
+                step += 1
+                lr = float(metrics.pop("lr"))
+                run.logger.step(step, metrics, lr, time.perf_counter() - t0)
+            stopping = metrics is None or ctx.any_flag(stop.requested)
+            if step % cfg.save_every == 0 and metrics is not None and run.method.losers == "replayed":
+                run.pool.add(run.bundle.trainable_state_dict(), step)
+            if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
+                checkpoints.save_checkpoint(run.out, step, run.bundle, run.opt, run.lr_sched, run.scaler,
+                                            run.pool, cfg, ctx)
+            if cfg.sample_every and step % cfg.sample_every == 0 and metrics is not None:
+                run.logger.samples(run.bundle, step, run.shape)
+            if stopping:
+                break
+    finally:
+        stop.restore()
+    loop.finish(run, step)
+    if step < cfg.max_steps:
+        raise runtime.Preempted(step)  # main: exit code 143, never "done:"
+    return run.out
 
 
 def _one_line_for_settings(show):

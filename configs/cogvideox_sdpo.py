@@ -16,7 +16,7 @@ CONFIG = dict(
     num_frames=49,          # the release: 49 frames at 8 fps (model card) -> 13 latent frames
     height=480,             # the release's native 480x720 (HxW): model card "Video Resolution 720 * 480";
     width=720,              # CogVideoXPipeline's default = transformer sample_height 60 / sample_width 90 x 8;
-                            # diffusers' examples/cogvideo/train_cogvideox_lora.py --height 480 --width 720
+                            # diffusers' CogVideoX LoRA example script: --height 480 --width 720
     batch_size=1,
     grad_accum=8,           # assumed: global batch 64 on 8 GPUs
     lr=1e-4,                # assumed (CogVideoX LoRA recipes use 1e-4 .. 1e-3)

@@ -17,6 +17,9 @@ CONFIG = dict(
     cfg_drop=0.1,
     log_every=10,
     sample_every=100,
+    # the sample grids: one prompt per digit, in the first training template
+    validation_prompts="|".join(f"a handwritten digit {w}" for w in
+                                ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")),
     out_dir="runs/digits_sspo",
     overwrite=True,      # re-running the README's command starts over (use --resume to continue)
 )

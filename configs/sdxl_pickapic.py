@@ -11,14 +11,14 @@ Sources, cited per number below:
   [SSPO]    the paper: same data (ties removed) and beta as Diffusion-DPO; the SSPO-specific
             numbers (K, loser sampling) were lost in this project's copy of the paper: "assumed".
 Where this preset departs from Diffusion-DPO it says so: bf16 instead of fp16 (no loss scaling;
-SDXL's VAE runs in float32 here in any case, families/sdxl.py), and time_ids from each image's
-real original size and crop (data.py), as SDXL itself was trained, where Diffusion-DPO's train.py
+SDXL's VAE runs in float32 here in any case, models/sdxl.py), and time_ids from each image's
+real original size and crop (data/__init__.py), as SDXL itself was trained, where Diffusion-DPO's train.py
 passes the constant (1024, 1024, 0, 0, 1024, 1024).
 
     torchrun --nproc_per_node=8 train.py --config=sdxl_pickapic --model_path=/path/to/sdxl-base-1.0 \
         --data_path=/path/to/pickapic_v2/data --method=sspo
 
-Memory: python memory_plan.py writes results/memory_sdxl.md (full fine-tuning: 65 GB per GPU of
+Memory: python -m research.memory_sdxl writes results/memory_sdxl.md (full fine-tuning: 65 GB per GPU of
 weights, gradients, DDP buckets, AdamW state, the reference copy and the frozen encoders/VAE,
 before activations; LoRA r=8: 14 GB).
 """

@@ -1,5 +1,5 @@
 """Wan2.1-T2V-1.3B with SDPO (arXiv 2505.21893 reports results on it), LoRA, flow matching
-(velocity errors, logit-normal timesteps, sspo_flow.py), on video preference pairs
+(velocity errors, logit-normal timesteps, flow.py), on video preference pairs
 (pairs.jsonl: text, winner, loser). "assumed" marks numbers no source fixes.
 
     torchrun --nproc_per_node=8 train.py --config=wan21_sdpo \
@@ -10,7 +10,7 @@ CONFIG = dict(
     model="wan",
     data="videopairs",
     method="sdpo",
-    beta=5000.0,            # assumed (velocity errors; see sspo_flow.py derivation 3 on beta per family)
+    beta=5000.0,            # assumed (velocity errors; see flow.py derivation 3 on beta per family)
     lora_rank=32,           # assumed (diffusers' Wan LoRA examples use 32)
     num_frames=81,          # the release: 81 frames at 16 fps -> 21 latent frames
     height=480,             # the 1.3B model's native 480x832 (HxW): model card "480P" (832*480);

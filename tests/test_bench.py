@@ -1,11 +1,11 @@
-"""bench.py's bookkeeping (never absolute speed): timing scales with work, the statistics
+"""research/bench.py's bookkeeping (never absolute speed): timing scales with work, the statistics
 helpers, the peak-memory child, the ratios against targets and the markdown report."""
 import time
 
 import pytest
 import torch
 
-import bench
+from research import bench, bench_report
 
 
 def test_summarize_known_inputs():
@@ -60,8 +60,8 @@ def test_cycle_times_the_presets_micro_steps_and_one_sampling_call_per_group(mon
     whose losers are sampled `batch` pairs per call, as loop.update runs the SD-1.5 preset."""
     import config
     import loop
-    import sampling
-    from bench_harness import Harness
+    from models import sampling
+    from research.bench_harness import Harness
     preset = config.load_preset("sd15_pickapic")
     lo = bench.preset_losers("sd15")
     assert (lo["steps"], lo["every"], lo["batch"]) == (preset["loser_steps"], preset["loser_every"],
@@ -73,7 +73,7 @@ def test_cycle_times_the_presets_micro_steps_and_one_sampling_call_per_group(mon
     real_sample, real_step = sampling.sample, loop.training_step
     monkeypatch.setattr(sampling, "sample", lambda b, f, prompts, *a, **k: samples.append(len(prompts))
                         or real_sample(b, f, prompts, *a, **k))
-    monkeypatch.setattr(loop, "training_step", lambda run, batch, step: steps.append(run.loss_kind)
+    monkeypatch.setattr(loop, "training_step", lambda run, batch, step: steps.append(run.method.loss)
                         or real_step(run, batch, step))
     loser = {"scheduler": "ddim", "steps": 2, "guidance": 3.0, "every": 1, "batch": 4, "accum": 3}
     h.step("sft")  # builds the optimizer
@@ -111,7 +111,7 @@ def _results():
 
 def test_ratios_against_targets():
     timings, memory, profiles = _results()
-    rows = {(r["mode"], r["ratio"]): r for r in bench.ratio_rows(timings, memory, profiles) if r["model"] == "toy"}
+    rows = {(r["mode"], r["ratio"]): r for r in bench_report.ratio_rows(timings, memory, profiles) if r["model"] == "toy"}
     r = rows[("lora", "SSPO step w/o generation / DPO step")]
     assert r["value"] == pytest.approx(1.1) and r["met"] is False and r["over_pp"] == pytest.approx(5.0)
     r = rows[("ft", "SSPO memory / DPO memory")]
@@ -124,7 +124,7 @@ def test_ratios_against_targets():
     assert rows[("lora", "generation (10 ddim steps, CFG) / full SSPO step")]["value"] == pytest.approx(0.45)
     r = rows[("lora", "full SSPO step / DPO step at the preset's loser settings")]
     assert r["value"] == pytest.approx(1.9) and r["target"] is None  # the 1.8 target is SD-1.5's
-    sd = {r["ratio"]: r for r in bench.ratio_rows(timings, memory, profiles) if r["model"] == "sd15"}
+    sd = {r["ratio"]: r for r in bench_report.ratio_rows(timings, memory, profiles) if r["model"] == "sd15"}
     r = sd["full SSPO step / DPO step at the preset's loser settings"]
     assert r["value"] == pytest.approx(1.9) and r["target"] == 1.8 and r["met"] is False
     # derived: 9 ms per CFG step x 10 steps / (that + 110 ms step + 1 ms swap)
@@ -134,17 +134,17 @@ def test_ratios_against_targets():
 
 def test_markdown_has_the_expected_rows(tmp_path):
     timings, memory, profiles = _results()
-    res = {"command": "python bench.py --quick", "runtime_s": 12.0, "profiles": profiles,
+    res = {"command": "python -m research.bench --quick", "runtime_s": 12.0, "profiles": profiles,
            "machine": {"cpu": "Toy CPU", "cores": 2, "torch_threads": 2, "ram_gb": 8, "device": "cpu",
                        "torch": "x", "diffusers": "y", "transformers": "z", "peft": "w",
                        "python": "3.11", "date": "2025-01-01", "loadavg_start": [0.0]},
            "timings": timings, "memory": memory, "memory_note": "CPU peak RSS",
            "extra": {"toy": {"snapshot_mb_ft": {"memory": 4.0, "memory_bf16": 2.0}}},
-           "ratios": bench.ratio_rows(timings, memory, profiles), "notes": ["a note"]}
+           "ratios": bench_report.ratio_rows(timings, memory, profiles), "notes": ["a note"]}
     path = tmp_path / "bench.md"
-    bench.write_markdown(res, path)
+    bench_report.write_markdown(res, path)
     text = path.read_text()
-    assert "Toy CPU" in text and "`python bench.py --quick`" in text
+    assert "Toy CPU" in text and "`python -m research.bench --quick`" in text
     assert "| toy | lora | Diffusion-DPO step | 100.0 | 2.0 | 99.0 - 101.0 | 3 | - |" in text
     assert ("| sd15 | lora | full SSPO step / DPO step at the preset's loser settings | 1.900 | <= 1.80 | "
             "no, 10.0 pp over |") in text
@@ -156,13 +156,13 @@ def test_markdown_has_the_expected_rows(tmp_path):
 
 
 def test_quick_benchmark_end_to_end(tmp_path):
-    """`python bench.py --quick` (what CI runs) writes the table and every ratio row."""
+    """`python -m research.bench --quick` (what CI runs) writes the table and every ratio row."""
     import json
     import subprocess
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, str(root / "bench.py"), "--quick", "--out", str(tmp_path)],
+    r = subprocess.run([sys.executable, "-m", "research.bench", "--quick", "--out", str(tmp_path)],
                        cwd=root, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     res = json.loads((tmp_path / "bench.json").read_text())

@@ -1,4 +1,4 @@
-"""benchmark.py: the digits table, the claims with their verdicts, and the quick end-to-end run."""
+"""research/benchmark.py: the digits table, the claims with their verdicts, and the quick end-to-end run."""
 import json
 from pathlib import Path
 
@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import benchmark
-import frontier
-import report
+from research import benchmark, loser_frontier, report
 
 
 def _fake_results(methods=("base", "sft", "sspo"), seeds=2):
@@ -27,9 +25,9 @@ def test_table_markdown_and_plots(tmp_path):
     summary = report.summarize(results)
     acc = [r["final"]["ood_nocfg/accuracy"] for r in results["runs"]["sft"]]
     assert summary["sft"]["ood_nocfg/accuracy"] == pytest.approx([np.mean(acc), np.std(acc)])
-    report.write_table_md(results, summary, tmp_path / "table.md", "python benchmark.py table --quick")
+    report.write_table_md(results, summary, tmp_path / "table.md", "python -m research.benchmark table --quick")
     md = (tmp_path / "table.md").read_text()
-    assert md.count("| sspo |") == 4 and "python benchmark.py table --quick" in md and "0.9800" in md
+    assert md.count("| sspo |") == 4 and "python -m research.benchmark table --quick" in md and "0.9800" in md
     assert f"{np.mean(acc):.3f} ± {np.std(acc):.3f}" in md
     paths = report.plot_curves(results, tmp_path)
     assert [p.name for p in paths] == ["curve_accuracy.png", "curve_confidence.png", "curve_frechet.png", "ssr_rate.png"]
@@ -59,12 +57,12 @@ def test_claims_from_results_cover_the_paper_and_follow_the_rule():
 
 
 def test_quick_table_end_to_end(tmp_path):
-    """`python benchmark.py claims --quick` (CI size): every method x seed trained and judged,
+    """`python -m research.benchmark claims --quick` (CI size): every method x seed trained and judged,
     table.md / table.json / plots written. Its numbers are meaningless at this size."""
     import subprocess
     import sys
     root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, str(root / "benchmark.py"), "claims", "--quick", "--jobs", "2",
+    r = subprocess.run([sys.executable, "-m", "research.benchmark", "claims", "--quick", "--jobs", "2",
                         "--out", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((tmp_path / "table.json").read_text())
@@ -103,7 +101,7 @@ def test_run_table_checks_every_setting_before_training_and_frontier_sizes_are_v
     assert not (tmp_path / "runs").exists()  # nothing trained
     import config
     for size in benchmark.FRONTIER_SIZES.values():  # every frontier setting is a valid config at each size
-        for spec in frontier.FRONTIER.values():
+        for spec in loser_frontier.FRONTIER.values():
             config.resolve({**size["train"], **spec})
 
 
@@ -114,14 +112,14 @@ def test_claims_from_json_rewrites_reports_without_training(tmp_path, capsys):
     for runs in results["runs"].values():
         for r in runs:
             r["run_dir"] = str(tmp_path / "gone")
-    results.update(seconds=60.0, tuned={}, command="python benchmark.py claims --jobs 2")
+    results.update(seconds=60.0, tuned={}, command="python -m research.benchmark claims --jobs 2")
     src = tmp_path / "recorded.json"
     src.write_text(json.dumps(results))
     out = tmp_path / "out"
     out.mkdir()
     benchmark.main(["claims", "--quick", "--from-json", str(src), "--out", str(out)])
     claims = (out / "claims.md").read_text()
-    assert "`python benchmark.py claims --jobs 2`" in claims and "Rewritten from" in claims
+    assert "`python -m research.benchmark claims --jobs 2`" in claims and "Rewritten from" in claims
     assert "Table 1: SSPO beats sft (training templates, no guidance)" in claims
     assert (out / "curve_accuracy.png").exists() and not (out / "samples_grid.png").exists()
     assert "not rewritten" in capsys.readouterr().out
@@ -133,36 +131,36 @@ def test_frontier_markdown_plot_and_costs(tmp_path):
     results.update(costs={n: {"ratio": 1.0 + i, "q1": 0.9 + i, "q3": 1.2 + i, "sspo_ms": 5.0, "dpo_ms": 2.0}
                           for i, n in enumerate(names)},
                    cost_batch=16, cost_repeats=7, summary=report.summarize(results))
-    frontier.write(results, tmp_path, "python benchmark.py frontier --quick")
+    loser_frontier.write(results, tmp_path, "python -m research.benchmark frontier --quick")
     md = (tmp_path / "loser_frontier.md").read_text()
     acc = [r["final"]["id_cfg/accuracy"] for r in results["runs"][names[1]]]
     row = next(line for line in md.splitlines() if line.startswith(f"| {names[1]} |"))
     assert "| 2.00 [1.90, 2.20] |" in row and f"{np.mean(acc):.3f} ± {np.std(acc):.3f}" in row
-    assert "python benchmark.py frontier --quick" in md
-    assert row.endswith("| yes |") == frontier.held(results["summary"], names[1], names[0])
+    assert "python -m research.benchmark frontier --quick" in md
+    assert row.endswith("| yes |") == loser_frontier.held(results["summary"], names[1], names[0])
     assert Image.open(tmp_path / "loser_frontier.png").size[0] > 300
     # a subset of settings always runs the reference first (held needs it), each once
-    assert list(frontier.selected(["unipc 6, cfg 3, every 2"])) == [names[0], "unipc 6, cfg 3, every 2"]
-    assert list(frontier.selected([names[1], names[0]])) == names
-    assert list(frontier.selected(None)) == list(frontier.FRONTIER)
+    assert list(loser_frontier.selected(["unipc 6, cfg 3, every 2"])) == [names[0], "unipc 6, cfg 3, every 2"]
+    assert list(loser_frontier.selected([names[1], names[0]])) == names
+    assert list(loser_frontier.selected(None)) == list(loser_frontier.FRONTIER)
     # held: inside the reference's seed spread (acc >= mean - std, FD <= mean + std) in every condition
-    ref = {f"{c}/{k}": v for c in frontier.CONDITIONS for k, v in (("accuracy", [0.9, 0.02]), ("frechet", [2.0, 0.3]))}
+    ref = {f"{c}/{k}": v for c in loser_frontier.CONDITIONS for k, v in (("accuracy", [0.9, 0.02]), ("frechet", [2.0, 0.3]))}
     def summary(**changes):
         return {"ref": ref, "x": {**ref, **{k.replace("__", "/"): [v, 0.1] for k, v in changes.items()}}}
-    assert frontier.held(summary(id_cfg__accuracy=0.881), "x", "ref")
-    assert not frontier.held(summary(ood_cfg__accuracy=0.879), "x", "ref")
-    assert frontier.held(summary(id_cfg__frechet=2.29, ood_cfg__accuracy=0.99), "x", "ref")
-    assert not frontier.held(summary(ood_cfg__frechet=2.31), "x", "ref")
+    assert loser_frontier.held(summary(id_cfg__accuracy=0.881), "x", "ref")
+    assert not loser_frontier.held(summary(ood_cfg__accuracy=0.879), "x", "ref")
+    assert loser_frontier.held(summary(id_cfg__frechet=2.29, ood_cfg__accuracy=0.99), "x", "ref")
+    assert not loser_frontier.held(summary(ood_cfg__frechet=2.31), "x", "ref")
     # the choice: the cheapest setting that holds, never the reference itself
     both = {**summary(), "y": ref, "z": {**ref, "id_cfg/accuracy": [0.5, 0.0]}}
     cost = lambda **r: {k: {"ratio": v} for k, v in r.items()}
-    assert frontier.cheapest_held(both, cost(ref=1.0, x=3.0, y=2.0, z=0.5), "ref") == "y"
-    assert frontier.cheapest_held(both, cost(ref=1.0, x=1.5, y=2.0, z=0.5), "ref") == "x"
-    assert frontier.cheapest_held(both, cost(ref=1.0, z=0.5), "ref") is None
-    choice = frontier.cheapest_held(results["summary"], results["costs"], names[0])
+    assert loser_frontier.cheapest_held(both, cost(ref=1.0, x=3.0, y=2.0, z=0.5), "ref") == "y"
+    assert loser_frontier.cheapest_held(both, cost(ref=1.0, x=1.5, y=2.0, z=0.5), "ref") == "x"
+    assert loser_frontier.cheapest_held(both, cost(ref=1.0, z=0.5), "ref") is None
+    choice = loser_frontier.cheapest_held(results["summary"], results["costs"], names[0])
     assert (f"holds the digits preset's quality: **{choice}**" if choice else "none; only") in md
     # the cost measurement itself (loop.update on digits, batch 2, one repeat): per update of a cycle
-    costs = frontier.costs({n: frontier.FRONTIER[n] for n in names}, batch=2, repeats=1, log=lambda s: None)
+    costs = loser_frontier.costs({n: loser_frontier.FRONTIER[n] for n in names}, batch=2, repeats=1, log=lambda s: None)
     assert set(costs) == set(names) and all(c["ratio"] > 0 and c["dpo_ms"] > 0 for c in costs.values())
 
 

@@ -1,4 +1,4 @@
-"""Tests for data.py: CPU only, no downloads; every file is written by the test itself."""
+"""Tests for data/__init__.py: CPU only, no downloads; every file is written by the test itself."""
 import io
 import json
 import logging
@@ -18,7 +18,7 @@ from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, DistributedSampler
 
 import data
-import data_video
+import data.video
 import digits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def _png(value: int, size=(20, 12)) -> bytes:
 
 
 def _word_digit(prompt: str) -> int:
-    """The digit named in a caption, parsed independently of data.py's bookkeeping."""
+    """The digit named in a caption, parsed independently of data/__init__.py's bookkeeping."""
     found = [d for d, w in enumerate(digits.DIGIT_WORDS) if w in prompt.split() or w + "," in prompt.split()]
     assert len(found) == 1, prompt
     return found[0]
@@ -229,7 +229,7 @@ def test_video_folder_samples_frames_uniformly(tmp_path, caplog):
     _write_video(tmp_path / "clip.mp4", 12)
     (tmp_path / "junk.mp4").write_bytes(b"not a video")
     _image_folder(tmp_path, [("clip.mp4", "a clip"), ("junk.mp4", "junk")])
-    ds = data_video.VideoFolderDataset(tmp_path, num_frames=4, resolution=16, max_bad_fraction=0.5)
+    ds = data.video.VideoFolderDataset(tmp_path, num_frames=4, resolution=16, max_bad_fraction=0.5)
     item = ds[0]
     x = item["x0_w"]
     assert item["prompt"] == "a clip" and x.shape == (3, 4, 16, 16) and x.dtype == torch.float32
@@ -239,7 +239,7 @@ def test_video_folder_samples_frames_uniformly(tmp_path, caplog):
     assert torch.allclose(x.mean(dim=(0, 2, 3)), expected, atol=0.06)
     assert ds[1] is None and "junk.mp4" in caplog.text and "unreadable video" in caplog.text
 
-    short = data_video.VideoFolderDataset(tmp_path, num_frames=16, resolution=16, max_bad_fraction=0.5)
+    short = data.video.VideoFolderDataset(tmp_path, num_frames=16, resolution=16, max_bad_fraction=0.5)
     assert short[0] is None and short.num_skipped == 1
     assert "clip.mp4: video too short: has 12 frames, expected at least num_frames=16" in caplog.text
 
@@ -249,12 +249,12 @@ def test_video_folder_magictime_csv(tmp_path):
     # here could not show it)
     _write_video(tmp_path / "v1.mp4", 6, size=(48, 16))
     (tmp_path / "captions.csv").write_text('videoid,name,is_transmit\nv1,"a flower, blooming",0\n')
-    ds = data_video.VideoFolderDataset(tmp_path, num_frames=6, resolution=16, captions=tmp_path / "captions.csv")
+    ds = data.video.VideoFolderDataset(tmp_path, num_frames=6, resolution=16, captions=tmp_path / "captions.csv")
     item = ds[0]
     assert item["prompt"] == "a flower, blooming" and item["x0_w"].shape == (3, 6, 16, 16)
     (tmp_path / "bad.csv").write_text("id,caption\nv1,x\n")
     with pytest.raises(ValueError, match=r"bad.csv: missing column\(s\) \['videoid', 'name'\]"):
-        data_video.VideoFolderDataset(tmp_path, captions=tmp_path / "bad.csv")
+        data.video.VideoFolderDataset(tmp_path, captions=tmp_path / "bad.csv")
 
 
 def test_video_crop_is_shared_by_frames(tmp_path):
@@ -273,7 +273,7 @@ def test_video_crop_is_shared_by_frames(tmp_path):
         for packet in stream.encode():
             c.mux(packet)
     _image_folder(tmp_path, [("bar.mp4", "bar")] * 4)
-    ds = data_video.VideoFolderDataset(tmp_path, num_frames=5, resolution=16, random_crop=True, seed=0)
+    ds = data.video.VideoFolderDataset(tmp_path, num_frames=5, resolution=16, random_crop=True, seed=0)
     for i in range(4):
         cols = ds[i]["x0_w"].mean(dim=(0, 2))  # (F, W) column profile per frame
         assert torch.allclose(cols, cols[:1].expand_as(cols), atol=0.1)

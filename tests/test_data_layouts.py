@@ -1,4 +1,4 @@
-"""The on-disk layouts data_layouts.py accepts: every layout, written here in tmp_path (the
+"""The on-disk layouts data/layouts.py accepts: every layout, written here in tmp_path (the
 ``save_to_disk`` ones by the ``datasets`` library itself), must yield the same items as the plain
 parquet folder; splits, max_train_samples, caption columns and the MagicTime CSV via config."""
 import csv
@@ -16,8 +16,8 @@ from PIL import Image
 
 import config
 import data
-import data_video
-import builders
+import data.video
+from infra import builders
 
 # ------------------------------------------------------------------------------ Pick-a-Pic
 
@@ -79,7 +79,7 @@ def layouts(tmp_path):
 
 def test_every_pickapic_layout_yields_the_plain_folders_items(layouts):
     reference = _items(data.PickAPicDataset(layouts["data_folder"], mode="pairs", resolution=8))
-    # Independent of data.py: the winner of train row k (label_0 = 1 -> jpg_0) is brightness 10k.
+    # Independent of data/__init__.py: the winner of train row k (label_0 = 1 -> jpg_0) is brightness 10k.
     kept = [k for k, label in enumerate(TRAIN) if label != 0.5]
     assert [it["prompt"] for it in reference] == [f"train {k}" for k in kept]
     winners = [_png(10 * k if TRAIN[k] == 1.0 else 10 * k + 5) for k in kept]
@@ -190,7 +190,7 @@ def test_video_folder_reads_the_imagefolder_layout(tmp_path):
     (tmp_path / "train" / "clips").mkdir(parents=True)
     _write_video(tmp_path / "train" / "clips" / "a.mp4", 4)
     _write_csv(tmp_path / "train" / "metadata.csv", ["file_name", "caption"], [("clips/a.mp4", "a clip")])
-    item = data_video.VideoFolderDataset(tmp_path, num_frames=4, resolution=8)[0]
+    item = data.video.VideoFolderDataset(tmp_path, num_frames=4, resolution=8)[0]
     assert item["prompt"] == "a clip" and item["x0_w"].shape == (3, 4, 8, 8)
 
 
@@ -211,7 +211,7 @@ def test_magictime_csv_from_the_command_line(tmp_path):
     cfg = _resolve("--config=animatediff_magictime", f"--data_path={tmp_path}", "--num_frames=4",
                    "--resolution=8", f"--magictime_csv={tmp_path / 'caps.csv'}", "--max_train_samples=1")
     ds = builders.build_dataset(cfg)
-    assert isinstance(ds, data_video.VideoFolderDataset) and len(ds) == 1
+    assert isinstance(ds, data.video.VideoFolderDataset) and len(ds) == 1
     assert ds[0]["prompt"] == "ice, melting" and ds[0]["x0_w"].shape == (3, 4, 8, 8)
     plain = builders.build_dataset(_resolve("--config=animatediff_magictime", f"--data_path={tmp_path}"))
     assert plain.entries == [("v1.mp4", "not the csv")]  # without the key: the metadata file
@@ -238,11 +238,11 @@ def test_split_samples_and_caption_column_from_the_command_line(layouts, tmp_pat
 
 def test_jsonl_files_name_the_bad_line(tmp_path):
     """metadata.jsonl and the video pairs.jsonl share one reader: a broken line is named by file and line."""
-    import data_video
-    from data_layouts import read_jsonl
+    import data.video
+    from data.layouts import read_jsonl
     (tmp_path / "pairs.jsonl").write_text('{"text": "a", "winner": "w.mp4", "loser": "l.mp4"}\n\n{"text": 1}\n')
     with pytest.raises(ValueError, match=r"pairs.jsonl:3: expected"):
-        data_video._read_pairs(tmp_path)
+        data.video._read_pairs(tmp_path)
     for bad, why in (("{oops", "not valid JSON"), ("[1, 2]", "expected a JSON object")):
         (tmp_path / "m.jsonl").write_text('{"file_name": "a.png"}\n' + bad + "\n")
         with pytest.raises(ValueError, match=rf"m.jsonl:2: {why}"):

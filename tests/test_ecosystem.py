@@ -18,11 +18,11 @@ from safetensors.torch import load_file, save_file
 
 import config
 import evaluate
-import export
+from infra import export
 import models
-import runtime
+from infra import runtime
 import train
-from families import animatediff, sd15
+from models import animatediff, sd15
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -306,7 +306,7 @@ def test_validation_prompts_and_grid(tmp_path):
 def test_validation_prompts_and_steps_reach_the_sample_grids(cache, tmp_path, monkeypatch):
     """--validation_prompt / --validation_steps (the diffusers scripts' names) choose what the
     grids show and when: the sampler gets those prompts at steps 0, 2, 4, one cell each."""
-    import sampling
+    from models import sampling
     from PIL import Image
     seen, grid_steps, real_sample, real_grid = [], [], sampling.sample_with_policy, runtime.save_samples
 

@@ -1,4 +1,4 @@
-"""Tests for evaluate.py and scorers.py: metric math against scipy/skimage, the digits judge,
+"""Tests for evaluate.py and scoring/scorers.py: metric math against scipy/skimage, the digits judge,
 digit sampling against diffusers' StableDiffusionPipeline, every CLIP-based scorer end to end
 on a tiny random-weight CLIP saved in the real layout, prompt files, generate/score CLI."""
 import json
@@ -12,12 +12,11 @@ from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 
 import digits
-import digits_judge
+import digits.judge
 import evaluate
 import models
-from families import animatediff, common, sd15
-import prompt_sets
-import scorers
+from models import animatediff, common, sd15
+from scoring import prompts, scorers
 
 
 # ----------------------------------------------------------------------------- metric math
@@ -61,7 +60,7 @@ def splits():
 
 @pytest.fixture(scope="module")
 def judge(splits):
-    return digits_judge.DigitsJudge.from_splits(splits)
+    return digits.judge.DigitsJudge.from_splits(splits)
 
 
 def test_judge_real_digits_far_above_chance_shuffled_near_chance(judge, splits):
@@ -91,7 +90,7 @@ def test_generate_digits_matches_stable_diffusion_pipeline(digits_bundle, guidan
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     b = digits_bundle
     prompts = ["a handwritten digit seven", "the number two, written by hand", "a scan of the numeral one"]
-    ours = digits_judge.generate_digits(b, prompts, guidance_scale=guidance, num_inference_steps=5, seed=3, batch_size=2)
+    ours = digits.judge.generate_digits(b, prompts, guidance_scale=guidance, num_inference_steps=5, seed=3, batch_size=2)
     pipe = StableDiffusionPipeline(vae=None, text_encoder=b.text_encoder, tokenizer=b.tokenizer, unet=b.unet,
                                    scheduler=DDIMScheduler.from_config(b.scheduler_config), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -106,7 +105,7 @@ def test_generate_digits_matches_stable_diffusion_pipeline(digits_bundle, guidan
 
 
 def test_digit_prompts_are_balanced():
-    prompts, labels = digits_judge.digit_prompts(digits.HELDOUT_TEMPLATES, 45)
+    prompts, labels = digits.judge.digit_prompts(digits.HELDOUT_TEMPLATES, 45)
     k = -(-45 // (10 * len(digits.HELDOUT_TEMPLATES)))
     assert len(prompts) == len(labels) == 10 * k * len(digits.HELDOUT_TEMPLATES)
     assert np.bincount(labels).tolist() == [k * len(digits.HELDOUT_TEMPLATES)] * 10
@@ -115,14 +114,14 @@ def test_digit_prompts_are_balanced():
 
 
 def test_evaluate_digits_model_reports_every_condition(digits_bundle, judge, monkeypatch):
-    calls, real = {}, digits_judge.generate_digits
+    calls, real = {}, digits.judge.generate_digits
 
     def spy(bundle, prompts, guidance_scale, **kw):
         calls[len(calls)] = (list(prompts), guidance_scale)
         return real(bundle, prompts, guidance_scale=guidance_scale, **kw)
 
-    monkeypatch.setattr(digits_judge, "generate_digits", spy)
-    res = digits_judge.evaluate_model(digits_bundle, judge, n_per_condition=20, num_inference_steps=2, seed=0,
+    monkeypatch.setattr(digits.judge, "generate_digits", spy)
+    res = digits.judge.evaluate_model(digits_bundle, judge, n_per_condition=20, num_inference_steps=2, seed=0,
                                 guidance_scale=2.5)
     # id = training caption templates, ood = held-out ones; cfg = the guidance asked for, nocfg = 1
     train_caps = {digits.digit_caption(d, t) for d in range(10) for t in digits.TRAIN_TEMPLATES}
@@ -135,7 +134,7 @@ def test_evaluate_digits_model_reports_every_condition(digits_bundle, judge, mon
             acc = res[f"{split}_{g}/accuracy"]
             assert 0 <= acc <= 1 and res[f"{split}_{g}/frechet"] > 0
     assert len(res) == 12
-    again = digits_judge.evaluate_model(digits_bundle, judge, n_per_condition=20, num_inference_steps=2, seed=0,
+    again = digits.judge.evaluate_model(digits_bundle, judge, n_per_condition=20, num_inference_steps=2, seed=0,
                                            conditions=("ood_nocfg",))
     assert again == {k: v for k, v in res.items() if k.startswith("ood_nocfg")}  # seeded: reproducible
 
@@ -260,29 +259,29 @@ def test_load_prompts_formats(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"caption": ["a cat", "a dog"], "best_image_uid": ["x", "y"]}), tmp_path / "val.parquet")
-    assert prompt_sets.load_prompts(tmp_path / "val.parquet") == ["a cat", "a dog"]
+    assert prompts.load_prompts(tmp_path / "val.parquet") == ["a cat", "a dog"]
     (tmp_path / "parti.tsv").write_text("Prompt\tCategory\nbird\tAnimals\na, comma\tArt\n")
-    assert prompt_sets.load_prompts(tmp_path / "parti.tsv") == ["bird", "a, comma"]
+    assert prompts.load_prompts(tmp_path / "parti.tsv") == ["bird", "a, comma"]
     hps = tmp_path / "hps"
     hps.mkdir()
     (hps / "anime.json").write_text(json.dumps(["p1", "p2"]))
     (hps / "photo.json").write_text(json.dumps(["p3"]))
-    assert prompt_sets.load_prompts(hps) == ["p1", "p2", "p3"]
-    assert prompt_sets.load_prompts(hps, limit=2) == ["p1", "p2"]
+    assert prompts.load_prompts(hps) == ["p1", "p2", "p3"]
+    assert prompts.load_prompts(hps, limit=2) == ["p1", "p2"]
     (tmp_path / "p.jsonl").write_text('{"text": "x"}\n\n{"text": "y"}\n')
-    assert prompt_sets.load_prompts(tmp_path / "p.jsonl") == ["x", "y"]
+    assert prompts.load_prompts(tmp_path / "p.jsonl") == ["x", "y"]
     (tmp_path / "p.csv").write_text("id,prompt\n1,hello\n")
-    assert prompt_sets.load_prompts(tmp_path / "p.csv") == ["hello"]
+    assert prompts.load_prompts(tmp_path / "p.csv") == ["hello"]
     (tmp_path / "p.txt").write_text("one\n\ntwo\n")
-    assert prompt_sets.load_prompts(tmp_path / "p.txt") == ["one", "two"]
+    assert prompts.load_prompts(tmp_path / "p.txt") == ["one", "two"]
     (tmp_path / "bad.csv").write_text("id,title\n1,hello\n")
     with pytest.raises(ValueError, match="bad.csv: no caption column.*found \\['id', 'title'\\]"):
-        prompt_sets.load_prompts(tmp_path / "bad.csv")
+        prompts.load_prompts(tmp_path / "bad.csv")
     (tmp_path / "empty.csv").write_text("caption\nok\n \n")
     with pytest.raises(ValueError, match="empty prompt in row 1"):
-        prompt_sets.load_prompts(tmp_path / "empty.csv")
+        prompts.load_prompts(tmp_path / "empty.csv")
     with pytest.raises(FileNotFoundError, match="prompt set not found"):
-        prompt_sets.load_prompts(tmp_path / "missing.parquet")
+        prompts.load_prompts(tmp_path / "missing.parquet")
 
 
 # ----------------------------------------------------------------------------- generate + score CLI

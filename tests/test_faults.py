@@ -16,14 +16,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import checkpoints
+from infra import checkpoints
 import config
 import data
 import digits
-import loop
-import runtime
+from infra import runtime
 import train
-from families import sd15
+from models import sd15
 
 FAST = dict(digits_base_steps=5, batch_size=4, loser_steps=4, log_every=1, sample_every=0,
             save_every=2, max_steps=4, lr=1e-3)
@@ -226,7 +225,7 @@ def test_9_bad_samples_counted_once_and_stop_in_one_line(tmp_path, monkeypatch, 
     # train.main: one line and exit code 2, also when a DataLoader worker wrapped the message
     wrapped = "Caught TooManyBadItems in DataLoader worker process 0.\nOriginal Traceback ...\n" \
               f"data.TooManyBadItems: {msg}"
-    monkeypatch.setattr(loop, "train", lambda cfg, ctx: (_ for _ in ()).throw(data.TooManyBadItems(wrapped)))
+    monkeypatch.setattr(train, "train", lambda cfg, ctx: (_ for _ in ()).throw(data.TooManyBadItems(wrapped)))
     assert train.main(["--init=scratch", f"--out_dir={tmp_path / 'run'}"]) == 2
     assert capsys.readouterr().err.strip() == f"error: {msg}"
 

@@ -1,4 +1,4 @@
-"""Flow matching (sspo_flow.py, Wan2.1) and zero terminal SNR (sspo.make_schedule, CogVideoX),
+"""Flow matching (flow.py, Wan2.1) and zero terminal SNR (sspo.make_schedule, CogVideoX),
 against diffusers' schedulers, closed forms and the Gaussian KL written out by hand."""
 
 import math
@@ -9,7 +9,7 @@ from diffusers import CogVideoXDDIMScheduler, DDPMScheduler, FlowMatchEulerDiscr
 
 import importance
 import sspo
-import sspo_flow as fl
+import flow as fl
 
 SHAPE = (4, 2, 3, 4, 4)  # (B,C,F,H,W): a tiny video
 
@@ -241,7 +241,7 @@ def test_flow_importance_weight_closed_form():
     kl = ((mu_q - mu_p) ** 2 / (2 * var)).mean(1)
     err = sspo.per_sample_error(v_hat, fl.flow_target(x0, eps))
     assert torch.allclose(fl.flow_importance_log_weight(err, s_t[:, 0], s_s[:, 0]), -kl, rtol=1e-4)
-    # = DESIGN.md's DDPM lambda_t on eps errors, for the variance-preserving twin of the flow
+    # = importance.py's DDPM lambda_t on eps errors, for the variance-preserving twin of the flow
     snr = lambda s: (1 - s) ** 2 / s ** 2
     abar_t, abar_s = snr(s_t) / (1 + snr(s_t)), snr(s_s) / (1 + snr(s_s))
     alpha = abar_t / abar_s

@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import evaluate
-import hps
-import scorers
-from families import common
+from scoring import hps, scorers
+from models import common
 
 VW, TW, PATCH, IMG, LAYERS, HEADS, PROJ, CTX, VOCAB = 32, 32, 8, 32, 2, (4, 2), 16, 77, 49408
 

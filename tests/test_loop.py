@@ -13,9 +13,9 @@ import config
 import loop
 import noise
 import models
-import sampling
+from models import sampling
 import sspo
-from replay import CheckpointPool, Reference
+from replay import CheckpointPool, Losers, Reference
 
 B, SHAPE, STEP = 4, (1, 8, 8), 3
 _REAL_SAMPLE = sampling.sample  # the sampler itself, for the independent recomputation
@@ -54,14 +54,23 @@ def world():
 
 
 def _run(world, kind, drawn, **cfg):
-    """What training_step reads of a loop.Run, with pool entry ``drawn`` loaded in the reference."""
-    world.reference.load(world.pool.get(drawn))
-    sc = world.bundle.scheduler_config
+    """What training_step reads of a loop.Run; its replay.Losers draws pool entry ``drawn``."""
+    sc, cpu = world.bundle.scheduler_config, torch.device("cpu")
     c = config.Config(**{"beta": 500.0, "loser_steps": 3, "loser_guidance": 3.0, **cfg})
+    method, process = config.METHODS[kind], noise.Process.from_config(sc, cpu)
+    losers = Losers(pool=SimpleNamespace(choose=lambda step: drawn, get=world.pool.get), reference=world.reference,
+                    replayed=method.losers == "replayed", seed=c.seed, shape=SHAPE, process=process, device=cpu,
+                    sample=dict(num_inference_steps=c.loser_steps, guidance_scale=c.loser_guidance,
+                                scheduler=c.loser_scheduler))
     return SimpleNamespace(cfg=c, bundle=world.bundle, policy=world.bundle.unet, reference=world.reference,
-                           ctx=SimpleNamespace(device=torch.device("cpu")), autocast=contextlib.nullcontext,
-                           shape=SHAPE, noise=noise.Process.from_config(sc, torch.device("cpu")),
-                           loss_kind=kind)
+                           ctx=SimpleNamespace(device=cpu), autocast=contextlib.nullcontext,
+                           shape=SHAPE, noise=process, method=method, losers=losers)
+
+
+def _step(run, batch):
+    """One micro-step as loop.update takes it: the update's reference and losers, then the loss."""
+    run.losers.begin(STEP)
+    return loop.training_step(run, run.losers.next_batch(iter([batch]), 0), STEP)
 
 
 @pytest.fixture
@@ -111,7 +120,7 @@ def _b5_by_hand(m_w, m_l, r_w, r_l, beta):
 
 def test_shared_noise_and_winners_first(world, spy):
     run = _run(world, "dpo", drawn=0)
-    loop.training_step(run, world.batch, STEP)
+    _step(run, world.batch)
     t, eps, x0 = spy["t"], spy["eps"], spy["x0"]
     assert torch.equal(t[:B], t[B:]) and torch.equal(eps[:B], eps[B:])  # one (t, eps) per pair
     assert torch.equal(x0[:B], world.batch["x0_w"]) and torch.equal(x0[B:], world.batch["x0_l"])
@@ -130,7 +139,7 @@ def test_reference_errors_are_the_drawn_checkpoints(world, spy, monkeypatch, kin
 
     monkeypatch.setattr(sspo, f"{kind}_loss", record)
     run = _run(world, kind, drawn)
-    loop.training_step(run, world.batch, STEP)
+    _step(run, world.batch)
     r_w, r_l = _errors(world, world.nets[drawn], spy)
     other_w, _ = _errors(world, world.nets[1 - drawn], spy)
     m_w, m_l = _errors(world, world.bundle.unet, spy)
@@ -147,7 +156,7 @@ def test_losers_are_sampled_by_the_drawn_checkpoint(world, spy, drawn):
     """The replayed losers equal DDIM+CFG run by an independent copy of the drawn checkpoint
     from the same z_T, and they are what the loss noises."""
     run = _run(world, "sspo", drawn)
-    loop.training_step(run, world.batch, STEP)
+    _step(run, world.batch)
     kw = spy["sample_kw"]
     assert spy["sample_prompts"] == PROMPTS
     assert (kw["num_inference_steps"], kw["guidance_scale"]) == (3, 3.0)
@@ -166,7 +175,7 @@ def test_sspo_step_is_appendix_b5(world, spy, beta):
     """The step's loss is B.5's pseudocode on independently computed errors, with both SSR modes
     in the batch (a flipped sign changes the loss)."""
     run = _run(world, "sspo", drawn=1, beta=beta)
-    loss, metrics = loop.training_step(run, world.batch, STEP)
+    loss, metrics = _step(run, world.batch)
     m_w, m_l = _errors(world, world.bundle.unet, spy)
     r_w, r_l = _errors(world, world.nets[1], spy)
     s = m_w - r_w > 0
@@ -184,7 +193,7 @@ def test_dpo_step_prefers_the_winner(world, spy, beta):
     """Diffusion-DPO's loss with the data's winner as winner; swapping winner and loser
     (anywhere: batch order, chunk order, the loss) gives a different number."""
     run = _run(world, "dpo", drawn=0, beta=beta)
-    loss, metrics = loop.training_step(run, world.batch, STEP)
+    loss, metrics = _step(run, world.batch)
     m_w, m_l = _errors(world, world.bundle.unet, spy)
     r_w, r_l = _errors(world, world.nets[0], spy)
     want, swapped = _dpo_by_hand(m_w, m_l, r_w, r_l, beta), _dpo_by_hand(m_l, m_w, r_l, r_w, beta)
@@ -196,7 +205,7 @@ def test_dpo_step_prefers_the_winner(world, spy, beta):
 
 @pytest.fixture(scope="module")
 def sd15_bundle(tmp_path_factory):
-    from families import sd15
+    from models import sd15
     return models.build_model("sd15", sd15.write_tiny(str(tmp_path_factory.mktemp("sd15"))))
 
 
@@ -215,6 +224,6 @@ def test_bf16_autocast_noises_float32_latents(sd15_bundle, spy, kind):
                           reference=Reference(bundle) if kind != "sft" else None,
                           ctx=SimpleNamespace(device=torch.device("cpu")), autocast=autocast, shape=(4, 8, 8),
                           noise=noise.Process.from_config(bundle.scheduler_config, torch.device("cpu")),
-                          loss_kind=kind)
+                          method=config.METHODS[kind])
     loss, _ = loop.training_step(run, batch, 0)
     assert spy["x0"].dtype == spy["eps"].dtype == torch.float32 and torch.isfinite(loss)

@@ -1,4 +1,4 @@
-"""models.py: tokenizer parity with OpenAI's CLIP BPE, the digits model, the sd15/animatediff
+"""models/__init__.py: tokenizer parity with OpenAI's CLIP BPE, the digits model, the sd15/animatediff
 loading path on tiny random-weight directories in the real layout, LoRA and conversions."""
 import gzip
 import html
@@ -9,7 +9,7 @@ import regex
 import torch
 
 import models
-from families import animatediff, common, sd15
+from models import animatediff, common, sd15
 
 
 

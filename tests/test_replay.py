@@ -1,7 +1,8 @@
 """replay.py: the checkpoint pool's distribution and resume, the reference network (full
-fine-tuning and LoRA without touching the policy), and DDIM+CFG sampling against diffusers'
-own StableDiffusionPipeline / AnimateDiffPipeline."""
+fine-tuning and LoRA without touching the policy), the losers of an update (``Losers``), and
+DDIM+CFG sampling against diffusers' own StableDiffusionPipeline / AnimateDiffPipeline."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,11 +10,11 @@ from diffusers import (AnimateDiffPipeline, DDIMScheduler, DPMSolverMultistepSch
                        StableDiffusionPipeline, UniPCMultistepScheduler)
 
 import models
-from families import animatediff, sd15
-from replay import CheckpointPool, Reference
-from sampling import sample as sample_losers
-
-
+from models import animatediff, sd15
+import noise
+from replay import CheckpointPool, Losers, Reference
+from models import sampling
+from models.sampling import sample as sample_losers
 
 
 def _state(seed, keys=("a", "b")):
@@ -157,7 +158,7 @@ def tiny_dirs(tmp_path_factory):
     return sd15.write_tiny(str(root / "sd15")), animatediff.write_tiny_motion_adapter(str(root / "motion"))
 
 
-# Each scheduler name -> the diffusers class a user would hand the pipeline (built here, not by sampling.py).
+# Each scheduler name -> the diffusers class a user would hand the pipeline (built here, not by models/sampling.py).
 PIPELINE_SCHEDULERS = {"ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler,
                        "unipc": UniPCMultistepScheduler, "euler": EulerDiscreteScheduler}
 
@@ -228,3 +229,78 @@ def test_sample_losers_digits_pixel_space():
     b = sample_losers(bundle, ref, ["a handwritten digit three"] * 2, generator=torch.Generator().manual_seed(0), **kw)
     assert a.shape == (2, 1, 8, 8) and torch.equal(a, b) and not a.requires_grad and torch.isfinite(a).all()
     assert not torch.allclose(a[0], a[1])  # one noise draw per sample
+
+
+# ----------------------------------------------------------------------------- the losers of an update
+
+def _losers_world(every, group, grad_accum, replayed=True):
+    """A digits model whose pool holds 3 different snapshots; choose(step) = step % 3, so every
+    update would draw another checkpoint if the cycle did not hold its own."""
+    bundle = models.build_model("digits")
+    pool = CheckpointPool("uniform", seed=0)
+    g = torch.Generator().manual_seed(0)
+    for k in range(3):
+        pool.add({n: p.detach() + 0.05 * k * torch.randn(p.shape, generator=g)
+                  for n, p in bundle.unet.named_parameters() if bundle.is_trainable(n)}, k)
+    pool.choose = lambda step: step % 3
+    shape, cpu = (1, 8, 8), torch.device("cpu")
+    process = noise.Process.from_config(bundle.scheduler_config, cpu)
+    losers = Losers(pool=pool, reference=Reference(bundle), replayed=replayed, every=every, group=group,
+                    grad_accum=grad_accum, sample=dict(num_inference_steps=2, guidance_scale=3.0, scheduler="ddim"),
+                    seed=5, shape=shape, process=process, device=cpu)
+    prompts = ["a handwritten digit one", "a handwritten digit two"]
+
+    def stream():
+        i = 0
+        while True:  # micro-batch i: two items with dataset indices 2i, 2i + 1
+            yield {"prompt": prompts, "index": torch.tensor([2 * i, 2 * i + 1]), "x0_w": torch.zeros(2, *shape),
+                   "x0_l": torch.full((2, *shape), -1.0)}
+            i += 1
+    return SimpleNamespace(bundle=bundle, pool=pool, losers=losers, stream=stream(), shape=shape, process=process)
+
+
+def test_losers_cycle_and_reference(monkeypatch):
+    """loser_every = 2, loser_batch = 2 micro-batches, grad_accum = 3: update 4 draws checkpoint
+    4 % 3 = 1 and samples the losers of micro-batches (0, 1) in one call and of 2 in another;
+    update 5 keeps checkpoint 1 and the very same pairs (no sampling); update 6 starts a new
+    cycle with checkpoint 0. Each loser equals the drawn checkpoint's sample from the z_T keyed
+    by (seed, the cycle's first update, dataset index)."""
+    w = _losers_world(every=2, group=2, grad_accum=3)
+    calls, real = [], sampling.sample
+    monkeypatch.setattr(sampling, "sample", lambda b, f, prompts, **k: calls.append(len(prompts)) or real(b, f, prompts, **k))
+    assert w.losers.begin(4) == 1
+    first = [w.losers.next_batch(w.stream, m) for m in range(3)]
+    assert calls == [4, 2]  # two micro-batches in one call, then the last one
+    assert [b["index"].tolist() for b in first] == [[0, 1], [2, 3], [4, 5]]
+    checkpoint = models.build_model("digits")
+    models.load_trainable(checkpoint, w.pool.get(1))
+    for b in first:
+        z_T = noise.pair_noise(5, 4, b["index"], w.shape, w.process)[2]
+        want = real(checkpoint, sampling.policy_denoiser(checkpoint), b["prompt"], latents=z_T,
+                    latent_shape=w.shape, num_inference_steps=2, guidance_scale=3.0, scheduler="ddim")
+        torch.testing.assert_close(b["x0_l"], want, rtol=1e-4, atol=1e-5)
+    assert w.losers.begin(5) == 1  # the cycle's checkpoint, not choose(5) = 2
+    again = [w.losers.next_batch(w.stream, m) for m in range(3)]
+    assert calls == [4, 2] and all(a is b for a, b in zip(first, again))
+    assert w.losers.begin(6) == 0
+    new = w.losers.next_batch(w.stream, 0)
+    assert calls == [4, 2, 4] and new["index"].tolist() == [6, 7]
+    w.losers.loaded = 2  # a reference that holds another checkpoint never scores these losers
+    with pytest.raises(RuntimeError, match="made by checkpoint 0"):
+        w.losers.next_batch(w.stream, 1)
+
+
+def test_losers_of_data_pairs_pass_through_and_used_once_batches_are_released():
+    """Diffusion-DPO-style: the data's own loser, the drawn (initial) checkpoint loaded, nothing
+    sampled. SSPO with loser_every = 1: a micro-batch's pixels and losers are not held after use."""
+    w = _losers_world(every=1, group=1, grad_accum=2, replayed=False)
+    assert w.losers.begin(1) == 1 and w.losers.loaded == 1
+    b = w.losers.next_batch(w.stream, 0)
+    assert torch.equal(b["x0_l"], torch.full((2, *w.shape), -1.0))
+    w = _losers_world(every=1, group=1, grad_accum=2)
+    w.losers.begin(3)
+    b = w.losers.next_batch(w.stream, 0)
+    assert b["x0_l"].shape == (2, *w.shape) and not torch.equal(b["x0_l"], torch.full((2, *w.shape), -1.0))
+    assert w.losers.batches == [None]
+    sft = Losers(pool=None, reference=None, replayed=False)
+    assert sft.begin(0) is None and sft.next_batch(iter([{"prompt": ["a"]}]), 0) == {"prompt": ["a"]}

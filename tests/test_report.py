@@ -1,10 +1,10 @@
-"""The claim table's verdict rule and the memorization measure (claims.py)."""
+"""The claim table's verdict rule and the memorization measure (research/report.py)."""
 import numpy as np
 import pytest
 import scipy.stats
 import torch
 
-import report as claims
+from research import report as claims
 import digits
 
 

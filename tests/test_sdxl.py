@@ -1,4 +1,4 @@
-"""SDXL (families/sdxl.py) on a tiny random-weight stand-in in the real layout: time_ids from each
+"""SDXL (models/sdxl.py) on a tiny random-weight stand-in in the real layout: time_ids from each
 image's real size and crop, the sampler against StableDiffusionXLPipeline, the saved output in
 plain diffusers (fresh process), and every method through train.run (1 process; 2 + resume)."""
 
@@ -15,9 +15,9 @@ from PIL import Image
 
 import data
 import models
-import sampling
+from models import sampling
 import train
-from families import sdxl
+from models import sdxl
 from test_train import _torchrun, _weights, _write_pickapic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def pipe(tiny):
 
 def _find_crop(big: np.ndarray, crop: np.ndarray) -> tuple[int, int]:
     """(top, left) where ``crop`` sits in ``big``, or in ``big`` mirrored (then counted in the
-    mirrored image), found by exhaustive search: independent of data.py's arithmetic."""
+    mirrored image), found by exhaustive search: independent of data/__init__.py's arithmetic."""
     R = crop.shape[0]
     best, where = np.inf, None
     for view in (big, big[:, ::-1]):

@@ -5,7 +5,6 @@ import warnings
 import pytest
 
 import config
-import loop
 import train
 
 SD15 = ["--config=sd15_pickapic", "--data_path=/data/pickapic"]
@@ -83,7 +82,7 @@ def test_main_prints_one_line_per_ignored_setting_and_exits_2_on_a_contradiction
     def stop(cfg, ctx):
         raise ValueError("stopped before training")
 
-    monkeypatch.setattr(loop, "train", stop)
+    monkeypatch.setattr(train, "train", stop)
     assert train.main(["--method=sft", "--init=scratch", "--loser_steps=4", "--tau=0.3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["warning: setting loser_steps=4 has no effect: only sspo, sspo_r and spin replay "
@@ -93,3 +92,18 @@ def test_main_prints_one_line_per_ignored_setting_and_exits_2_on_a_contradiction
     assert train.main(["--config=sd15_pickapic", "--data=imagefolder", "--data_path=/x", "--method=dpo"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: method 'dpo' trains on preference pairs")
+
+
+def test_one_method_record_per_method_and_what_it_means():
+    """config.METHODS: each --method is one record; SPIN-Diffusion is the sspo loss against the
+    last checkpoint's samples without SSR; only the SSPO family replays losers."""
+    assert set(config.METHODS) == set(config.CHOICES["method"])
+    m = config.METHODS
+    assert (m["spin"].loss, m["spin"].losers, m["spin"].settings) == ("sspo", "replayed", {"replay": "last", "ssr": "none"})
+    assert {n for n, r in m.items() if r.losers == "replayed"} == {"sspo", "sspo_r", "spin"}
+    assert {n: r.data_mode for n, r in m.items()} == {
+        "sft": "winners", "dpo": "pairs", "dpo_cm": "pairs", "sdpo": "pairs", "sspo": "winners",
+        "sspo_r": "random", "spin": "winners"}
+    cfg = config.resolve({"method": "spin", "init": "scratch"})
+    assert (cfg.replay, cfg.ssr) == ("last", "none")
+    assert config.resolve({"method": "spin", "ssr": "sign", "init": "scratch"}).ssr == "sign"  # the command line wins

@@ -385,7 +385,7 @@ def test_zero_terminal_snr_v_prediction_is_finite(fn):
 def _drifted_batch(B, small_t_gap, floor_gap, seed=14):
     """A fixed batch of per-sample errors (B,) x4 and t (B,), stratified over [0, 1000) as in
     training. The policy's excess error m - r follows the t-profile measured by
-    weights_report.py after a short Diffusion-DPO fine-tune (results/pair_weights.md): large
+    research/pair_weights.py after a short Diffusion-DPO fine-tune (results/pair_weights.md): large
     near the data, ``small_t_gap * exp(-t/100)``, plus ``floor_gap`` everywhere, +-50%."""
     g = torch.Generator().manual_seed(seed)
     t = ((torch.arange(B) + torch.rand(B, generator=g)) * 1000 / B).long()  # (B,)

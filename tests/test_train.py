@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import checkpoints
+from infra import checkpoints
 import config
 import models
-from families import animatediff, sd15
-import runtime
+from models import animatediff, sd15
+from infra import runtime
 import sspo
 import train
 
@@ -161,7 +161,7 @@ def test_reused_losers_keep_their_checkpoint_as_reference(cache, tmp_path, monke
     """loser_every=3: losers are sampled once per cycle of 3 updates (per micro-batch), and on
     every update that trains on them the reference holds the very weights that sampled them."""
     import replay
-    import sampling
+    from models import sampling
     fingerprint = lambda ref: float(sum(p.double().sum() for p in ref.unet.parameters()))
     gens, uses, pending = [], [], []  # (weights, losers); (gen index, ref weights); losers in flight
     real_call, real_sample, real_q = replay.Reference.__call__, sampling.sample, sspo.q_sample
@@ -203,7 +203,7 @@ def test_batched_losers_equal_per_micro_batch(cache, tmp_path, monkeypatch, lose
     ceil(3 / 2) = 2 calls instead of 3, and they are the same losers (each pair keeps its own z_T
     and prompt), so the run ends where one call per micro-batch ends."""
     import replay
-    import sampling
+    from models import sampling
     real_sample, calls = sampling.sample, []
 
     def sample(bundle, denoise_fn, prompts, *a, **k):
@@ -217,7 +217,7 @@ def test_batched_losers_equal_per_micro_batch(cache, tmp_path, monkeypatch, lose
 
     def update(run, *a):  # micro-batches (pixels + losers) still held after each update
         out = real_update(run, *a)
-        held[-1].append(0 if run.replayed is None else sum(b is not None for b in run.replayed["batches"]))
+        held[-1].append(sum(b is not None for b in run.losers.batches))
         return out
 
     monkeypatch.setattr(sampling, "sample", sample)

@@ -11,12 +11,12 @@ import torch
 
 import models
 import noise
-import sampling
+from models import sampling
 import importance
 import sspo
-import sspo_flow
+import flow
 import train
-from families import cogvideox, wan
+from models import cogvideox, wan
 
 PROMPTS = ["a red cat walking in the city", "a dog"]
 RES, FRAMES = 32, 9  # latents (16, 3, 4, 4)
@@ -100,8 +100,8 @@ def test_wan_flow_noise_process_matches_scheduler(tiny):
         torch.testing.assert_close(p.q_sample(x0, t, eps)[i:i + 1], ref.scale_noise(x0[i:i + 1], ts[i:i + 1], eps[i:i + 1]))
     torch.testing.assert_close(p.target(x0, eps, t), eps - x0)
     err, ref = torch.tensor([0.3, 0.2, 0.5]), torch.tensor([0.1, 0.25, 0.1])
-    torch.testing.assert_close(p.pair_log_weight(err, err, ref, ref, t, num_values=8), sspo_flow.flow_pair_log_weight(
-        err - ref, err - ref, p.sigmas[t], sspo_flow.flow_sigma_next(t, p.sigmas), scale=8))
+    torch.testing.assert_close(p.pair_log_weight(err, err, ref, ref, t, num_values=8), flow.flow_pair_log_weight(
+        err - ref, err - ref, p.sigmas[t], flow.flow_sigma_next(t, p.sigmas), scale=8))
 
 
 def _write_videos(root: Path, n: int = 2, frames: int = FRAMES, hw: tuple = (32, 48)):
@@ -152,7 +152,7 @@ def test_video_crop_to_height_by_width(tmp_path):
     for both clips of a pair; a square keeps the shorter side = resolution as before."""
     import numpy as np
     import data
-    import data_video
+    import data.video
     rng = np.random.default_rng(0)
     # 64x40 (w x h) -> cover 16x32 (h x w): scale 0.5 -> 32x20, centre rows 2..18
     assert data._plan_crop(64, 40, (16, 32), False, False, rng) == ((32, 20), (0, 2, 32, 18), False)
@@ -166,11 +166,11 @@ def test_video_crop_to_height_by_width(tmp_path):
         assert min(rw, rh) == 16 and max(rw, rh) == round(max(w, h) * 16 / min(w, h))
         assert box == (round((rw - 16) / 2), round((rh - 16) / 2), round((rw - 16) / 2) + 16, round((rh - 16) / 2) + 16)
     root = _write_videos(tmp_path / "v", hw=(40, 64))
-    pairs = data_video.VideoPairFolderDataset(root, num_frames=FRAMES, resolution=RES, height=16, width=32)
-    folder = data_video.VideoFolderDataset(root, num_frames=FRAMES, resolution=RES, height=16, width=32)
+    pairs = data.video.VideoPairFolderDataset(root, num_frames=FRAMES, resolution=RES, height=16, width=32)
+    folder = data.video.VideoFolderDataset(root, num_frames=FRAMES, resolution=RES, height=16, width=32)
     item = pairs[0]
     assert item["x0_w"].shape == item["x0_l"].shape == folder[0]["x0_w"].shape == (3, FRAMES, 16, 32)
-    assert data_video.VideoFolderDataset(root, num_frames=FRAMES, resolution=RES, width=24)[0]["x0_w"].shape == \
+    assert data.video.VideoFolderDataset(root, num_frames=FRAMES, resolution=RES, width=24)[0]["x0_w"].shape == \
         (3, FRAMES, RES, 24)  # height 0 = resolution
 
 

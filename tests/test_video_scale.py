@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 
 import config
 import replay
-import sharding
+from models import sharding
 import train
-from families import cogvideox, wan
+from models import cogvideox, wan
 from test_video import FRAMES, RES, _write_videos
 
 # 2 updates, then 2 more after a resume; the pool grows every update, so references differ.
@@ -126,7 +126,7 @@ def test_lora_final_loads_in_the_diffusers_pipeline(family, setting, tmp_path):
     WanPipeline.load_lora_weights loads onto the base stand-in; the pipeline's latents change,
     and equal our sampler's with the trained adapter (checkpoints/step_2)."""
     import models
-    import sampling
+    from models import sampling
     from diffusers import CogVideoXPipeline, WanPipeline
     from test_video import PROMPTS
     out = train.run({**ARGS, "model": family, "model_path": setting[family], "data_path": setting["videos"],

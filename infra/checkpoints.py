@@ -1,0 +1,236 @@
+"""Training checkpoints, written atomically and read without unpickling anything.
+
+out/checkpoints/step_XXXXXX/ holds trainable.safetensors (the trainable weights), state.safetensors
+(every other tensor: optimizer moments, RNG states) and state.json (the structure of the training
+state, numbers and strings, with keys into state.safetensors, plus the resolved config and the
+files' sizes). Resume scans for the newest complete checkpoint and falls back past damaged ones.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+import config as config_mod
+import models
+from models import sharding
+from infra.runtime import Dist
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: out/checkpoints/step_XXXXXX/{trainable.safetensors, state.safetensors, state.json}.
+# Nothing is unpickled: state.json holds the training state's structure (numbers, strings, lists)
+# with each tensor replaced by a key into state.safetensors, plus the byte size of every file
+# (a truncated copy is caught). Replay snapshots are files of out/replay, written once and named
+# in state.json. Each checkpoint is written into a temporary directory and renamed into place,
+# so a crash leaves the previous checkpoints and maybe the new one, never half of one. Resume
+# scans the directory for the newest complete checkpoint (checkpoints/latest is informative only).
+# ---------------------------------------------------------------------------------------------
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def pack_state(obj, tensors: dict):
+    """A tree of dicts/lists/tuples/numbers/strings/tensors/arrays -> JSON-able tree; tensors go
+    into ``tensors`` under the key that replaces them. Anything else is refused, never pickled."""
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: pack_state(v, tensors) for k, v in obj.items()}
+        return {"__items__": [[pack_state(k, tensors), pack_state(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [pack_state(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [pack_state(v, tensors) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint")
+
+
+def unpack_state(obj, tensors: dict):
+    """Inverse of ``pack_state``."""
+    if isinstance(obj, list):
+        return [unpack_state(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__ndarray__" in obj:
+        return np.array(obj["__ndarray__"], dtype=obj["dtype"])
+    if "__tuple__" in obj:
+        return tuple(unpack_state(v, tensors) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {unpack_state(k, tensors): unpack_state(v, tensors) for k, v in obj["__items__"]}
+    return {k: unpack_state(v, tensors) for k, v in obj.items()}
+
+
+def save_checkpoint(out: Path, step: int, bundle, opt, lr_sched, scaler, pool, cfg, ctx: Dist) -> None:
+    ckdir = out / "checkpoints"
+    # Under FSDP the weights and Adam moments are gathered first, a collective on every rank.
+    sharded = sharding.is_sharded(bundle.unet)
+    weights = bundle.trainable_state_dict() if ctx.rank == 0 or sharded else None
+    optim = sharding.optimizer_state_dict(bundle.unet, opt) if sharded else opt.state_dict() if ctx.rank == 0 else None
+    if ctx.rank == 0:
+        final = ckdir / f"step_{step:06d}"
+        tmp = ckdir / f".tmp_step_{step:06d}_{os.getpid()}"
+        try:
+            ckdir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
+            tensors: dict = {}
+            tree = pack_state({"optimizer": optim, "lr_scheduler": lr_sched.state_dict(),
+                               "scaler": scaler.state_dict(), "rng": _rng_state(),
+                               "pool": pool.state_dict() if pool is not None else None}, tensors)
+            save_file(tensors, str(tmp / "state.safetensors"))
+            sizes = {n: (tmp / n).stat().st_size for n in ("trainable.safetensors", "state.safetensors")}
+            (tmp / "state.json").write_text(json.dumps({"format": 1, "step": step, "files": sizes, "state": tree,
+                                                        "config": config_mod.to_dict(cfg)}))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            (ckdir / "latest.tmp").write_text(final.name)  # for people; resume scans the directory
+            os.replace(ckdir / "latest.tmp", ckdir / "latest")
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(f"cannot write the step {step} checkpoint in {ckdir} ({type(e).__name__}: {e}); "
+                          f"earlier checkpoints are kept: free disk space or fix permissions, then --resume") from e
+        if cfg.keep_checkpoints > 0:
+            for p in checkpoint_dirs(out)[cfg.keep_checkpoints:]:
+                shutil.rmtree(p, ignore_errors=True)
+    ctx.barrier()
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """out/checkpoints/step_* directories, newest first (complete or not)."""
+    ckdir = Path(out) / "checkpoints"
+    found = [p for p in ckdir.glob("step_*") if p.is_dir() and p.name[5:].isdigit()] if ckdir.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def latest_step(out: Path) -> int | None:
+    """Step of the newest checkpoint directory that holds its state.json (None if none)."""
+    for d in checkpoint_dirs(out):
+        if (d / "state.json").is_file():
+            return int(d.name[5:])
+    return None
+
+
+def read_checkpoint(d: Path) -> tuple[dict, dict]:
+    """(trainable weights, manifest with its "state" unpacked); raises if any file is missing,
+    truncated or unreadable."""
+    if not (d / "state.json").is_file():
+        raise FileNotFoundError("no state.json (incomplete, or written by an older version)")
+    manifest = json.loads((d / "state.json").read_text())
+    for name, size in manifest["files"].items():
+        got = (d / name).stat().st_size if (d / name).is_file() else None
+        if got != size:
+            raise ValueError(f"{name} is {'missing' if got is None else f'{got} bytes'}, expected {size} bytes")
+    weights = load_file(str(d / "trainable.safetensors"))
+    manifest["state"] = unpack_state(manifest["state"], load_file(str(d / "state.safetensors")))
+    return weights, manifest
+
+
+def chosen_step(out: Path, which: str) -> int:
+    """The step of checkpoint ``which`` (step_N, or a path to out/checkpoints/step_N)."""
+    name = Path(which).name
+    if not name.startswith("step_") or not (Path(out) / "checkpoints" / name).is_dir():
+        have = sorted(p.name for p in (Path(out) / "checkpoints").glob("step_*"))
+        raise FileNotFoundError(f"resume_from_checkpoint={which!r}: no such checkpoint in {Path(out) / 'checkpoints'} "
+                                f"(have: {', '.join(have) or 'none'})")
+    return int(name.split("_")[-1])
+
+
+# Keys whose change breaks "a resumed run equals an uninterrupted one" (max_steps may grow).
+TRAJECTORY_KEYS = ("method", "ssr", "replay", "model", "model_path", "data", "data_path", "beta",
+                   "tau", "eps_clip", "save_every", "loser_steps", "loser_guidance", "loser_scheduler",
+                   "loser_every", "loser_batch", "batch_size",  # loser_batch: rounding of batched calls
+                   "grad_accum", "lr", "warmup_steps", "lr_scheduler", "seed", "lora_rank", "mixed_precision", "cfg_drop", "fsdp")  # fsdp: the optimizer state's layout
+
+
+def check_resume_config(saved: dict, now: dict) -> None:
+    keys = TRAJECTORY_KEYS + (("max_steps",) if now.get("lr_scheduler") in ("linear", "cosine") else ())
+    default = config_mod.to_dict(config_mod.Config())  # a key newer than the checkpoint had its default
+    diff = {k: (saved.get(k, default.get(k)), now.get(k)) for k in keys if saved.get(k, default.get(k)) != now.get(k)}
+    if diff:
+        raise ValueError("--resume with a config that changes the run: " + ", ".join(
+            f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()) + "; use a new --out_dir instead")
+
+
+def load_latest(out: Path, bundle, opt, lr_sched, scaler, pool, cfg, which: str = "latest") -> int | None:
+    """Restore everything from the newest complete checkpoint; returns its step, or None if
+    out/checkpoints holds no checkpoint at all. A damaged newest checkpoint is skipped with one
+    warning line; if none is usable, a ValueError says why (train.py: exit code 2). ``which``
+    (--resume_from_checkpoint): step_N or a path to such a directory, that one only (no fallback)."""
+    dirs = checkpoint_dirs(out) if which == "latest" else \
+        [Path(out) / "checkpoints" / f"step_{chosen_step(out, which):06d}"]
+    if not dirs:
+        print(f"resume: no checkpoint in {Path(out) / 'checkpoints'}; starting from scratch", flush=True)
+        return None
+    skipped = []
+    for d in dirs:
+        try:
+            weights, manifest = read_checkpoint(d)
+        except Exception as e:
+            skipped.append(f"{d.name} ({type(e).__name__}: {e})")
+            continue
+        check_resume_config(manifest["config"], config_mod.to_dict(cfg))  # a refusal, not a fallback
+        state = manifest["state"]
+        try:
+            models.load_trainable(bundle, weights)
+            if sharding.is_sharded(bundle.unet):  # a full state keyed by parameter name (fsdp is a trajectory key)
+                sharding.load_optimizer_state_dict(bundle.unet, opt, state["optimizer"])
+            else:
+                opt.load_state_dict(state["optimizer"])
+            lr_sched.load_state_dict(state["lr_scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            if pool is not None and state["pool"] is not None:
+                pool.load_state_dict(state["pool"])
+            _set_rng_state(state["rng"])
+        except Exception as e:  # an older checkpoint, if usable, overwrites all of the above
+            skipped.append(f"{d.name} ({type(e).__name__}: {e})")
+            continue
+        if skipped:
+            print(f"warning: resume skipped damaged checkpoint(s): {'; '.join(skipped)}", flush=True)
+        return int(manifest["step"])
+    raise ValueError(f"resume: no usable checkpoint in {Path(out) / 'checkpoints'}: {'; '.join(skipped)}. "
+                     f"Restore a checkpoint, or start afresh with --overwrite (this deletes the run)")
+
+
+def truncate_metrics(out: Path, step: int) -> None:
+    """Drop metrics.jsonl rows logged after ``step`` (and any torn last line), atomically."""
+    path = Path(out) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)

@@ -1,0 +1,282 @@
+"""Training infrastructure kept out of the loop: torch.distributed setup,
+logging (console line, JSONL, tqdm), SIGTERM handling and sample grids."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+import config as config_mod
+import models
+from models import sampling, sharding
+from infra import trackers
+
+# ---------------------------------------------------------------------------------------------
+# torch.distributed (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # True if we created the process group (and so destroy it)
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def _reduce(self, value: float, op) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64,
+                         device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=op)
+        return t.item()
+
+    def all_finite(self, x: torch.Tensor) -> bool:
+        """True on every rank iff x is finite on every rank (so all ranks stop together)."""
+        return self._reduce(float(torch.isfinite(x).all()), dist.ReduceOp.MIN) > 0.5
+
+    def any_flag(self, flag: bool) -> bool:
+        return self._reduce(float(flag), dist.ReduceOp.MAX) > 0.5
+
+    def mean(self, x: torch.Tensor) -> float:
+        return self._reduce(float(x), dist.ReduceOp.SUM) / self.world
+
+    def teardown(self):
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def setup_distributed() -> Dist:
+    """One process, or one rank of a torchrun job (nccl on GPU, gloo on CPU)."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        dev = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        return Dist(device=dev)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local)
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(rank, world, local, torch.device("cuda", local) if cuda else torch.device("cpu"), owns)
+
+
+def log0(ctx: Dist, msg: str):
+    if ctx.rank == 0:
+        print(msg, flush=True)
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+class Preempted(Exception):
+    """A SIGTERM stopped the run after saving; train.py exits with code 143 (128 + SIGTERM)."""
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted at step {step}, checkpoint saved")
+        self.step = step
+
+
+def setup_logging(out: Path, rank: int):
+    """Python logging for a run (data/__init__.py's skips, ...): rank 0 to the console, every rank to
+    out/logs/rank<r>.log. Replaces what an earlier call set up; returns a function that closes it."""
+    import logging
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, "_sspo_run", False)]:
+        root.removeHandler(h)
+        h.close()
+    (Path(out) / "logs").mkdir(parents=True, exist_ok=True)
+    handlers = [logging.FileHandler(Path(out) / "logs" / f"rank{rank}.log")]
+    handlers[0].setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if rank == 0:
+        handlers.append(logging.StreamHandler(sys.stderr))
+        handlers[1].setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    for h in handlers:
+        h._sspo_run = True
+        h.setLevel(logging.INFO)
+        root.addHandler(h)
+    root.setLevel(min(root.level or logging.INFO, logging.INFO))
+
+    def close():
+        for h in handlers:
+            root.removeHandler(h)
+            h.close()
+    return close
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging and signals
+# ---------------------------------------------------------------------------------------------
+
+
+class Logger:
+    """Rank 0: a line per log interval (progress, rate and ETA: the only progress display when
+    stderr is not a terminal), one JSON object per line in metrics.jsonl, tqdm when stderr is a
+    terminal, and the same rows and the sample grids to the ``report_to`` tracker. Metrics are
+    averaged over ranks at log steps only."""
+
+    def __init__(self, cfg, ctx: Dist, out: Path):
+        self.cfg, self.ctx, self.out = cfg, ctx, out
+        self.t_start, self.window = time.perf_counter(), []
+        self.bar = None
+        if ctx.rank == 0 and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=cfg.max_steps, desc=cfg.method, dynamic_ncols=True)
+        self.tracker = trackers.make(cfg.report_to, out, config_mod.to_dict(cfg), cfg.tracker_project_name) \
+            if ctx.rank == 0 else None
+
+    def info(self, msg: str):
+        if self.ctx.rank == 0:
+            (self.bar.write if self.bar else print)(msg)
+            sys.stdout.flush()
+
+    def step(self, step: int, metrics: dict, lr: float, seconds: float):
+        self.window.append(seconds)
+        if self.bar:
+            if self.bar.n == 0 and step > 1:
+                self.bar.update(step - 1)
+            self.bar.update(1)
+        if step % self.cfg.log_every and step != self.cfg.max_steps:
+            return
+        row = {k: self.ctx.mean(v) for k, v in sorted(metrics.items())}  # collective on all ranks
+        if self.ctx.rank != 0:
+            return
+        sec = sum(self.window) / len(self.window)
+        self.window = []
+        rate = self.cfg.batch_size * self.cfg.grad_accum * self.ctx.world / sec
+        row.update(step=step, lr=lr, sec_per_step=sec, samples_per_sec=rate, time=time.time())
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tracker:
+            self.tracker.log(row, step)
+        eta = sec * (self.cfg.max_steps - step)
+        parts = [f"step {step}/{self.cfg.max_steps}", f"loss {row['loss']:.4f}"]
+        for key, name in (("implicit_acc", "acc"), ("ssr_rate", "ssr"), ("reward_margin", "margin")):
+            if key in row:
+                parts.append(f"{name} {row[key]:.3f}")
+        parts += [f"lr {lr:.1e}", f"{sec:.2f} s/step", f"{rate:.1f} samples/s", f"ETA {int(eta // 60)}m{int(eta % 60):02d}s"]
+        self.info(" | ".join(parts))
+
+    def samples(self, bundle, step: int, shape: tuple) -> None:
+        """Rank 0: the sample grid of ``step`` (save_samples), also to the tracker. A sharded
+        (FSDP) model samples on every rank, as its forwards are collectives; rank 0 writes."""
+        sharded = sharding.is_sharded(bundle.unet)
+        if self.ctx.rank != 0 and not sharded:
+            return
+        path = save_samples(self.cfg, bundle, self.out, step, shape, write=self.ctx.rank == 0)
+        if self.ctx.rank != 0:
+            return
+        if self.tracker:
+            with Image.open(path) as im:
+                self.tracker.image("samples", im.convert("RGB"), step)
+
+    def close(self):
+        if self.bar:
+            self.bar.close()
+        if self.tracker:
+            self.tracker.close()
+            self.tracker = None
+
+
+class StopOnSignal:
+    """SIGTERM sets a flag that the loop checks between micro-steps and after each update (then
+    saves and exits). Ctrl-C (SIGINT) still interrupts at once, without saving."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+        if hasattr(signal, "SIGTERM") and _main_thread():
+            for sig in (signal.SIGTERM,):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample grids: fixed prompts, fixed seed, the policy itself, 20 DDIM steps
+# ---------------------------------------------------------------------------------------------
+
+SAMPLE_PROMPTS = [
+    "a photo of an astronaut riding a horse on the moon", "a cozy cabin in a snowy forest at dusk",
+    "a bowl of ramen, studio lighting", "a watercolor painting of a lighthouse",
+    "a cat wearing sunglasses on a beach", "time-lapse of a flower blooming",
+    "a city skyline at night, long exposure", "an ice cube melting on a wooden table",
+    "a portrait of an old fisherman, dramatic light", "a red sports car in the rain",
+]
+
+
+def sample_prompts(cfg, n: int) -> list[str]:
+    """The first ``n`` of ``cfg.validation_prompts`` (a file, one prompt per line, or prompts
+    separated by '|'; the digits preset names one per digit), else the built-in set."""
+    if cfg.validation_prompts:
+        src = Path(cfg.validation_prompts)
+        text = src.read_text() if src.is_file() else cfg.validation_prompts.replace("|", "\n")
+        prompts = [p.strip() for p in text.splitlines() if p.strip()]
+        if not prompts:
+            raise ValueError(f"validation_prompts {cfg.validation_prompts!r} holds no prompt")
+        return prompts[:n]
+    return SAMPLE_PROMPTS[:n]
+
+
+def _grid(x: torch.Tensor, upscale: int = 1) -> Image.Image:
+    """(N,C,H,W) in [-1,1] -> one row-major grid image (5 columns; black cells pad the last row)."""
+    from diffusers.utils import make_image_grid
+    n, c, h, w = x.shape
+    cols = min(5, n)
+    rows = math.ceil(n / cols)
+    arr = ((x + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()  # (N,H,W,C)
+    cells = [Image.fromarray(a[..., 0] if c == 1 else a[..., :3]) for a in arr]
+    cells += [Image.new(cells[0].mode, cells[0].size)] * (rows * cols - n)
+    img = make_image_grid(cells, rows, cols)
+    return img.resize((img.width * upscale, img.height * upscale), Image.NEAREST) if upscale > 1 else img
+
+
+@torch.no_grad()
+def save_samples(cfg, bundle: models.Bundle, out: Path, step: int, shape: tuple, write: bool = True) -> Path:
+    prompts = sample_prompts(cfg, cfg.num_sample_prompts)
+    z = torch.randn((len(prompts), *shape), generator=torch.Generator().manual_seed(cfg.seed))
+    lat = sampling.sample_with_policy(bundle, prompts, latents=z, num_inference_steps=20,
+                                      guidance_scale=cfg.loser_guidance, latent_shape=shape)
+    d = out / "samples"
+    path = d / f"step_{step:06d}.png"
+    if not write:  # an FSDP rank other than 0 took part in the sampling only
+        return path
+    px = models.decode_latents(bundle, lat).float().clamp(-1, 1).cpu()  # (N,C,H,W) or (N,C,F,H,W)
+    frames = [px] if px.ndim == 4 else [px[:, :, f] for f in range(px.shape[2])]
+    grids = [_grid(f, upscale=8 if bundle.family == "digits" else 1) for f in frames]
+    d.mkdir(parents=True, exist_ok=True)
+    grids[0].save(path)
+    if len(grids) > 1:
+        path = d / f"step_{step:06d}.gif"
+        grids[0].save(path, save_all=True, append_images=grids[1:], duration=125, loop=0)
+    return path

@@ -1,0 +1,387 @@
+"""The benchmark runner: trains and evaluates many runs on the embedded digits task and writes
+the results into results/. It sits on top of everything (it imports the entry point train.py),
+and nothing imports it.
+
+    python -m research.benchmark sweep  [--jobs N]   # lr and beta per method on a validation measure -> results/sweep.md
+    python -m research.benchmark readme --run runs/digits_sspo   # the default run's eval.json -> the README's table
+    python -m research.benchmark claims [--jobs N]   # every method x 3 seeds -> results/claims.md, table.md, grid, curves
+    python -m research.benchmark claims --quick      # CI smoke size (numbers meaningless)
+
+Fair settings: every method trains on the same data, for the same number of updates and batch
+size, from the same base, and is judged by the same judge on the same noise. Its lr (and beta
+for the preference methods) come from ``sweep`` (results/sweep.json) when that file exists: the
+setting with the best validation accuracy (training templates, no guidance, generation noise
+seed 1000, which evaluation never uses; ties -> lower Frechet distance to the *align* split's
+real digits). Evaluation uses seeds 0..S-1 and the held-out *eval* split.
+    python -m research.benchmark frontier [--quick] [--seeds N] [--jobs N]   # loser sampling: cost vs quality
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import copy
+import datetime
+import json
+import multiprocessing
+import os
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import config
+import digits
+import digits.judge
+from research import loser_frontier
+import models
+from research import report
+import train
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+
+# name -> train.run overrides (method settings live in config.METHODS). Every method
+# aligns the same cached base with the same max_steps and batch size; "base" is not trained.
+METHODS = {
+    "base": None,
+    "sft": {"method": "sft"},
+    "dpo": {"method": "dpo"},
+    "spin": {"method": "spin"},
+    "sspo": {"method": "sspo"},
+    "sspo_r": {"method": "sspo_r"},
+    "dpo_cm": {"method": "dpo_cm"},
+    "sdpo": {"method": "sdpo"},
+    "sspo ssr=none": {"method": "sspo", "ssr": "none"},
+    "sspo ssr=indicator": {"method": "sspo", "ssr": "indicator"},
+    "sspo replay=initial": {"method": "sspo", "replay": "initial"},
+    "sspo replay=last": {"method": "sspo", "replay": "last"},
+    # Memorization (paper: "SFT memorizes, SSPO generalizes"): an alignment split of 5 digits per
+    # class, small enough to memorize within the run.
+    "sft small-align": {"method": "sft", "digits_align_per_class": 5},
+    "sspo small-align": {"method": "sspo", "digits_align_per_class": 5},
+}
+VALIDATION_SEED = 1000  # generation noise for the sweep; evaluation uses seeds 0..S-1
+SWEEP = {"lr": (1e-4, 3e-4, 1e-3), "beta": (500.0, 2500.0)}
+SIZES = {
+    # train: extra train.run overrides (None = the digits preset's value). save_every is also the
+    # replay-pool snapshot interval, so the full table keeps the preset's.
+    # Sized to finish well under an hour on 2 CPU cores with --jobs 2 (batch 16 instead of the
+    # main job's 32; every method gets the same updates and batch).
+    "full": dict(seeds=3, train={"max_steps": 300, "batch_size": 16}, n_final=100, n_curve=50,
+                 inference_steps=20, curve_inference_steps=10, curve_points=6),
+    # The validation sweep: shorter runs, one seed, curve-sized evaluation.
+    "sweep": dict(seeds=1, train={"max_steps": 200, "batch_size": 16}, n_final=50, n_curve=50,
+                  inference_steps=10, curve_inference_steps=10, curve_points=2),
+    # CI smoke test: numbers are meaningless (small base, few updates).
+    "quick": dict(seeds=2, train={"max_steps": 10, "save_every": 5, "batch_size": 8, "loser_steps": 3,
+                                  "digits_base_steps": 100}, n_final=40, n_curve=20, inference_steps=5,
+                  curve_inference_steps=3, curve_points=2),
+}
+FRONTIER_SIZES = {  # the loser-sampling frontier (loser_frontier.py)
+    # save_every (the replay pool's snapshot interval) must be a multiple of every loser_every in
+    # loser_frontier.FRONTIER: 24 instead of the claims run's 25, the same for every setting
+    "full": dict(SIZES["full"], seeds=3, train={"max_steps": 300, "batch_size": 16, "save_every": 24}),
+    "quick": dict(SIZES["quick"], seeds=2, train={**SIZES["quick"]["train"], "max_steps": 8, "save_every": 4}),
+}
+CURVE_CONDITIONS = ("id_nocfg", "ood_nocfg")  # guidance saturates accuracy fast on digits, so curves go without
+
+
+def _checkpoints_for_curve(run_dir: Path, points: int) -> list[Path]:
+    """At most `points` evenly spaced checkpoints/step_XXXXXX/ (the last one always)."""
+    ckpts = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir())
+    idx = np.unique(np.linspace(len(ckpts) - 1, 0, points).round().astype(int)) if ckpts else []
+    return [ckpts[i] for i in sorted(idx)]
+
+
+def _curve(bundle, run_dir: Path, judge, size: dict, seed: int, base_point: dict) -> list:
+    """[(update, metrics)]: the base at update 0, then checkpoints' trainable weights loaded in place."""
+    points = [(0, base_point)]  # the base model, judged on the same noise
+    for ckpt in _checkpoints_for_curve(run_dir, size["curve_points"]):
+        models.load_trainable(bundle, load_file(str(ckpt / "trainable.safetensors")))
+        points.append((int(ckpt.name.split("_")[1]), digits.judge.evaluate_model(
+            bundle, judge, n_per_condition=size["n_curve"], num_inference_steps=size["curve_inference_steps"],
+            seed=seed, conditions=CURVE_CONDITIONS)))
+    return points
+
+
+def _ssr_curve(run_dir: Path) -> list:
+    """[(update, ssr_rate)] from metrics.jsonl (empty for methods without SSR)."""
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return [(r["step"], r["ssr_rate"]) for r in rows if r.get("ssr_rate") is not None]
+
+
+def _tuned(overrides: dict, tuned: dict) -> dict:
+    """The sweep's lr/beta for this run's method (ablations inherit their method's), then the run's own."""
+    chosen = tuned.get(overrides["method"], {})
+    return {**{k: chosen[k] for k in ("lr", "beta") if k in chosen}, **overrides}
+
+
+def _memo(bundle, overrides: dict, seed: int) -> dict:
+    """Copying and diversity (report.memorization) of 10 samples per digit, training templates,
+    guidance 3, against the run's alignment digits (the first 40 per class of the full split, or
+    the small split itself) and as many held-out eval digits per class."""
+    per_class = overrides.get("digits_align_per_class", 0) or 40
+    align, heldout = digits.real_subset("align", per_class)[0], digits.real_subset("eval", per_class)[0]
+    prompts, labels = digits.judge.digit_prompts(digits.TRAIN_TEMPLATES[:1], 100)
+    x = digits.judge.generate_digits(bundle, prompts, seed=seed)
+    return report.memorization(x, labels, align, heldout)
+
+
+def _run_one(name: str, spec: dict, seed: int, out: Path, size: dict, common: dict, base_curve: dict,
+             keep_checkpoints: bool, tuned: dict, threads: int = 0) -> dict:
+    """Train one (method, seed) with train.run and judge its final model and checkpoints."""
+    if threads:
+        torch.set_num_threads(threads)
+    judge = digits.judge.DigitsJudge.from_splits()  # deterministic fit: every worker process has the same judge
+    run_dir = out / "runs" / name.replace(" ", "_").replace("=", "-") / f"seed{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
+    overrides = _tuned(spec, tuned)
+    t0 = time.time()
+    run_dir = Path(train.run({**common, **overrides, "seed": seed, "out_dir": str(run_dir), "sample_every": 0}))
+    train_s = time.time() - t0
+    bundle = models.build_model("digits", path=str(run_dir / "final"))
+    final = digits.judge.evaluate_model(bundle, judge, n_per_condition=size["n_final"],
+                                  num_inference_steps=size["inference_steps"], seed=seed)
+    row = {"seed": seed, "train_seconds": train_s, "final": final, "run_dir": str(run_dir),
+           "memo": _memo(bundle, overrides, seed), "settings": overrides,
+           "curve": _curve(bundle, run_dir, judge, size, seed, base_curve), "ssr": _ssr_curve(run_dir)}
+    if not keep_checkpoints:  # ~12 MB each (weights + optimizer); final/ and metrics.jsonl stay
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    print(f"{name} seed {seed}: {train_s:.0f}s train, " +
+          ", ".join(f"{k}={v:.3f}" for k, v in final.items() if k.endswith("accuracy")), flush=True)
+    return row
+
+
+def _in_workers(fn, args: dict, jobs: int) -> dict:
+    """{key: fn(*args[key])}, in `jobs` spawned worker processes with one torch thread each."""
+    if jobs <= 1:
+        return {key: fn(*a) for key, a in args.items()}
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        futures = {key: pool.submit(fn, *a, threads=1) for key, a in args.items()}
+        return {key: f.result() for key, f in futures.items()}
+
+
+def _base(size: dict) -> tuple[dict, Path]:
+    common = {k: v for k, v in size["train"].items() if v is not None}
+    cfg = config.resolve(common)
+    return common, digits.ensure_base(cfg.cache_dir, cfg.digits_base_steps, cfg.digits_corrupt)
+
+
+def run_table(out: Path, size: dict, methods=None, keep_checkpoints: bool = False, jobs: int = 1,
+              tuned: dict | None = None, specs: dict | None = None) -> dict:
+    """Train every method for every seed with train.run, judge the final models and the
+    checkpoints (learning curves). Generation seed = training seed: all methods see the same noise.
+    jobs > 1 runs (method, seed) pairs in that many worker processes with one torch thread each
+    (on a small CPU, two single-thread runs side by side beat one two-thread run).
+    specs: name -> train.run overrides (None = not trained: the base); default METHODS."""
+    specs = METHODS if specs is None else specs
+    out.mkdir(parents=True, exist_ok=True)
+    judge = digits.judge.DigitsJudge.from_splits()
+    print(f"judge accuracy on real eval digits: {judge.real_accuracy:.4f}", flush=True)
+    common, base_dir = _base(size)
+    base = models.build_model("digits", path=str(base_dir))
+    base_rows = {}
+    for seed in range(size["seeds"]):
+        curve = digits.judge.evaluate_model(base, judge, n_per_condition=size["n_curve"], seed=seed,
+                                      num_inference_steps=size["curve_inference_steps"], conditions=CURVE_CONDITIONS)
+        base_rows[seed] = {"seed": seed, "train_seconds": 0.0, "curve": [], "ssr": [], "run_dir": str(base_dir),
+                           "final": digits.judge.evaluate_model(base, judge, n_per_condition=size["n_final"],
+                                                          num_inference_steps=size["inference_steps"], seed=seed),
+                           "memo": _memo(base, {}, seed), "base_curve": curve}
+    results = {"size": size, "judge_accuracy": judge.real_accuracy, "base_model": str(base_dir), "runs": {},
+               "tuned": tuned or {}}
+    names = list(methods or specs)
+    for n in names:  # every setting's config is checked before the first run trains, not an hour in
+        if specs[n] is not None:
+            config.resolve({**common, **_tuned(specs[n], tuned or {})})
+    todo = [(n, s) for n in names if specs[n] is not None for s in range(size["seeds"])]
+    done = _in_workers(_run_one, {key: (key[0], specs[key[0]], key[1], out, size, common,
+                                        base_rows[key[1]]["base_curve"], keep_checkpoints, tuned or {})
+                                  for key in todo}, jobs)
+    for name in names:  # the table's order, whatever order the runs finished in
+        results["runs"][name] = [done[(name, s)] if specs[name] is not None else base_rows[s]
+                                 for s in range(size["seeds"])]
+    return results
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+def _validation(bundle, size: dict) -> dict:
+    """The sweep's measure: accuracy and FD (against the real *align* digits, not eval) on
+    training templates without guidance, generation noise VALIDATION_SEED."""
+    judge = digits.judge.DigitsJudge.from_splits(ref_split="align")
+    m = digits.judge.evaluate_model(bundle, judge, n_per_condition=size["n_curve"], seed=VALIDATION_SEED,
+                              num_inference_steps=size["curve_inference_steps"], conditions=("id_nocfg",))
+    return {"accuracy": m["id_nocfg/accuracy"], "frechet": m["id_nocfg/frechet"]}
+
+
+def _sweep_one(method: str, lr: float, beta: float, out: Path, size: dict, common: dict,
+               threads: int = 0) -> dict:
+    """Train one setting (seed 0) and score it on the validation measure."""
+    if threads:
+        torch.set_num_threads(threads)
+    run_dir = out / "sweep" / f"{method}_lr{lr:g}_beta{beta:g}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    train.run({**common, "method": method, "lr": lr, "beta": beta, "seed": 0, "out_dir": str(run_dir),
+               "sample_every": 0, "keep_checkpoints": 1})
+    m = _validation(models.build_model("digits", path=str(run_dir / "final")), size)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    print(f"sweep {method} lr={lr:g} beta={beta:g}: acc={m['accuracy']:.3f} FD={m['frechet']:.2f}", flush=True)
+    return {"method": method, "lr": lr, "beta": beta, **m}
+
+
+def run_sweep(out: Path, size: dict, jobs: int) -> dict:
+    """lr x beta per method (lr only for SFT); returns {method: {"lr", "beta"}} and the rows."""
+    out.mkdir(parents=True, exist_ok=True)
+    common, base_dir = _base(size)
+    base = _validation(models.build_model("digits", path=str(base_dir)), size)
+    methods = sorted({m["method"] for m in METHODS.values() if m})
+    todo = [(m, lr, beta) for m in methods for lr in SWEEP["lr"]
+            for beta in (SWEEP["beta"] if m != "sft" else SWEEP["beta"][:1])]
+    rows = list(_in_workers(_sweep_one, {k: (*k, out, size, common) for k in todo}, jobs).values())
+    best = {m: report.choose([r for r in rows if r["method"] == m], base["frechet"]) for m in methods}
+    return {"best": best, "rows": rows, "size": size, "base": base, "max_fd_ratio": report.SWEEP_MAX_FD_RATIO}
+
+
+# ----------------------------------------------------------------------------- commands
+
+def write_grid(results: dict, path: Path) -> None:
+    """One row per method (seed 0's final model), one column per prompted digit, guidance 3."""
+    prompts = [digits.digit_caption(d, digits.TRAIN_TEMPLATES[0]) for d in range(10)]
+    rows = {}
+    for name, runs in results["runs"].items():
+        path_ = runs[0]["run_dir"] if METHODS[name] is None else Path(runs[0]["run_dir"]) / "final"
+        rows[name] = digits.judge.generate_digits(models.build_model("digits", path=str(path_)), prompts, seed=0)
+    report.labelled_grid(rows).save(path)
+
+
+def _load_tuned(out: Path, quick: bool) -> dict:
+    """The sweep's chosen lr/beta per method (results/sweep.json), or {} (the presets)."""
+    f = out / "sweep.json"
+    return json.loads(f.read_text())["best"] if f.exists() and not quick else {}
+
+
+def cmd_claims(args) -> None:
+    size = copy.deepcopy(SIZES["quick" if args.quick else "full"])
+    if args.seeds is not None:
+        size["seeds"] = args.seeds
+    if args.steps is not None:
+        size["train"]["max_steps"] = args.steps
+    out = Path(args.out)
+    tuned = _load_tuned(out, args.quick)
+    if args.from_json:  # re-derive tables, verdicts and pictures from a finished run, no training
+        results = json.loads(Path(args.from_json).read_text())
+        size, tuned = results["size"], results.get("tuned", {})
+        command = results.get("command", f"(a run recorded in {args.from_json})")
+    else:
+        t0 = time.time()
+        results = run_table(out, size, args.methods, args.keep_checkpoints, args.jobs, tuned)
+        command = "python -m research.benchmark " + shlex.join(sys.argv[1:])
+        results.update(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), seconds=time.time() - t0,
+                       command=command)
+    results["summary"] = summary = report.summarize(results)
+    (out / "table.json").write_text(json.dumps(results, indent=1))
+    report.write_table_md(results, summary, out / "table.md", command)
+    rows = report.build_claims(results)
+    header = (f"# The paper's claims on the digits benchmark\n\n`{command}` — {results['date']}, "
+              f"{results['seconds'] / 60:.0f} min; {size['seeds']} seeds; {json.dumps(size['train'])}; "
+              f"settings per method: {'results/sweep.json' if tuned else 'the preset (no sweep file)'}. "
+              "Verdict rule: 95% t-interval of the paired (same seed) difference; see research/report.py."
+              + (f" Rewritten from {args.from_json} on {datetime.datetime.now():%Y-%m-%d %H:%M} (no "
+                 "retraining) by the command with `--from-json`." if args.from_json else ""))
+    (out / "claims.md").write_text(report.claims_markdown(rows, header))
+    report.plot_curves(results, out)
+    models_here = all(Path(runs[0]["run_dir"]).exists() for runs in results["runs"].values())
+    if models_here:
+        write_grid(results, out / "samples_grid.png")
+    else:  # --from-json on another machine: results/runs/ (the final models) is not in git
+        print("samples_grid.png not rewritten: the runs' final models are not here", flush=True)
+    print((out / "claims.md").read_text())
+    print(f"wrote {out}/claims.md, table.md, table.json, samples_grid.png, curve_*.png, ssr_rate.png "
+          f"in {results['seconds'] / 60:.1f} min")
+
+
+def cmd_sweep(args) -> None:
+    size = copy.deepcopy(SIZES["quick" if args.quick else "sweep"])
+    out = Path(args.out)
+    sweep = run_sweep(out, size, args.jobs)
+    (out / "sweep.json").write_text(json.dumps(sweep, indent=1))
+    report.write_sweep_md(sweep, out / "sweep.md", "python -m research.benchmark " + shlex.join(sys.argv[1:]), VALIDATION_SEED)
+    print((out / "sweep.md").read_text())
+
+
+def cmd_frontier(args) -> None:
+    size = copy.deepcopy(FRONTIER_SIZES["quick" if args.quick else "full"])
+    if args.seeds is not None:
+        size["seeds"] = args.seeds
+    specs = loser_frontier.selected(args.settings)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    batch, repeats = size["train"]["batch_size"], (3 if args.quick else 7)
+    costs = loser_frontier.costs(specs, batch, repeats, log=lambda s: print(s, flush=True))
+    runs = len(specs) * size["seeds"]
+    train_s = sum(c["sspo_ms"] for c in costs.values()) / 1e3 * size["train"]["max_steps"] * size["seeds"]
+    print(f"frontier: {len(specs)} settings x {size['seeds']} seeds = {runs} runs of "
+          f"{size['train']['max_steps']} updates; expected duration ~{train_s / max(args.jobs, 1) / 60 * 1.5:.0f} min "
+          f"with --jobs {args.jobs} (training time from the costs just measured at one thread, "
+          f"+50% for evaluation)", flush=True)
+    tuned = _load_tuned(out, args.quick)  # the same SSPO lr/beta as the claims run
+    results = run_table(out / "frontier", size, keep_checkpoints=False, jobs=args.jobs, specs=specs, tuned=tuned)
+    results.update(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), seconds=time.time() - t0,
+                   costs=costs, cost_batch=batch, cost_repeats=repeats, summary=report.summarize(results))
+    (out / "loser_frontier.json").write_text(json.dumps(results, indent=1))
+    loser_frontier.write(results, out, "python -m research.benchmark " + shlex.join(sys.argv[1:]))
+    print((out / "loser_frontier.md").read_text())
+    print(f"wrote {out / 'loser_frontier.md'}, loser_frontier.png, loser_frontier.json in "
+          f"{results['seconds'] / 60:.1f} min")
+
+
+def cmd_readme(args) -> None:
+    """Copy a finished default run's eval.json to results/default_run.json and its table into the README."""
+    ev = json.loads((Path(args.run) / "eval.json").read_text())
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "default_run.json").write_text(json.dumps(ev, indent=1))
+    report.update_readme("default", report.default_run_markdown(ev))
+    print(report.default_run_markdown(ev))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, fn, help_ in (("claims", cmd_claims, "train and judge every method x seed; claims, table, grid, curves"),
+                            ("table", cmd_claims, "the same as claims (its earlier name)"),
+                            ("sweep", cmd_sweep, "lr/beta per method on the validation measure -> sweep.json/md"),
+                            ("frontier", cmd_frontier, "SSPO per loser-sampling setting: cost vs DPO and final quality")):
+        c = sub.add_parser(name, help=help_)
+        c.set_defaults(fn=fn)
+        c.add_argument("--quick", action="store_true", help="CI smoke size (tiny base, few updates; numbers meaningless)")
+        c.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
+                       help="runs in parallel worker processes, one torch thread each")
+        c.add_argument("--out", default="results", help="output folder")
+        if fn is cmd_frontier:
+            c.add_argument("--seeds", type=int, help="training seeds per setting (default 3; quick 2)")
+            c.add_argument("--settings", nargs="+", choices=list(loser_frontier.FRONTIER), help="subset of settings (the first, the digits preset's, always runs: the others are judged against it)")
+        if fn is cmd_claims:
+            c.add_argument("--seeds", type=int, help="number of training seeds (default 3; quick 2)")
+            c.add_argument("--steps", type=int, help="optimizer updates per method (same for all)")
+            c.add_argument("--methods", nargs="+", choices=list(METHODS), help="subset of methods (default all)")
+            c.add_argument("--keep-checkpoints", action="store_true", help="keep runs/*/checkpoints")
+            c.add_argument("--from-json", help="a table.json of a finished run: rewrite claims, tables and "
+                                               "pictures from it without training")
+    c = sub.add_parser("readme", help="the default run's eval.json -> results/default_run.json and the README table")
+    c.set_defaults(fn=cmd_readme)
+    c.add_argument("--run", default="runs/digits_sspo", help="a finished `python train.py` run")
+    c.add_argument("--out", default="results", help="output folder")
+    args = p.parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Memory plan for CogVideoX-2B / -5B and Wan2.1-1.3B training on 80 GB GPUs, from the releases'
+transformer configs built on the meta device (shapes only, no weights). Writes results/memory_video.md.
+
+Per GPU, no sharding: weights bf16 (2 B/param); full fine-tuning adds fp32 master-free AdamW as
+this loop runs it (fp32 params 4 + grads 4 + Adam m, v 8 = 16 B/param, bf16 autocast); LoRA adds
+16 B per LoRA param. The reference: a frozen bf16 copy (full) or a second adapter (LoRA). Replay
+pool: one snapshot of the trainable weights per checkpoint (fp32 in memory). Activations are a
+rough estimate: tokens x hidden x layers x bytes/token/layer (~34 x 2 B without checkpointing,
+2 B with it, per sample, for 2 samples (winner + loser) of the video in the preset).
+    python -m research.memory_video
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
+
+# transformer/config.json of the releases (the fields that set the shapes).
+MODELS = {
+    "CogVideoX-2B": (CogVideoXTransformer3DModel, dict(num_attention_heads=30, attention_head_dim=64, in_channels=16,
+                     out_channels=16, time_embed_dim=512, text_embed_dim=4096, num_layers=30, sample_width=90,
+                     sample_height=60, sample_frames=49, patch_size=2, max_text_seq_length=226), 13, 60, 90, 226),
+    "CogVideoX-5B": (CogVideoXTransformer3DModel, dict(num_attention_heads=48, attention_head_dim=64, in_channels=16,
+                     out_channels=16, time_embed_dim=512, text_embed_dim=4096, num_layers=42, sample_width=90,
+                     sample_height=60, sample_frames=49, patch_size=2, max_text_seq_length=226,
+                     use_rotary_positional_embeddings=True), 13, 60, 90, 226),
+    "Wan2.1-1.3B": (WanTransformer3DModel, dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128,
+                    in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
+                    cross_attn_norm=True, qk_norm="rms_norm_across_heads"), 21, 60, 104, 512),
+}
+GB = 1e9
+
+
+def lora_params(model, rank: int) -> int:
+    n = 0
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in ("to_q", "to_k", "to_v") or name.endswith("to_out.0"):
+            n += rank * (m.in_features + m.out_features)
+    return n
+
+
+def plan(rank: int = 128, snapshots: int = 10) -> str:
+    rows = ["| model | params | weights bf16 | full FT: +AdamW/grads (16 B/p) | LoRA r%d params | activations 2 samples (ckpt / none) | replay pool %d snapshots (LoRA / full, fp32) | full FT fits 80 GB unsharded? |" % (rank, snapshots),
+            "|---|---|---|---|---|---|---|---|"]
+    for name, (cls, cfg, f, h, w, text) in MODELS.items():
+        with torch.device("meta"):
+            model = cls(**cfg)
+        n = sum(p.numel() for p in model.parameters())
+        hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+        tokens = f * (h // 2) * (w // 2) + (text if cls is CogVideoXTransformer3DModel else 0)
+        act = lambda per: 2 * tokens * hidden * cfg["num_layers"] * per / GB  # noqa: E731
+        nl = lora_params(model, rank)
+        full = n * 16 / GB + n * 2 / GB  # trained fp32 states + the frozen bf16 reference
+        rows.append(f"| {name} | {n / 1e9:.2f} B | {n * 2 / GB:.1f} GB | {n * 16 / GB:.1f} GB | {nl / 1e6:.1f} M "
+                    f"| {act(2):.1f} / {act(68):.0f} GB | {snapshots * nl * 4 / GB:.2f} / {snapshots * n * 4 / GB:.0f} GB (host RAM or disk) "
+                    f"| {'yes' if full + act(2) < 80 else 'no: shard (FSDP) or LoRA'} ({full + act(2):.0f} GB) |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    text = ("# Memory plan: video models (computed by research/memory_video.py from the release configs on the meta device)\n\n"
+            "Latents of the presets: CogVideoX 49 frames 480x720 -> 13x60x90; Wan2.1 81 frames 480x832 -> 21x60x104. "
+            "Activations are rough (per-layer bytes per token x hidden); measure on a GPU before relying on them.\n\n"
+            + plan() + "\n")
+    Path("results").mkdir(exist_ok=True)
+    Path("results/memory_video.md").write_text(text)
+    print(text)
