@@ -89,6 +89,9 @@ class Config:
     digits_corrupt: float = _f(0.65, "fraction of pretrain captions naming a wrong digit in the base's second stage")
     digits_loser_wrong: float = _f(0.5, "share of digits preference pairs whose loser shows a wrong digit "
                                         "(the rest: the right digit, smudged)")
+    pair_noise: float = _f(0.0, "digits: share of preference pairs recorded the wrong way round (winner and loser "
+                               "swapped, keyed by seed and item, for every method); 0.2 models Pick-a-Pic's "
+                               "68% annotator agreement (digits.DigitsDataset)")
     digits_classes: str = _f("", "comma-separated digit classes kept in the alignment split ('' = all)")
     digits_align_per_class: int = _f(0, "keep only the first N alignment digits of each class (0 = all; memorization runs)")
     cache_dir: str = _f(str(ROOT / "cache"), "where the digits base model is cached")
@@ -292,7 +295,7 @@ def validate_numbers(cfg: Config) -> None:
     for key in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(cfg, key) < 1.0:
             raise ValueError(f"config key {key!r} must be in [0, 1), got {getattr(cfg, key)}")
-    for key in ("digits_corrupt", "digits_loser_wrong"):
+    for key in ("digits_corrupt", "digits_loser_wrong", "pair_noise"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise ValueError(f"config key {key!r} must be in [0, 1], got {getattr(cfg, key)}")
     if cfg.loser_guidance < 0:
@@ -407,7 +410,7 @@ def ignored_settings(cfg: Config, given: set[str] | None = None) -> list[str]:
         for key in ("dataset_split_name", "max_train_samples"):
             why[key] = f"data {cfg.data!r} is read whole" + (" (data_split picks its part)" if cfg.data == "digits" else "")
     if cfg.model != "digits":
-        for key in ("digits_base_steps", "digits_corrupt", "digits_classes", "digits_loser_wrong", "cache_dir",
+        for key in ("digits_base_steps", "digits_corrupt", "digits_classes", "digits_loser_wrong", "pair_noise", "cache_dir",
                     "data_split"):
             why[key] = f"only the digits model uses it; this run trains {cfg.model}"
     else:
@@ -416,6 +419,7 @@ def ignored_settings(cfg: Config, given: set[str] | None = None) -> list[str]:
         why["data_path"] = why["local_files_only"] = "the digits data and model are built locally"
         if cfg.data_split != "align":
             why["digits_classes"] = "classes filter the align split only"
+            why["pair_noise"] = "pair noise swaps the align split's preference pairs only"
         if cfg.init == "scratch" or cfg.model_path:
             why["digits_base_steps"] = "the run starts from " + ("random weights" if cfg.init == "scratch"
                                                                   else "model_path, not the cached base")

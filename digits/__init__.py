@@ -30,7 +30,7 @@ SPLITS = ("pretrain", "align", "eval")
 SPLIT_SEED = 0  # the data split never changes with the training seed: eval digits stay held out
 # Purposes, so that different random choices of one seed are independent streams (data/__init__.py uses 3, 4).
 _CORRUPT, _TEMPLATE, _LOSER, _SPLIT, _MIX, _DEGRADE = 0, 1, 2, 5, 6, 7
-_COIN = 3
+_COIN, _SWAP = 3, 8
 LOSER_WRONG = 0.5  # default mix: half the losers show a wrong digit, half the right digit, worse
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -123,13 +123,25 @@ class DigitsDataset(BaseDataset):
     - right digit, worse (the rest): another real image of the caption's digit, smudged by
       ``degrade_digit`` (Gaussian blur + pixel noise), so it shows the prompted digit less well.
     The split itself always uses ``split_seed`` so that eval never leaks when ``seed`` changes.
+
+    pair_noise: the share of items whose preference is recorded the wrong way round: exactly
+        round(pair_noise * N) items, chosen by ``seed`` (a function of (seed, dataset index), so
+        every method, process count and resume sees the same ones), have winner and loser
+        swapped, for every mode: SFT and SSPO then learn from the swapped "winner" too. This
+        models Pick-a-Pic's noisy labels: in the Pick-a-Pic paper (Kirstain et al. 2023) a second
+        annotator agrees with the recorded choice 68.0% of the time. If the recorded choice and a
+        second annotator each disagree with a latent preference independently at rate p,
+        agreement = (1 - p)^2 + p^2 = 0.68 gives p = 0.2, the benchmark's assumption.
     """
 
     def __init__(self, split: str, mode: str = "winners", corrupt_fraction: float = 0.0,
                  seed: int = 0, classes: Sequence[int] | None = None, cfg_drop: float = 0.0,
                  templates: Sequence[str] = TRAIN_TEMPLATES, split_seed: int = 0,
-                 per_class: int | None = None, loser_wrong_fraction: float = LOSER_WRONG):
+                 per_class: int | None = None, loser_wrong_fraction: float = LOSER_WRONG,
+                 pair_noise: float = 0.0):
         super().__init__(seed, cfg_drop)
+        if not 0.0 <= pair_noise <= 1.0:
+            raise ValueError(f"pair_noise must be in [0,1], got {pair_noise}")
         if not 0.0 <= loser_wrong_fraction <= 1.0:
             raise ValueError(f"loser_wrong_fraction must be in [0,1], got {loser_wrong_fraction}")
         splits = load_digits_splits(split_seed)
@@ -182,17 +194,22 @@ class DigitsDataset(BaseDataset):
                                                 torch.Generator().manual_seed(int(rng.integers(2**62))))
         self.loser_y = self.pool_y[torch.from_numpy(self.loser_index)]  # the digit each loser shows
         self.coin = seeded_rng(seed, _COIN).random(n) < 0.5  # SSPOr: True -> the winner image
+        self.swapped = np.zeros(n, dtype=bool)  # recorded the wrong way round (pair_noise)
+        self.swapped[seeded_rng(seed, _SWAP).choice(n, size=int(round(pair_noise * n)), replace=False)] = True
 
     def __len__(self) -> int:
         return len(self.y)
 
     def __getitem__(self, i: int) -> dict:
         text = digit_caption(self.caption_labels[i], self.templates[self.template_ids[i]])
-        item = {"prompt": self._prompt(text, self._item_rng(i)), "x0_w": self.x[i], "label": int(self.y[i])}
+        (x_w, y_w), (x_l, y_l) = (self.x[i], int(self.y[i])), (self.loser_x[i], int(self.loser_y[i]))
+        if self.swapped[i]:  # a noisy label: the recorded winner is the worse image
+            (x_w, y_w), (x_l, y_l) = (x_l, y_l), (x_w, y_w)
+        item = {"prompt": self._prompt(text, self._item_rng(i)), "x0_w": x_w, "label": y_w}
         if self.mode == "pairs":
-            item["x0_l"] = self.loser_x[i]
+            item["x0_l"] = x_l
         elif self.mode == "random" and not self.coin[i]:
-            item["x0_w"], item["label"] = self.loser_x[i], int(self.loser_y[i])
+            item["x0_w"], item["label"] = x_l, y_l
         return item
 
     def wrong_target_fraction(self) -> float:

@@ -20,7 +20,8 @@ def build_dataset(cfg: Config):
         align = cfg.data_split == "align"
         return digits.DigitsDataset(cfg.data_split, corrupt_fraction=corrupt, classes=classes if align else None,
                                     per_class=(cfg.digits_align_per_class or None) if align else None,
-                                    loser_wrong_fraction=cfg.digits_loser_wrong, **common)
+                                    loser_wrong_fraction=cfg.digits_loser_wrong,
+                                    pair_noise=cfg.pair_noise if align else 0.0, **common)
     aug = dict(resolution=cfg.resolution, random_crop=cfg.random_crop, hflip=cfg.hflip,
                cfg_drop=cfg.cfg_drop, seed=cfg.seed)
     subset = dict(split=cfg.dataset_split_name, max_train_samples=cfg.max_train_samples)

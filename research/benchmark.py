@@ -14,6 +14,11 @@ setting with the best validation accuracy (training templates, no guidance, gene
 seed 1000, which evaluation never uses; ties -> lower Frechet distance to the *align* split's
 real digits). Evaluation uses seeds 0..S-1 and the held-out *eval* split.
     python -m research.benchmark frontier [--quick] [--seeds N] [--jobs N]   # loser sampling: cost vs quality
+    python -m research.benchmark noise [--quick] [--jobs N]   # SFT / DPO / SSPO vs the share of swapped pairs
+
+Preference noise (``pair_noise``, digits.DigitsDataset): Pick-a-Pic's labels are noisy (a second
+annotator agrees with the recorded choice 68.0% of the time, i.e. p = 0.2 if both err
+independently at rate p); ``claims --pair-noise 0.2`` runs the table in that regime.
 """
 from __future__ import annotations
 
@@ -87,6 +92,15 @@ FRONTIER_SIZES = {  # the loser-sampling frontier (loser_frontier.py)
     "full": dict(SIZES["full"], seeds=3, train={"max_steps": 300, "batch_size": 16, "save_every": 24}),
     "quick": dict(SIZES["quick"], seeds=2, train={**SIZES["quick"]["train"], "max_steps": 8, "save_every": 4}),
 }
+# The preference-noise sweep (cmd_noise): the claims run's training at each share of swapped
+# pairs; curves are not used there, so they are short.
+NOISE_LEVELS = (0.0, 0.1, 0.2, 0.3, 0.4)
+NOISE_METHODS = ("sft", "dpo", "sspo")
+NOISE_SIZES = {
+    "full": dict(SIZES["full"], curve_points=2, n_curve=20),
+    "quick": dict(SIZES["quick"], seeds=2, curve_points=1, n_curve=10, n_final=20),
+}
+CALIBRATED_NOISE = 0.2  # Pick-a-Pic's 68.0% agreement: (1 - p)^2 + p^2 = 0.68
 CURVE_CONDITIONS = ("id_nocfg", "ood_nocfg")  # guidance saturates accuracy fast on digits, so curves go without
 
 
@@ -273,6 +287,8 @@ def cmd_claims(args) -> None:
         size["seeds"] = args.seeds
     if args.steps is not None:
         size["train"]["max_steps"] = args.steps
+    if args.pair_noise:
+        size["train"]["pair_noise"] = args.pair_noise
     out = Path(args.out)
     tuned = _load_tuned(out, args.quick)
     if args.from_json:  # re-derive tables, verdicts and pictures from a finished run, no training
@@ -292,7 +308,9 @@ def cmd_claims(args) -> None:
     header = (f"# The paper's claims on the digits benchmark\n\n`{command}` — {results['date']}, "
               f"{results['seconds'] / 60:.0f} min; {size['seeds']} seeds; {json.dumps(size['train'])}; "
               f"settings per method: {'results/sweep.json' if tuned else 'the preset (no sweep file)'}. "
-              "Verdict rule: 95% t-interval of the paired (same seed) difference; see research/report.py."
+              "Verdict rule: 95% t-interval of the paired (same seed) difference; an accuracy win whose "
+              f"Frechet distance is more than {report.REALISM_RATIO}x the other side's is a trade-off "
+              "(research/report.py, realism_verdict)."
               + (f" Rewritten from {args.from_json} on {datetime.datetime.now():%Y-%m-%d %H:%M} (no "
                  "retraining) by the command with `--from-json`." if args.from_json else ""))
     (out / "claims.md").write_text(report.claims_markdown(rows, header))
@@ -343,6 +361,31 @@ def cmd_frontier(args) -> None:
           f"{results['seconds'] / 60:.1f} min")
 
 
+def cmd_noise(args) -> None:
+    """SFT, Diffusion-DPO and SSPO at each share of swapped pairs (NOISE_LEVELS), the same base,
+    training and judge as claims -> noise.md / noise.json / noise.png."""
+    size = copy.deepcopy(NOISE_SIZES["quick" if args.quick else "full"])
+    if args.seeds is not None:
+        size["seeds"] = args.seeds
+    levels = tuple(args.levels or NOISE_LEVELS)
+    out = Path(args.out)
+    tuned = _load_tuned(out, args.quick)
+    t0 = time.time()
+    specs = {"base": None, **{m: METHODS[m] for m in NOISE_METHODS}}
+    per_level = {}
+    for p in levels:
+        print(f"noise: pair_noise = {p:g}", flush=True)
+        size_p = copy.deepcopy(size)
+        size_p["train"]["pair_noise"] = p
+        per_level[f"{p:g}"] = run_table(out / "noise" / f"p{p:g}", size_p, jobs=args.jobs, specs=specs, tuned=tuned)
+    results = {"levels": list(levels), "size": size, "tuned": tuned, "per_level": per_level,
+               "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "seconds": time.time() - t0,
+               "command": "python -m research.benchmark " + shlex.join(sys.argv[1:])}
+    (out / "noise.json").write_text(json.dumps(results, indent=1))
+    report.write_noise(results, out)
+    print((out / "noise.md").read_text())
+
+
 def cmd_readme(args) -> None:
     """Copy a finished default run's eval.json to results/default_run.json and its table into the README."""
     ev = json.loads((Path(args.run) / "eval.json").read_text())
@@ -358,7 +401,8 @@ def main(argv=None) -> None:
     for name, fn, help_ in (("claims", cmd_claims, "train and judge every method x seed; claims, table, grid, curves"),
                             ("table", cmd_claims, "the same as claims (its earlier name)"),
                             ("sweep", cmd_sweep, "lr/beta per method on the validation measure -> sweep.json/md"),
-                            ("frontier", cmd_frontier, "SSPO per loser-sampling setting: cost vs DPO and final quality")):
+                            ("frontier", cmd_frontier, "SSPO per loser-sampling setting: cost vs DPO and final quality"),
+                            ("noise", cmd_noise, "SFT / DPO / SSPO vs the share of swapped preference pairs")):
         c = sub.add_parser(name, help=help_)
         c.set_defaults(fn=fn)
         c.add_argument("--quick", action="store_true", help="CI smoke size (tiny base, few updates; numbers meaningless)")
@@ -368,7 +412,12 @@ def main(argv=None) -> None:
         if fn is cmd_frontier:
             c.add_argument("--seeds", type=int, help="training seeds per setting (default 3; quick 2)")
             c.add_argument("--settings", nargs="+", choices=list(loser_frontier.FRONTIER), help="subset of settings (the first, the digits preset's, always runs: the others are judged against it)")
+        if fn is cmd_noise:
+            c.add_argument("--seeds", type=int, help="training seeds per method and level (default 3; quick 2)")
+            c.add_argument("--levels", type=float, nargs="+", help=f"pair_noise levels (default {NOISE_LEVELS})")
         if fn is cmd_claims:
+            c.add_argument("--pair-noise", type=float, default=0.0,
+                           help=f"share of swapped preference pairs ({CALIBRATED_NOISE} = Pick-a-Pic's agreement)")
             c.add_argument("--seeds", type=int, help="number of training seeds (default 3; quick 2)")
             c.add_argument("--steps", type=int, help="optimizer updates per method (same for all)")
             c.add_argument("--methods", nargs="+", choices=list(METHODS), help="subset of methods (default all)")

@@ -56,6 +56,21 @@ def verdict(diffs) -> str:
     return "inconclusive"
 
 
+REALISM_RATIO = 1.5  # an accuracy win whose Frechet distance is more than this times the other's is a trade-off
+
+
+def realism_verdict(accuracy_verdict: str, fd_a: float, fd_b: float, ratio: float = REALISM_RATIO) -> str:
+    """The verdict on "A is more accurate than B" with realism in it: a side that wins on
+    accuracy (``accuracy_verdict`` 'supported': A; 'not supported': B) while its mean Frechet
+    distance to real digits is more than ``ratio`` times the other's draws shapes less like real
+    digits, which a PickScore-like judgment would not call a win: 'trade-off', never
+    'supported'. Otherwise the accuracy verdict stands."""
+    winner_fd, other_fd = {"supported": (fd_a, fd_b), "not supported": (fd_b, fd_a)}.get(accuracy_verdict, (0, 0))
+    if other_fd > 0 and winner_fd > ratio * other_fd:
+        return "trade-off"
+    return accuracy_verdict
+
+
 # ----------------------------------------------------------------------------- memorization
 
 def _nearest(x: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
@@ -88,15 +103,21 @@ def memorization(samples: torch.Tensor, labels, align: torch.Tensor, heldout: to
 
 # ----------------------------------------------------------------------------- the claims table
 
-def claim_row(name: str, measure: str, a: str, b: str, values_a, values_b, higher_is_better: bool = True) -> dict:
-    """One claim "a beats b on measure" from per-seed values (paired by seed)."""
+def claim_row(name: str, measure: str, a: str, b: str, values_a, values_b, higher_is_better: bool = True,
+              frechet: tuple | None = None) -> dict:
+    """One claim "a beats b on measure" from per-seed values (paired by seed). ``frechet``:
+    (per-seed FD of a, of b) for an accuracy claim, judged by :func:`realism_verdict`."""
     va, vb = np.asarray(values_a, dtype=np.float64), np.asarray(values_b, dtype=np.float64)
     diffs = (va - vb) if higher_is_better else (vb - va)
     mean, low, high = interval(diffs)
-    return {"claim": name, "measure": measure, "a": a, "b": b,
-            "a_mean": float(va.mean()), "a_std": float(va.std(ddof=1)),
-            "b_mean": float(vb.mean()), "b_std": float(vb.std(ddof=1)),
-            "diff": mean, "low": low, "high": high, "verdict": verdict(diffs), "seeds": len(diffs)}
+    row = {"claim": name, "measure": measure, "a": a, "b": b,
+           "a_mean": float(va.mean()), "a_std": float(va.std(ddof=1)),
+           "b_mean": float(vb.mean()), "b_std": float(vb.std(ddof=1)),
+           "diff": mean, "low": low, "high": high, "verdict": verdict(diffs), "seeds": len(diffs)}
+    if frechet is not None:
+        row["fd_a"], row["fd_b"] = float(np.mean(frechet[0])), float(np.mean(frechet[1]))
+        row["verdict"] = realism_verdict(row["verdict"], row["fd_a"], row["fd_b"])
+    return row
 
 
 def claims_markdown(rows: list[dict], header: str) -> str:
@@ -104,8 +125,9 @@ def claims_markdown(rows: list[dict], header: str) -> str:
              "| claim | measure | A (mean ± sd) | B (mean ± sd) | A better by (95% CI) | verdict |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['claim']} | {r['measure']} | {r['a']}: {r['a_mean']:.3f} ± {r['a_std']:.3f} | "
-                     f"{r['b']}: {r['b_mean']:.3f} ± {r['b_std']:.3f} | {r['diff']:+.3f} "
+        fd = lambda k: f" (FD {r[k]:.2f})" if k in r else ""  # noqa: E731
+        lines.append(f"| {r['claim']} | {r['measure']} | {r['a']}: {r['a_mean']:.3f} ± {r['a_std']:.3f}{fd('fd_a')} | "
+                     f"{r['b']}: {r['b_mean']:.3f} ± {r['b_std']:.3f}{fd('fd_b')} | {r['diff']:+.3f} "
                      f"[{r['low']:+.3f}, {r['high']:+.3f}] | **{r['verdict']}** |")
     return "\n".join(lines) + "\n"
 
@@ -174,8 +196,11 @@ def build_claims(results: dict) -> list[dict]:
     def per_run(name, fn):
         return [fn(r) for r in runs[name]]
 
-    def add(claim, measure, a, b, va, vb, higher=True):
-        rows.append(claim_row(claim, measure, a, b, va, vb, higher))
+    def add(claim, measure, a, b, va, vb, higher=True, cond=None):
+        """``cond``: the condition of an accuracy claim, whose Frechet distances judge realism."""
+        fd = (_final(results, a, f"{cond}/frechet"), _final(results, b, f"{cond}/frechet")) \
+            if cond and b in runs else None
+        rows.append(claim_row(claim, measure, a, b, va, vb, higher, frechet=fd))
 
     have = lambda *names: all(n in runs for n in names)  # noqa: E731
     # Accuracy is judged with guidance 3 (as the paper samples) and without: with guidance most
@@ -187,7 +212,8 @@ def build_claims(results: dict) -> list[dict]:
             for other in ("sft", "dpo", "spin", "base"):
                 if have("sspo", other):
                     add(f"Table 1: SSPO beats {other} ({where}, {guid[g]})", f"{cond} accuracy", "sspo", other,
-                        _final(results, "sspo", f"{cond}/accuracy"), _final(results, other, f"{cond}/accuracy"))
+                        _final(results, "sspo", f"{cond}/accuracy"), _final(results, other, f"{cond}/accuracy"),
+                        cond=cond)
     if have("sspo", "sft"):
         add("Table 1: SSPO keeps closer to real digits than SFT", "id_cfg Frechet distance", "sspo", "sft",
             _final(results, "sspo", "id_cfg/frechet"), _final(results, "sft", "id_cfg/frechet"), higher=False)
@@ -196,10 +222,11 @@ def build_claims(results: dict) -> list[dict]:
         for other in ("sspo ssr=none", "sspo replay=initial", "sspo replay=last"):
             if have("sspo", other):
                 add(f"Table 6: SSPO beats {other} ({guid[g]})", f"id_{g} accuracy", "sspo", other,
-                    _final(results, "sspo", acc), _final(results, other, acc))
+                    _final(results, "sspo", acc), _final(results, other, acc), cond=f"id_{g}")
         if have("sspo ssr=indicator", "sspo ssr=none"):
             add(f"Table 6: indicator SSR beats no SSR ({guid[g]})", f"id_{g} accuracy", "sspo ssr=indicator",
-                "sspo ssr=none", _final(results, "sspo ssr=indicator", acc), _final(results, "sspo ssr=none", acc))
+                "sspo ssr=none", _final(results, "sspo ssr=indicator", acc), _final(results, "sspo ssr=none", acc),
+                cond=f"id_{g}")
     if have("sspo", "sspo replay=last"):
         add("Fig. 2: last-checkpoint replay overfits as training grows (drops more from its best)",
             "best - final id_nocfg accuracy", "sspo replay=last", "sspo",
@@ -224,7 +251,8 @@ def build_claims(results: dict) -> list[dict]:
         if have(other, "dpo"):
             for g in guid:
                 add(f"SDPO paper: {other} beats Diffusion-DPO ({guid[g]})", f"id_{g} accuracy", other, "dpo",
-                    _final(results, other, f"id_{g}/accuracy"), _final(results, "dpo", f"id_{g}/accuracy"))
+                    _final(results, other, f"id_{g}/accuracy"), _final(results, "dpo", f"id_{g}/accuracy"),
+                    cond=f"id_{g}")
             add(f"SDPO paper: {other} is more stable than Diffusion-DPO", "roughness of the accuracy curve",
                 other, "dpo", per_run(other, _roughness), per_run("dpo", _roughness), higher=False)
     return rows
@@ -276,6 +304,87 @@ def plot_curves(results: dict, out, conditions=("id_nocfg", "ood_nocfg")) -> lis
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths
+
+
+# ----------------------------------------------------------------------------- preference noise
+
+NOISE_CONDITIONS = ("id_cfg", "id_nocfg", "ood_cfg", "ood_nocfg")
+
+
+def crossover(levels, a_means, b_means) -> float | None:
+    """The first noise level at which method a's mean reaches method b's (a - b >= 0), linearly
+    interpolated between the two levels around the sign change; ``levels[0]`` if a already
+    reaches b there; None if it never does within ``levels``."""
+    d = np.asarray(a_means, dtype=np.float64) - np.asarray(b_means, dtype=np.float64)
+    if d[0] >= 0:
+        return float(levels[0])
+    for i in range(1, len(d)):
+        if d[i] >= 0:
+            return float(levels[i - 1] + (levels[i] - levels[i - 1]) * (-d[i - 1]) / (d[i] - d[i - 1]))
+    return None
+
+
+def noise_summary(results: dict) -> dict:
+    """{condition: {method: {"acc": [(mean, sd)] per level, "fd": [...]}}} and the SSPO-vs-DPO
+    crossover per condition."""
+    levels = results["levels"]
+    table = {}
+    for cond in NOISE_CONDITIONS:
+        table[cond] = {}
+        for name in results["per_level"][f"{levels[0]:g}"]["runs"]:
+            acc = [_final(results["per_level"][f"{p:g}"], name, f"{cond}/accuracy") for p in levels]
+            fd = [_final(results["per_level"][f"{p:g}"], name, f"{cond}/frechet") for p in levels]
+            table[cond][name] = {"acc": [(float(np.mean(v)), float(np.std(v, ddof=1))) for v in acc],
+                                 "fd": [(float(np.mean(v)), float(np.std(v, ddof=1))) for v in fd]}
+    cross = {cond: crossover(levels, [m for m, _ in table[cond]["sspo"]["acc"]],
+                             [m for m, _ in table[cond]["dpo"]["acc"]])
+             for cond in NOISE_CONDITIONS if {"sspo", "dpo"} <= set(table[cond])}
+    return {"table": table, "crossover": cross}
+
+
+def write_noise(results: dict, out: Path) -> None:
+    """noise.md (accuracy and FD per method and level, the crossover) and noise.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    levels, summ = results["levels"], noise_summary(results)
+    names = {"id_cfg": "training templates, guidance 3", "id_nocfg": "training templates, no guidance",
+             "ood_cfg": "held-out templates, guidance 3", "ood_nocfg": "held-out templates, no guidance"}
+    lines = [f"# Preference noise: SFT, Diffusion-DPO and SSPO vs the share of swapped pairs", "",
+             f"`{results['command']}` — {results['date']}, {results['seconds'] / 60:.0f} min; "
+             f"{results['size']['seeds']} seeds per method and level; {json.dumps(results['size']['train'])}; "
+             f"lr/beta per method: {'results/sweep.json' if results['tuned'] else 'the preset'}. pair_noise = p "
+             "swaps winner and loser of round(p N) alignment pairs, the same items for every method "
+             "(SFT and SSPO learn from the swapped winner too); p = 0.2 models Pick-a-Pic's 68.0% "
+             "annotator agreement. Accuracy: mean ± sd over seeds (FD: Frechet distance to real digits, "
+             "lower is better).", ""]
+    for cond, label in names.items():
+        c = summ["crossover"].get(cond)
+        where = (f"SSPO's mean reaches DPO's at pair_noise = {c:.2f}" if c is not None and c > levels[0]
+                 else "SSPO's mean is at or above DPO's already without noise" if c is not None
+                 else f"no crossover below {levels[-1]:g}: DPO's mean stays above SSPO's")
+        lines += [f"## {label}", "", f"Crossover: {where}.", "",
+                  "| method | " + " | ".join(f"p = {p:g}" for p in levels) + " |",
+                  "|---|" + "---|" * len(levels)]
+        for name, row in summ["table"][cond].items():
+            cells = [f"{a:.3f} ± {sa:.3f} (FD {f:.2f})" for (a, sa), (f, _) in zip(row["acc"], row["fd"])]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    (out / "noise.md").write_text("\n".join(lines))
+    fig, axes = plt.subplots(1, len(names), figsize=(18, 4.2), sharey=True)
+    for ax, (cond, label) in zip(axes, names.items()):
+        for name, row in summ["table"][cond].items():
+            m, sd = np.array([a for a, _ in row["acc"]]), np.array([s for _, s in row["acc"]])
+            ax.plot(levels, m, marker="o", label=name)
+            ax.fill_between(levels, m - sd, m + sd, alpha=0.15)
+        ax.axvline(0.2, color="grey", lw=0.8, ls=":")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("pair_noise (share of swapped pairs)")
+    axes[0].set_ylabel("accuracy (judge)")
+    axes[-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "noise.png", dpi=100)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- tables written into results/ and the README

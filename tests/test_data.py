@@ -479,3 +479,27 @@ def test_digits_base_reads_first_then_learns_a_misaligned_conditional(tmp_path, 
                                read_fraction=0.0)  # stage 2 alone: the text encoder must not move
     te2 = models.build_model("digits", str(frozen)).text_encoder.state_dict()
     assert all(torch.equal(te2[k], fresh[k]) for k in fresh)
+
+
+def test_digits_pair_noise_swaps_keyed_items_for_every_mode():
+    """pair_noise = 0.2: exactly round(0.2 N) items, a function of (seed, index), come with winner
+    and loser swapped, in pairs mode and in winners mode (SFT/SSPO see the swapped winner);
+    the other items are untouched; another seed swaps other items."""
+    clean = digits.DigitsDataset("align", mode="pairs", seed=0)
+    noisy = digits.DigitsDataset("align", mode="pairs", seed=0, pair_noise=0.2)
+    n = len(clean)
+    assert noisy.swapped.sum() == round(0.2 * n)
+    again = digits.DigitsDataset("align", mode="winners", seed=0, pair_noise=0.2)
+    assert (again.swapped == noisy.swapped).all()  # any process, any resume: same seed, same items
+    other = digits.DigitsDataset("align", mode="pairs", seed=1, pair_noise=0.2)
+    assert (other.swapped != noisy.swapped).any()
+    for i in list(range(n))[::-1]:  # read in any order
+        a, b, w = clean[i], noisy[i], again[i]
+        if noisy.swapped[i]:
+            assert torch.equal(b["x0_w"], a["x0_l"]) and torch.equal(b["x0_l"], a["x0_w"])
+            assert torch.equal(w["x0_w"], a["x0_l"]) and w["label"] == int(clean.loser_y[i])
+        else:
+            assert torch.equal(b["x0_w"], a["x0_w"]) and torch.equal(b["x0_l"], a["x0_l"])
+        assert b["prompt"] == a["prompt"]
+    with pytest.raises(ValueError, match="pair_noise"):
+        digits.DigitsDataset("align", pair_noise=1.5)

@@ -56,3 +56,41 @@ def test_labelled_grid_size_and_ink():
     assert img.size == (150 + 10 * 52, 24 + 2 * 52)
     a = np.asarray(img)
     assert a[24 + 10, 150 + 10] == 255 and a[24 + 52 + 10, 150 + 10] == 0  # background row white, ink row black
+
+
+def test_realism_turns_an_accuracy_win_with_unreal_shapes_into_a_trade_off():
+    """Closed cases of the realism rule: the winner's FD above 1.5x the other's -> trade-off."""
+    assert claims.realism_verdict("supported", 2.0, 1.5) == "supported"      # 1.33x: a win
+    assert claims.realism_verdict("supported", 4.0, 2.0) == "trade-off"      # 2x: shapes less real
+    assert claims.realism_verdict("not supported", 1.0, 4.0) == "trade-off"  # B wins on accuracy with 4x FD
+    assert claims.realism_verdict("not supported", 4.0, 1.0) == "not supported"
+    assert claims.realism_verdict("inconclusive", 9.0, 1.0) == "inconclusive"
+    assert claims.realism_verdict("supported", 3.0, 2.0) == "supported"      # exactly 1.5x is not more
+    row = claims.claim_row("c", "acc", "a", "b", [0.9, 0.92, 0.91], [0.5, 0.52, 0.51], frechet=([5.0] * 3, [2.0] * 3))
+    assert row["verdict"] == "trade-off" and (row["fd_a"], row["fd_b"]) == (5.0, 2.0)
+    assert "(FD 5.00)" in claims.claims_markdown([row], "# h")
+
+
+def test_noise_crossover_closed_cases():
+    levels = [0.0, 0.1, 0.2, 0.3, 0.4]
+    assert claims.crossover(levels, [0.5, 0.6, 0.7, 0.7, 0.7], [0.7, 0.7, 0.6, 0.5, 0.4]) == pytest.approx(0.1 + 0.1 * 0.1 / 0.2)
+    assert claims.crossover(levels, [0.8] * 5, [0.7] * 5) == 0.0  # already above without noise
+    assert claims.crossover(levels, [0.5] * 5, [0.7, 0.65, 0.6, 0.55, 0.51]) is None  # never within the levels
+
+
+def test_noise_report_from_synthetic_runs(tmp_path):
+    """write_noise: one table per condition, the crossover computed by the code, and the figure."""
+    conds = ("id_cfg", "id_nocfg", "ood_cfg", "ood_nocfg")
+
+    def run(acc):
+        return {"final": {f"{c}/{k}": (acc if k == "accuracy" else 2.0) for c in conds for k in ("accuracy", "frechet")}}
+    levels = [0.0, 0.2, 0.4]
+    per_level = {f"{p:g}": {"runs": {"sft": [run(0.6), run(0.62)], "dpo": [run(0.9 - p), run(0.92 - p)],
+                                     "sspo": [run(0.7), run(0.72)]}} for p in levels}
+    res = {"levels": levels, "per_level": per_level, "size": {"seeds": 2, "train": {}}, "tuned": {},
+           "command": "x", "date": "d", "seconds": 60.0}
+    claims.write_noise(res, tmp_path)
+    md = (tmp_path / "noise.md").read_text()
+    assert "SSPO's mean reaches DPO's at pair_noise = 0.20" in md  # dpo 0.91 - p meets sspo 0.71 at p = 0.2
+    assert "| dpo | 0.910 ± 0.014 (FD 2.00) |" in md
+    assert (tmp_path / "noise.png").stat().st_size > 1000
