@@ -57,10 +57,27 @@ log = logging.getLogger(__name__)
 
 
 def prepare_out_dir(cfg: Config, ctx: runtime.Dist) -> None:
-    """A fresh run never mixes with an old one in the same directory: refuse, or clear it when
-    ``overwrite`` is set (the digits preset does, so the README's command can be re-run)."""
+    """Take the run directory for this run: rank 0 locks out_dir/.lock for the whole run (a second
+    writer, --resume and overwrite included, is refused in one line and changes nothing), sweeps
+    the temporary files of writes a killed run left, and a fresh run never mixes with an old one
+    in the same directory: refuse, or clear it when ``overwrite`` is set (the digits preset does,
+    so the README's command can be re-run)."""
     out = Path(cfg.out_dir)
+    if cfg.mixed_precision == "fp16" and ctx.device.type != "cuda":
+        raise ValueError("mixed_precision=fp16 needs a GPU: on the CPU its GradScaler skips every update; "
+                         "use --mixed_precision=bf16 or --mixed_precision=no")
+    refused = None
+    if ctx.rank == 0:
+        try:
+            runtime.lock_run_dir(out)
+        except ValueError as e:
+            refused = e
+    if ctx.any_flag(refused is not None):
+        raise refused or ValueError(f"out_dir {out} is in use by another run (rank 0 says why)")
+    if ctx.rank == 0:
+        _sweep_temporaries(out)
     if cfg.resume or not (out / "checkpoints").exists() and not (out / "final").exists():
+        ctx.barrier()
         return
     if not cfg.overwrite:
         raise ValueError(f"out_dir {out} already holds a run; pass --resume to continue it, "
@@ -72,12 +89,33 @@ def prepare_out_dir(cfg: Config, ctx: runtime.Dist) -> None:
     ctx.barrier()
 
 
+def _sweep_temporaries(out: Path) -> None:
+    """Delete what interrupted atomic writes leave behind (a killed run never renamed them):
+    checkpoints/.tmp_step_*, checkpoints/latest.tmp, replay/*.tmp, final.tmp, out/*.tmp. Only the
+    holder of the run's lock calls this, so no live write is swept."""
+    found = [*(out / "checkpoints").glob(".tmp_step_*"), *(out / "checkpoints").glob("*.tmp"),
+             *(out / "replay").glob("*.tmp"), *out.glob("*.tmp")]
+    for p in found:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    if found:
+        log.info("removed %d temporary file(s) of interrupted writes in %s", len(found), out)
+
+
+def _clear_progress(out: Path) -> None:
+    """A run that begins at step 0 begins with empty metrics, samples and replay pool: whatever an
+    earlier run killed before its first checkpoint logged there is not part of this one."""
+    for name in ("metrics.jsonl", "samples", "replay", "eval.json"):
+        p = out / name
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def _nonfinite_message(what: str, step: int, cfg: Config, out: Path) -> str:
+    """``step`` counts the updates done before this one: the log's and the message's update is step + 1."""
     last = checkpoints.latest_step(out)
     where = f"step {last}" if last is not None else "none (no checkpoint yet)"
-    return (f"non-finite {what} at update {step} ({cfg.method}, lr {cfg.lr}, beta {cfg.beta}); "
-            f"stopping. The last good checkpoint is {where} in {out / 'checkpoints'}; "
-            f"try a lower lr, mixed_precision=no, or check the data.")
+    return (f"non-finite {what} at update {step + 1} ({cfg.method}, lr {cfg.lr}, beta {cfg.beta}); "
+            f"stopping. The newest checkpoint is {where} in {out / 'checkpoints'} (--resume checks it and "
+            f"falls back past a damaged one); try a lower lr, mixed_precision=no, or check the data.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +225,9 @@ def start(run: Run) -> int:
     else:
         if ctx.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
+            _clear_progress(out)
             runtime.write_json(out / "config.json", config_mod.to_dict(cfg))
+        ctx.barrier()  # the replay folder is cleared before any rank writes checkpoint 0 there
         if run.pool is not None:
             run.pool.add(run.bundle.trainable_state_dict(), 0)  # checkpoint 0 = the initial model
         if cfg.sample_every:

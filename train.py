@@ -43,6 +43,7 @@ def run(overrides: dict | None = None, argv: list[str] | None = None) -> Path:
     finally:
         if close_logs:
             close_logs()
+        runtime.unlock_run_dirs()
         ctx.teardown()
 
 
@@ -80,7 +81,7 @@ def train(cfg: Config, ctx: runtime.Dist) -> Path:
         stop.restore()
     loop.finish(run, step)
     if step < cfg.max_steps:
-        raise runtime.Preempted(step)  # main: exit code 143, never "done:"
+        raise runtime.Preempted(step, stop.signum)  # main: exit code 143 (130 for Ctrl-C), never "done:"
     return run.out
 
 
@@ -106,15 +107,26 @@ def main(argv: list[str]) -> int:
     except runtime.Preempted as e:
         if rank0:
             print(str(e), flush=True)  # "preempted at step N, checkpoint saved"
-        return 143
+        return e.exit_code  # 143 (SIGTERM), 130 (Ctrl-C)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop, or a second one inside it
+        if rank0:
+            print("interrupted (Ctrl-C) before a checkpoint could be saved; --resume continues from the "
+                  "newest checkpoint in out_dir/checkpoints", file=sys.stderr, flush=True)
+        return 130
     except (ValueError, FloatingPointError, data.TooManyBadItems) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {_message(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # a missing, read-only or full path: which one, and what to do
-        msg = _one_line(e) if e.strerror is None else (
+        msg = _message(e) if e.strerror is None else (
             f"{e.strerror}: {e.filename}; check that the path exists, is writable and has free space "
             f"(existing checkpoints are kept)")
         print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        print(f"error: {_message(e)}; the data loader lost a worker process (out of memory, or killed): "
+              f"lower --num_workers or --batch_size, then --resume", file=sys.stderr)
         return 2
     if rank0:
         cfg = json.loads((out / "config.json").read_text())
@@ -125,10 +137,17 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _one_line(e: Exception) -> str:
-    """The message itself, also when a DataLoader worker wrapped it in its traceback text."""
-    lines = [line for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
-    return lines[-1].split(f"{type(e).__name__}: ", 1)[-1] if len(lines) > 1 else lines[0]
+def _message(e: BaseException) -> str:
+    """The whole message, its cause kept (several lines where it has them), without a traceback:
+    when a DataLoader worker wrapped it in its traceback text, the message that text ends with."""
+    import re
+    lines = [line.rstrip() for line in (str(e).strip() or type(e).__name__).splitlines() if line.strip()]
+    if any(line.startswith("Original Traceback") for line in lines):  # torch's ExceptionWrapper text
+        head = re.compile(rf"^[\w.]*{re.escape(type(e).__name__)}: ")
+        starts = [i for i, line in enumerate(lines) if head.match(line)]
+        if starts:
+            lines = [head.sub("", lines[starts[-1]])] + lines[starts[-1] + 1:]
+    return "\n".join(lines[:8])
 
 
 if __name__ == "__main__":

@@ -77,6 +77,41 @@ def setup_distributed() -> Dist:
     return Dist(rank, world, local, torch.device("cuda", local) if cuda else torch.device("cpu"), owns)
 
 
+# ---------------------------------------------------------------------------------------------
+# One writer per run directory: rank 0 holds an exclusive flock on out_dir/.lock for the whole run
+# ---------------------------------------------------------------------------------------------
+
+_LOCKS: dict[str, int] = {}  # resolved out_dir -> file descriptor of its held .lock
+
+
+def lock_run_dir(out: Path) -> None:
+    """Take the run directory's lock (non-blocking) or raise ValueError naming the holder. The
+    kernel drops the lock when the process ends, however it ends (kill -9 included)."""
+    import fcntl
+    out = Path(out)
+    key = str(out.resolve())
+    if key in _LOCKS:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ValueError(f"out_dir {out} is in use by another run (pid {holder} holds {out / '.lock'}); "
+                         f"nothing was changed: wait for that run to end, or use another --out_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _LOCKS[key] = fd
+
+
+def unlock_run_dirs() -> None:
+    """Release every run-directory lock this process holds (the end of train.run)."""
+    while _LOCKS:
+        os.close(_LOCKS.popitem()[1])  # closing the descriptor releases its flock
+
+
 def log0(ctx: Dist, msg: str):
     if ctx.rank == 0:
         print(msg, flush=True)
@@ -89,11 +124,13 @@ def write_json(path: Path, obj) -> None:
 
 
 class Preempted(Exception):
-    """A SIGTERM stopped the run after saving; train.py exits with code 143 (128 + SIGTERM)."""
+    """A SIGTERM or Ctrl-C (SIGINT) stopped the run after saving; train.py exits with 128 + the
+    signal's number: 143 for SIGTERM, 130 for Ctrl-C."""
 
-    def __init__(self, step: int):
-        super().__init__(f"preempted at step {step}, checkpoint saved")
-        self.step = step
+    def __init__(self, step: int, signum: int = signal.SIGTERM):
+        what = "interrupted (Ctrl-C)" if signum == signal.SIGINT else "preempted"
+        super().__init__(f"{what} at step {step}, checkpoint saved")
+        self.step, self.exit_code = step, 128 + int(signum)
 
 
 def setup_logging(out: Path, rank: int):
@@ -199,17 +236,24 @@ class Logger:
 
 
 class StopOnSignal:
-    """SIGTERM sets a flag that the loop checks between micro-steps and after each update (then
-    saves and exits). Ctrl-C (SIGINT) still interrupts at once, without saving."""
+    """SIGTERM or Ctrl-C (SIGINT) sets a flag that the loop checks between micro-steps and after
+    each update (then saves and exits: train.py's Preempted). A second Ctrl-C interrupts at once,
+    without saving (the newest checkpoint stays the one to resume from)."""
 
     def __init__(self):
         self.requested = False
+        self.signum = signal.SIGTERM
         self._old = {}
-        if hasattr(signal, "SIGTERM") and _main_thread():
-            for sig in (signal.SIGTERM,):
-                self._old[sig] = signal.signal(sig, self._handle)
+        if _main_thread():
+            for sig in (getattr(signal, "SIGTERM", None), signal.SIGINT):
+                if sig is not None:
+                    self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not self.requested:
+            self.signum = signum
         self.requested = True
 
     def restore(self):

@@ -257,7 +257,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(cache, tmp_path, monkeypatch):
         return (losses * float("nan") if calls["n"] == 3 else losses), m  # the 3rd update
 
     monkeypatch.setattr(sspo, "sspo_loss", poisoned)
-    with pytest.raises(FloatingPointError, match=r"non-finite loss at update 2.*last good checkpoint is step 2"):
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at update 3.*newest checkpoint is step 2"):
         train.run({**FAST, "cache_dir": cache, "method": "sspo", "out_dir": str(tmp_path)})
     assert checkpoints.latest_step(tmp_path) == 2
     w = _weights(tmp_path, 2)
