@@ -59,6 +59,7 @@ class CheckpointPool:
         self.steps: list[int] = []
         self._snapshots: list[dict[str, torch.Tensor]] = []  # memory storages
         self._files: list[str | None] = []                   # file names in directory (None: not yet written)
+        self._crcs: list[int | None] = []                    # CRC-32 of each written file
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -67,7 +68,9 @@ class CheckpointPool:
         """Store a snapshot taken after ``step`` optimizer updates; returns its index."""
         index = len(self.steps)
         if self.storage == "disk":
-            self._files.append(self._write(index, step, state))
+            name, crc = self._write(index, step, state)
+            self._files.append(name)
+            self._crcs.append(crc)
         else:
             # bf16 rounding (~3 significant digits) would make the replayed "initial model" a
             # different network; checkpoint 0 keeps the original dtype.
@@ -75,24 +78,44 @@ class CheckpointPool:
             self._snapshots.append({k: v.detach().to("cpu", dtype=dtype if v.is_floating_point() else None,
                                                      copy=True) for k, v in state.items()})
             self._files.append(None)  # written to ``directory`` by the first state_dict() after this
+            self._crcs.append(None)
         self.steps.append(int(step))
         return index
 
-    def _write(self, index: int, step: int, state: dict[str, torch.Tensor]) -> str:
-        """One snapshot -> directory/replay_IIII_stepSSSSSSSS.safetensors (atomic); its file name."""
+    def _write(self, index: int, step: int, state: dict[str, torch.Tensor]) -> tuple[str, int]:
+        """One snapshot -> directory/replay_IIII_stepSSSSSSSS.safetensors (atomic); its file name
+        and CRC-32. A failed write (a full disk) is an OSError that names the file."""
+        from infra.checkpoints import file_crc32
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"replay_{index:04d}_step{step:08d}.safetensors"
         tmp = path.with_suffix(f".{os.getpid()}.tmp")  # every rank writes the same file: never the same temporary
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+        try:
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+            crc = file_crc32(tmp)
+        except Exception as e:
+            tmp.unlink(missing_ok=True)
+            raise OSError(f"cannot write replay snapshot {path} ({type(e).__name__}: {e}); earlier checkpoints "
+                          f"are kept: free disk space, then --resume") from e
         os.replace(tmp, path)  # atomic: a crash never leaves a half-written snapshot
-        return path.name
+        return path.name, crc
+
+    def _read(self, index: int) -> dict[str, torch.Tensor]:
+        """A snapshot file, read once and checked against its CRC-32 (when the state recorded one)."""
+        import zlib
+        from safetensors.torch import load
+        path = self.directory / self._files[index]
+        raw = path.read_bytes()
+        if self._crcs[index] is not None and zlib.crc32(raw) != self._crcs[index]:
+            raise ValueError(f"replay snapshot {path} is damaged (its CRC-32 differs from the one recorded "
+                             f"when it was written)")
+        return load(raw)
 
     def get(self, index: int) -> dict[str, torch.Tensor]:
         """The snapshot's tensors (on CPU; bf16 for memory_bf16, except checkpoint 0)."""
         if not 0 <= index < len(self):
             raise IndexError(f"Checkpoint {index} not in pool of {len(self)}.")
         if self.storage == "disk":
-            return load_file(str(self.directory / self._files[index]))
+            return self._read(index)
         return self._snapshots[index]
 
     def choose(self, step: int) -> int:
@@ -110,30 +133,55 @@ class CheckpointPool:
     def state_dict(self) -> dict:
         """Everything needed to resume, as plain JSON-able values: the snapshots are files in
         ``directory``, each written once (memory storages write new snapshots here, the first
-        time they are saved) and named here, never copied into a checkpoint."""
+        time they are saved) and named here with its CRC-32, never copied into a checkpoint."""
         if self.directory is None:
             raise ValueError("CheckpointPool.state_dict() needs a directory to write its snapshots to")
         for i, name in enumerate(self._files):
             if name is None:
-                self._files[i] = self._write(i, self.steps[i], self._snapshots[i])
+                self._files[i], self._crcs[i] = self._write(i, self.steps[i], self._snapshots[i])
         return {"strategy": self.strategy, "seed": self.seed, "storage": self.storage,
-                "steps": list(self.steps), "files": list(self._files)}
+                "steps": list(self.steps), "files": list(self._files), "crc32": list(self._crcs)}
 
-    def load_state_dict(self, d: dict) -> None:
-        """Restore from ``state_dict()``; the files are looked up in this pool's ``directory``."""
+    def load_state_dict(self, d: dict, rebuild=None) -> None:
+        """Restore from ``state_dict()``; the files are looked up in this pool's ``directory`` and
+        checked against their CRC-32 (every storage: a damaged snapshot is found at resume, not
+        when it is drawn). ``rebuild(step)`` -> the trainable weights saved at ``step`` (or None):
+        a missing or damaged snapshot is rewritten from them when the result has the recorded
+        CRC-32, i.e. is the very same snapshot; otherwise a ValueError/FileNotFoundError."""
         if d["storage"] != self.storage:
             raise ValueError(f"Pool state was saved with storage '{d['storage']}', this pool uses '{self.storage}'.")
         if len(d["steps"]) != len(d["files"]):
             raise ValueError("Corrupt pool state: steps and snapshot files differ in length.")
         files = [Path(f).name for f in d["files"]]  # names only: never a path outside directory
-        missing = [f for f in files if not (self.directory / f).is_file()]
-        if missing:
-            raise FileNotFoundError(f"Replay snapshot files missing from {self.directory}: {missing}")
-        snapshots = []
-        if self.storage != "disk":
-            snapshots = [load_file(str(self.directory / f)) for f in files]
+        crcs = list(d.get("crc32") or [None] * len(files))  # absent in states of older versions
+        old = (self.strategy, self.seed, self.steps, self._files, self._crcs, self._snapshots)
         self.strategy, self.seed, self.steps = d["strategy"], int(d["seed"]), list(d["steps"])
-        self._files, self._snapshots = files, snapshots
+        self._files, self._crcs, self._snapshots = files, crcs, []
+        try:
+            for i, f in enumerate(files):
+                try:
+                    snapshot = self._read(i)
+                except (OSError, ValueError) as e:  # missing or damaged
+                    snapshot = self._rebuilt(i, rebuild, e)
+                if self.storage != "disk":
+                    self._snapshots.append(snapshot)
+        except Exception:
+            self.strategy, self.seed, self.steps, self._files, self._crcs, self._snapshots = old
+            raise
+
+    def _rebuilt(self, i: int, rebuild, why: Exception) -> dict[str, torch.Tensor]:
+        weights = rebuild(self.steps[i]) if rebuild is not None and self._crcs[i] is not None else None
+        if weights is None:
+            raise FileNotFoundError(f"replay snapshot {self._files[i]} in {self.directory} is unusable ({why}) "
+                                    f"and no checkpoint of step {self.steps[i]} holds its weights") from why
+        if self.storage == "memory_bf16" and i > 0:  # as add() stored it
+            weights = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in weights.items()}
+        name, crc = self._write(i, self.steps[i], weights)
+        if name != self._files[i] or crc != self._crcs[i]:
+            (self.directory / name).unlink(missing_ok=True)
+            raise ValueError(f"replay snapshot {self._files[i]} is unusable ({why}); the weights of checkpoint "
+                             f"step {self.steps[i]} are not the same snapshot") from why
+        return self._read(i)
 
 
 class Reference:
@@ -187,7 +235,7 @@ class Reference:
                              f"{len(extra)} unexpected (e.g. {sorted(extra)[:2]}).")
         params = dict(self._unet.named_parameters())  # looked up now: sharding replaces the Parameters
         for k, v in snapshot.items():
-            copy_full_(params[self._names[k]], v)
+            copy_full_(params[self._names[k]], v, name=k, cast_from=(torch.bfloat16,))  # memory_bf16 snapshots
 
     @staticmethod
     @contextlib.contextmanager

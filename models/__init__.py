@@ -191,7 +191,7 @@ def load_trainable(bundle: Bundle, weights: dict) -> None:
                          f"was it written by a run with the same model and lora_rank?")
     params = dict(bundle.unet.named_parameters())
     for k in own:
-        copy_full_(params[k], weights[k])  # sharded (FSDP): each rank keeps its chunk
+        copy_full_(params[k], weights[k], name=k)  # exact shape and dtype; sharded (FSDP): each rank keeps its chunk
 
 
 def vae_scale_factor(bundle: Bundle) -> int:

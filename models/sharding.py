@@ -49,9 +49,15 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
+def copy_full_(param: torch.Tensor, full: torch.Tensor, name: str = "", cast_from: tuple = ()) -> None:
     """param <- full, in place. For a sharded parameter each rank copies its own chunk of
-    ``full`` (which every rank holds), as FSDP2 placed it; no communication."""
+    ``full`` (which every rank holds), as FSDP2 placed it; no communication. ``full`` must have
+    exactly the parameter's (whole) shape and dtype, or a dtype in ``cast_from`` (the pool's bf16
+    snapshots): a (1,) tensor is never broadcast into a (64,) weight. A ValueError names ``name``."""
+    if tuple(full.shape) != tuple(param.shape):
+        raise ValueError(f"tensor {name or '?'} has shape {tuple(full.shape)}, the model's is {tuple(param.shape)}")
+    if full.dtype != param.dtype and full.dtype not in cast_from:
+        raise ValueError(f"tensor {name or '?'} has dtype {full.dtype}, the model's is {param.dtype}")
     full = full.to(param.device, param.dtype)
     if isinstance(param, DTensor):
         full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)

@@ -290,3 +290,176 @@ def test_12_bad_numbers_refused_naming_the_field(arg, field, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and field in err[0]
     assert config.resolve(argv=["--eps_clip=inf", "--max_grad_norm=inf"]).eps_clip == float("inf")
+
+
+# ================================================================== one writer, lost data, garbage
+
+def _lines(text: str) -> list[str]:
+    return [line for line in text.strip().splitlines() if line.strip()]
+
+
+def test_a_second_writer_is_refused_and_changes_nothing(copy, capsys):
+    import fcntl
+    argv, out = copy
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a live run holds the folder
+    try:
+        for more in (["--overwrite"], ["--resume", "--max_steps=6"]):
+            assert train.main(argv + more) == 2
+            err = _lines(capsys.readouterr().err)
+            assert len(err) == 1 and "in use by another run" in err[0] and "Traceback" not in err[0]
+    finally:
+        os.close(fd)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == \
+        {p: t for p, t in before.items() if p.name != ".lock"}
+    _resume(argv, "--max_steps=5")  # once the lock is free: a run again (and it releases the lock)
+    _resume(argv, "--max_steps=6")
+    assert checkpoints.latest_step(out) == 6
+
+
+def test_a_run_killed_before_its_first_checkpoint_leaves_nothing_behind(finished, tmp_path):
+    out = tmp_path / "run"
+    (out / "samples").mkdir(parents=True)
+    (out / "replay").mkdir()
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)))
+    (out / "samples" / "step_000002.png").write_bytes(b"old")
+    (out / "replay" / "replay_0001_step00000002.safetensors").write_bytes(b"old")
+    train.run({**FAST, "method": "sspo", "cache_dir": finished[0], "out_dir": str(out), "resume": True})
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert not (out / "samples" / "step_000002.png").exists()
+    assert load_file(str(out / "replay" / "replay_0001_step00000002.safetensors"))  # rewritten by this run
+
+
+def test_temporaries_of_killed_writes_are_swept_at_start(copy):
+    argv, out = copy
+    junk = [out / "checkpoints" / ".tmp_step_000006_4242", out / "final.tmp"]
+    for d in junk:
+        d.mkdir()
+        (d / "trainable.safetensors").write_bytes(b"x" * 1000)
+    junk += [out / "replay" / "replay_0003_step00000006.4242.tmp", out / "checkpoints" / "latest.tmp",
+             out / "metrics.jsonl.tmp"]
+    for f in junk[2:]:
+        f.write_bytes(b"x")
+    _resume(argv, "--max_steps=5")
+    assert [p for p in junk if p.exists()] == []
+    assert checkpoints.latest_step(out) == 5
+
+
+def test_a_lost_replay_snapshot_is_rebuilt_never_rolled_back(copy, capsys):
+    argv, out = copy
+    snap = out / "replay" / "replay_0001_step00000002.safetensors"
+    want = snap.read_bytes()
+    snap.unlink()
+    newest = (_ck(out, 4) / "trainable.safetensors").read_bytes()
+    _resume(argv)
+    assert "resumed from step 4" in capsys.readouterr().out
+    assert snap.read_bytes() == want  # rebuilt from checkpoints/step_000002, byte for byte
+    assert (_ck(out, 4) / "trainable.safetensors").read_bytes() == newest
+    for f in (snap, _ck(out, 2) / "trainable.safetensors"):  # neither copy left: refuse, keep step 4
+        f.unlink()
+    assert train.main(argv + ["--resume", "--max_steps=6"]) == 2
+    err = _lines(capsys.readouterr().err)
+    assert len(err) == 1 and "replay_0001_step00000002" in err[0] and "Traceback" not in err[0]
+    assert (_ck(out, 4) / "trainable.safetensors").read_bytes() == newest
+
+
+def test_ctrl_c_saves_and_exits_130(finished, tmp_path, monkeypatch, capsys):
+    real = runtime.Logger.step
+
+    def step_then_ctrl_c(self, step, *a, **k):
+        real(self, step, *a, **k)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(runtime.Logger, "step", step_then_ctrl_c)
+    argv = [f"--{k}={v}" for k, v in {**FAST, "method": "sft", "max_steps": 10, "save_every": 100,
+                                       "cache_dir": finished[0], "out_dir": tmp_path}.items()]
+    assert train.main(argv) == 130
+    o = capsys.readouterr()
+    assert "interrupted (Ctrl-C) at step 3, checkpoint saved" in o.out and "done:" not in o.out
+    assert "Traceback" not in o.err
+    assert checkpoints.latest_step(tmp_path) == 3
+
+
+def _recraft(d: Path, name: str, tensors: dict | None = None, raw: bytes | None = None, **manifest) -> None:
+    """Replace ``name`` in checkpoint ``d`` and make state.json agree with it (sizes, checksums)."""
+    from safetensors.torch import save_file
+    save_file(tensors, str(d / name)) if tensors is not None else (d / name).write_bytes(raw)
+    m = json.loads((d / "state.json").read_text())
+    m["files"][name] = (d / name).stat().st_size
+    if "crc32" in m:
+        m["crc32"][name] = checkpoints.file_crc32(d / name)
+    m.update(manifest)
+    (d / "state.json").write_text(json.dumps(m))
+
+
+def _falls_back_to_2(argv, capsys, why: str):
+    _resume(argv)
+    o = capsys.readouterr().out
+    warn = [line for line in o.splitlines() if line.startswith("warning:")]
+    assert "resumed from step 2" in o and len(warn) == 1 and "step_000004" in warn[0] and why in warn[0], o
+
+
+def test_a_wrong_shape_is_refused_not_broadcast(copy, capsys):
+    from models import sharding
+    argv, out = copy
+    w = load_file(str(_ck(out, 4) / "trainable.safetensors"))
+    key = next(k for k, v in w.items() if v.ndim == 1 and v.numel() > 1)
+    _recraft(_ck(out, 4), "trainable.safetensors", {**w, key: torch.tensor([1234.5])})
+    _falls_back_to_2(argv, capsys, "shape (1,)")
+    with pytest.raises(ValueError, match="dtype"):  # the replay pool's loads go through the same copy
+        sharding.copy_full_(torch.zeros(4), torch.zeros(4, dtype=torch.float64), "w")
+
+
+@pytest.mark.parametrize("damage", ["bitflip", "step", "nan"])
+def test_silent_damage_is_caught_and_falls_back(copy, capsys, damage):
+    argv, out = copy
+    d = _ck(out, 4)
+    if damage == "bitflip":  # same size, flipped bytes in the tensor data
+        b = bytearray((d / "trainable.safetensors").read_bytes())
+        for i in range(len(b) // 2, len(b) // 2 + 64):
+            b[i] ^= 0xFF
+        (d / "trainable.safetensors").write_bytes(bytes(b))
+        _falls_back_to_2(argv, capsys, "CRC-32")
+    elif damage == "step":
+        m = json.loads((d / "state.json").read_text())
+        (d / "state.json").write_text(json.dumps({**m, "step": 999}))
+        _falls_back_to_2(argv, capsys, "step 999")
+    else:
+        w = load_file(str(d / "trainable.safetensors"))
+        key = next(iter(w))
+        _recraft(d, "trainable.safetensors", {**w, key: torch.full_like(w[key], float("nan"))})
+        _falls_back_to_2(argv, capsys, "NaN")
+
+
+def test_a_damaged_replay_snapshot_is_caught_at_resume(copy, tmp_path, capsys):
+    import replay
+    argv, out = copy
+    snap = out / "replay" / "replay_0002_step00000004.safetensors"
+    b = bytearray(snap.read_bytes())
+    b[-100] ^= 0xFF
+    snap.write_bytes(bytes(b))
+    _resume(argv)  # rebuilt from checkpoints/step_000004, which holds the same weights
+    assert "resumed from step 4" in capsys.readouterr().out
+    assert checkpoints.file_crc32(snap) == json.loads((_ck(out, 4) / "state.json").read_text())["state"]["pool"]["crc32"][2]
+    pool = replay.CheckpointPool("uniform", storage="disk", directory=str(tmp_path / "pool"))
+    pool.add({"w": torch.arange(64.0)}, 0)
+    state = pool.state_dict()
+    f = tmp_path / "pool" / state["files"][0]
+    b = bytearray(f.read_bytes())
+    b[-8] ^= 0xFF
+    f.write_bytes(bytes(b))
+    with pytest.raises((ValueError, FileNotFoundError), match="damaged"):  # found at resume, not when drawn
+        replay.CheckpointPool("uniform", storage="disk", directory=str(tmp_path / "pool")).load_state_dict(state)
+
+
+@pytest.mark.parametrize("arg", ["--adam_beta2=0.5", "--digits_base_steps=6", "--weight_decay=0.1"])
+def test_resume_refuses_settings_it_cannot_honour(copy, capsys, arg):
+    argv, out = copy
+    before = (_ck(out, 4) / "state.json").read_text()
+    assert train.main(argv + ["--resume", "--max_steps=6", arg]) == 2
+    err = _lines(capsys.readouterr().err)
+    assert len(err) == 1 and "--resume with a config that changes the run" in err[0] and arg[2:].split("=")[0] in err[0]
+    assert checkpoints.latest_step(out) == 4 and (_ck(out, 4) / "state.json").read_text() == before
