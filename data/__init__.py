@@ -27,12 +27,19 @@ logged (file, row, reason, running count), counted in ``dataset.num_skipped`` an
 100) are bad, ``TooManyBadItems`` stops the run, naming the count, the budget and the first
 files. A bad item met again in a later epoch is not counted again. Counters are per process
 (per DataLoader worker, and so per epoch when workers are re-created).
+
+Refused before reading, skipped and counted as unreadable items are: a file whose resolved path
+(``..``, an absolute path, a symlink) lies outside the data folder, and an image or video frame of
+more than ``max_image_pixels`` pixels (read from its header, before decoding: a decompression bomb
+costs nothing).
 """
 from __future__ import annotations
 
 import io
 import itertools
 import logging
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -49,10 +56,40 @@ MODES = ("winners", "pairs", "random")
 # Purposes, so that different random choices of one seed are independent streams.
 _COIN, _ITEM = 3, 4  # digits.py uses 0, 1, 2 and 5
 _MIN_SEEN = 100  # the bad-item fraction is taken over at least this many fetches
+MAX_IMAGE_PIXELS = 64_000_000  # an 8000 x 8000 photo; Pick-a-Pic's images are about 1 Mpx
 
 
 def seeded_rng(seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng([int(seed) % 2**63, *(int(k) for k in keys)])
+
+
+class Refused(Exception):
+    """An item refused before it is read (outside the data folder, or over the pixel cap)."""
+
+
+def confined(root, name: str) -> Path:
+    """``root / name`` if its resolved path (``..``, absolute names and symlinks followed) lies
+    inside the resolved ``root``; else Refused."""
+    path = Path(root) / name
+    real, base = path.resolve(), Path(root).resolve()
+    if not real.is_relative_to(base):
+        raise Refused(f"outside the data folder {base} (resolves to {real})")
+    return path
+
+
+def check_pixels(width: int, height: int, cap: int) -> None:
+    if width * height > cap:
+        raise Refused(f"{width}x{height} = {width * height / 1e6:.1f} Mpx, over max_image_pixels={cap}")
+
+
+def open_image(source, cap: int) -> Image.Image:
+    """A decoded PIL image, its size checked against ``cap`` from the header before decoding."""
+    with warnings.catch_warnings():  # PIL's own bomb warning: our cap decides, with a skip line
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(source)
+        check_pixels(*img.size, cap)
+        img.load()
+    return img
 
 
 class TooManyBadItems(RuntimeError):
@@ -110,9 +147,10 @@ class BaseDataset(Dataset):
 
     def __init__(self, seed: int, cfg_drop: float, max_bad_fraction: float = 0.01,
                  resolution: int = 0, random_crop: bool = False, hflip: bool = False,
-                 height: int = 0, width: int = 0):
+                 height: int = 0, width: int = 0, max_image_pixels: int = MAX_IMAGE_PIXELS):
         if not 0.0 <= cfg_drop <= 1.0:
             raise ValueError(f"cfg_drop must be in [0,1], got {cfg_drop}")
+        self.max_image_pixels = int(max_image_pixels)
         self.seed, self.cfg_drop, self.epoch = int(seed), float(cfg_drop), 0
         self.resolution, self.random_crop, self.hflip = resolution, random_crop, hflip
         self.size = (height or resolution, width or resolution)  # (H, W) of the crop; 0 = resolution
@@ -201,8 +239,10 @@ class PickAPicDataset(BaseDataset):
 
     def __init__(self, root, mode: str = "pairs", resolution: int = 512, random_crop: bool = False,
                  hflip: bool = False, cfg_drop: float = 0.0, seed: int = 0,
-                 max_bad_fraction: float = 0.01, split: str = "train", max_train_samples: int = 0):
-        super().__init__(seed, cfg_drop, max_bad_fraction, resolution, random_crop, hflip)
+                 max_bad_fraction: float = 0.01, split: str = "train", max_train_samples: int = 0,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS):
+        super().__init__(seed, cfg_drop, max_bad_fraction, resolution, random_crop, hflip,
+                         max_image_pixels=max_image_pixels)
         check_mode(mode)
         self.files = find_pickapic(root, split)  # [Shard], in order
         self.mode = mode
@@ -218,6 +258,10 @@ class PickAPicDataset(BaseDataset):
                 label = table["label_0"].cast(pa.float64()).to_numpy()  # nulls -> nan
             except (pa.ArrowException, OSError) as e:
                 raise ValueError(f"{shard}: cannot read 'caption'/'label_0' as text/number ({e})") from e
+            if not (pa.types.is_string(table["caption"].type) or pa.types.is_large_string(table["caption"].type)
+                    or pa.types.is_null(table["caption"].type)):
+                raise ValueError(f"{shard}: column 'caption' holds {table['caption'].type}, "
+                                 f"Pick-a-Pic v2 captions are strings")
             tie, valid = label == 0.5, (label == 0.0) | (label == 1.0)
             self.num_ties += int(tie.sum())
             self.num_unlabeled += int((~tie & ~valid).sum())
@@ -265,8 +309,9 @@ class PickAPicDataset(BaseDataset):
         for key, k in zip(("x0_w", "x0_l"), wanted[self.mode]):
             column = f"jpg_{k}"
             try:
-                img = Image.open(io.BytesIO(self._image_bytes(f, row, column)))
-                img.load()
+                img = open_image(io.BytesIO(self._image_bytes(f, row, column)), self.max_image_pixels)
+            except Refused as e:
+                return self._skip(f"{self.files[f]} row {row} column {column}", f"refused: {e}")
             except Exception as e:  # PIL raises several types for broken files
                 return self._skip(f"{self.files[f]} row {row} column {column}",
                                   f"unreadable image ({type(e).__name__}: {e})")
@@ -290,8 +335,10 @@ class ImageFolderDataset(BaseDataset):
 
     def __init__(self, root, resolution: int = 512, random_crop: bool = False, hflip: bool = False,
                  cfg_drop: float = 0.0, seed: int = 0, max_bad_fraction: float = 0.01,
-                 split: str = "train", caption_column: str = "text", max_train_samples: int = 0):
-        super().__init__(seed, cfg_drop, max_bad_fraction, resolution, random_crop, hflip)
+                 split: str = "train", caption_column: str = "text", max_train_samples: int = 0,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS):
+        super().__init__(seed, cfg_drop, max_bad_fraction, resolution, random_crop, hflip,
+                         max_image_pixels=max_image_pixels)
         self.root, entries = read_captions(root, split, caption_column)
         self.entries = entries[:max_train_samples] if max_train_samples > 0 else entries
 
@@ -304,8 +351,9 @@ class ImageFolderDataset(BaseDataset):
         path, rng = self.root / name, self._item_rng(i)
         prompt = self._prompt(text, rng)
         try:
-            img = Image.open(path)
-            img.load()
+            img = open_image(confined(self.root, name), self.max_image_pixels)
+        except Refused as e:
+            return self._skip(str(path), f"refused: {e}")
         except Exception as e:  # missing file or any of PIL's error types
             return self._skip(str(path), f"unreadable image ({type(e).__name__}: {e})")
         x, geometry = self._transform_with_geometry([img], rng)

@@ -137,9 +137,12 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 def _rows(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
     """metadata.jsonl / metadata.csv -> ([(line number, row as a dict)], the column names)."""
     if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            return [(n, row) for n, row in enumerate(reader, 2)], list(reader.fieldnames or [])
+        try:
+            with open(path, newline="", encoding="utf-8") as fh:
+                reader = csv.DictReader(fh)
+                return [(n, row) for n, row in enumerate(reader, 2)], list(reader.fieldnames or [])
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
     rows = read_jsonl(path)
     columns = {k: None for _, obj in rows for k in obj}
     return rows, list(columns)
@@ -149,7 +152,11 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """[(line number, object)] of a JSON-lines file (blank lines skipped); a line that is not
     a JSON object is one error naming the file and line."""
     rows = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

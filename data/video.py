@@ -9,7 +9,7 @@ import av
 import numpy as np
 from PIL import Image
 
-from data import BaseDataset
+from data import MAX_IMAGE_PIXELS, BaseDataset, Refused, check_pixels, confined
 from data.layouts import read_captions, read_jsonl
 
 
@@ -35,11 +35,14 @@ class _ShortVideo(Exception):
     pass
 
 
-def _decode_frames(path: Path, num_frames: int, total: int | None = None) -> list[Image.Image]:
-    """F frames spread uniformly over the whole clip (first and last included)."""
+def _decode_frames(path: Path, num_frames: int, total: int | None = None,
+                   max_pixels: int = MAX_IMAGE_PIXELS) -> list[Image.Image]:
+    """F frames spread uniformly over the whole clip (first and last included); a frame size over
+    ``max_pixels`` (from the stream's header) is Refused before any frame is decoded."""
     if total is None:
         with av.open(str(path)) as c:
             stream = c.streams.video[0]
+            check_pixels(stream.codec_context.width, stream.codec_context.height, max_pixels)
             # Container metadata may lack a frame count; counting packets avoids decoding.
             total = stream.frames or sum(1 for p in c.demux(stream) if p.size)
     if total < num_frames:
@@ -53,7 +56,7 @@ def _decode_frames(path: Path, num_frames: int, total: int | None = None) -> lis
             if decoded - 1 >= want[-1]:
                 break
     if decoded - 1 < want[-1]:  # the container overstated its length: retry with the real one
-        return _decode_frames(path, num_frames, decoded)
+        return _decode_frames(path, num_frames, decoded, max_pixels)
     return [kept[k] for k in want]
 
 
@@ -76,8 +79,9 @@ class VideoFolderDataset(BaseDataset):
                  hflip: bool = False, cfg_drop: float = 0.0, seed: int = 0,
                  max_bad_fraction: float = 0.01, captions: str | Path | None = None,
                  split: str = "train", caption_column: str = "text", max_train_samples: int = 0,
-                 height: int = 0, width: int = 0):
-        super().__init__(seed, cfg_drop, max_bad_fraction, resolution, random_crop, hflip, height, width)
+                 height: int = 0, width: int = 0, max_image_pixels: int = MAX_IMAGE_PIXELS):
+        super().__init__(seed, cfg_drop, max_bad_fraction, resolution, random_crop, hflip, height, width,
+                         max_image_pixels)
         self.root = Path(root)
         if captions is None:
             self.root, self.entries = read_captions(self.root, split, caption_column)
@@ -100,7 +104,9 @@ class VideoFolderDataset(BaseDataset):
         path, rng = self.root / name, self._item_rng(i)
         prompt = self._prompt(text, rng)
         try:
-            frames = _decode_frames(path, self.num_frames)
+            frames = _decode_frames(confined(self.root, name), self.num_frames, max_pixels=self.max_image_pixels)
+        except Refused as e:
+            return self._skip(str(path), f"refused: {e}")
         except _ShortVideo as e:
             return self._skip(str(path), f"video too short: {e}")
         except Exception as e:  # PyAV/FFmpeg errors, missing file, no video stream
@@ -137,8 +143,10 @@ class VideoPairFolderDataset(VideoFolderDataset):
 
     def __init__(self, root, mode: str = "pairs", num_frames: int = 16, resolution: int = 256,
                  random_crop: bool = False, hflip: bool = False, cfg_drop: float = 0.0, seed: int = 0,
-                 max_bad_fraction: float = 0.01, height: int = 0, width: int = 0):
-        BaseDataset.__init__(self, seed, cfg_drop, max_bad_fraction, resolution, random_crop, hflip, height, width)
+                 max_bad_fraction: float = 0.01, height: int = 0, width: int = 0,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS):
+        BaseDataset.__init__(self, seed, cfg_drop, max_bad_fraction, resolution, random_crop, hflip, height, width,
+                             max_image_pixels)
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         self.root, self.mode, self.num_frames = Path(root), mode, num_frames
@@ -157,7 +165,9 @@ class VideoPairFolderDataset(VideoFolderDataset):
         for key, name in (("x0_w", win), ("x0_l", lose))[:1 if self.mode == "winners" else 2]:
             path = self.root / name
             try:
-                frames = _decode_frames(path, self.num_frames)
+                frames = _decode_frames(confined(self.root, name), self.num_frames, max_pixels=self.max_image_pixels)
+            except Refused as e:
+                return self._skip(str(path), f"refused: {e}")
             except _ShortVideo as e:
                 return self._skip(str(path), f"video too short: {e}")
             except Exception as e:

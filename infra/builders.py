@@ -23,7 +23,7 @@ def build_dataset(cfg: Config):
                                     loser_wrong_fraction=cfg.digits_loser_wrong,
                                     pair_noise=cfg.pair_noise if align else 0.0, **common)
     aug = dict(resolution=cfg.resolution, random_crop=cfg.random_crop, hflip=cfg.hflip,
-               cfg_drop=cfg.cfg_drop, seed=cfg.seed)
+               cfg_drop=cfg.cfg_drop, seed=cfg.seed, max_image_pixels=cfg.max_image_pixels)
     subset = dict(split=cfg.dataset_split_name, max_train_samples=cfg.max_train_samples)
     folder = dict(subset, caption_column=cfg.caption_column)
     if cfg.data == "pickapic":
