@@ -84,6 +84,8 @@ class Config:
     hflip: bool = _f(False, "random horizontal flips")
     cfg_drop: float = _f(0.1, "probability of an empty caption (classifier-free guidance)")
     num_workers: int = _f(0, "DataLoader workers")
+    max_image_pixels: int = _f(64_000_000, "images (and video frames) with more pixels are skipped and counted, "
+                               "checked from the file's header before decoding (decompression bombs)")
     # ---- the embedded digits default
     digits_base_steps: int = _f(1000, "updates of the (cached) misaligned base model's pretraining (half of them clean)")
     digits_corrupt: float = _f(0.65, "fraction of pretrain captions naming a wrong digit in the base's second stage")
@@ -307,7 +309,8 @@ def validate(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"config key {key!r} must be one of {allowed}, got {getattr(cfg, key)!r}")
-    for key in ("max_steps", "batch_size", "grad_accum", "save_every", "loser_steps", "log_every", "loser_every"):
+    for key in ("max_steps", "batch_size", "grad_accum", "save_every", "loser_steps", "log_every", "loser_every",
+                "max_image_pixels"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"config key {key!r} must be >= 1, got {getattr(cfg, key)}")
     if METHODS[cfg.method].losers == "replayed" and cfg.save_every % cfg.loser_every:  # the pool must not change within a cycle (see loop.update)
@@ -320,6 +323,8 @@ def validate(cfg: Config) -> None:
     for key in ("beta", "lr", "resolution", "num_frames", "num_sample_prompts"):
         if not getattr(cfg, key) > 0:
             raise ValueError(f"config key {key!r} must be > 0, got {getattr(cfg, key)}")
+    if cfg.lr > 1.0:  # AdamW's step is about lr per weight: beyond 1 every weight is noise (1e300 overflows)
+        raise ValueError(f"config key 'lr' must be <= 1, got {cfg.lr}")
     for key in ("height", "width", "tau", "eps_clip", "warmup_steps", "digits_align_per_class", "keep_checkpoints", "weight_decay", "num_workers",
                 "max_train_samples"):
         if getattr(cfg, key) < 0:

@@ -7,8 +7,9 @@
 Order of work: resolve the config (config.py); on digits, build the misaligned base if it is not
 cached (digits/, its own small loop); train (``train`` below: the outer loop of SSPO's
 Algorithm 1 over loop.py's steps); on digits, judge the final model against its base
-(evaluate.py). Exit codes: 0 done, 2 bad input, settings or files (one line on stderr), 143
-preempted by SIGTERM (checkpoint saved; --resume continues it).
+(evaluate.py). Exit codes: 0 done, 2 bad input, settings or files (one message on stderr, its cause kept, no
+traceback), 143 preempted by SIGTERM and 130 stopped by Ctrl-C (checkpoint saved; --resume
+continues it).
 """
 from __future__ import annotations
 
@@ -122,8 +123,13 @@ def main(argv: list[str]) -> int:
             f"(existing checkpoints are kept)")
         print(f"error: {msg}", file=sys.stderr)
         return 2
-    except RuntimeError as e:
-        if "DataLoader worker" not in str(e):
+    except Exception as e:
+        if type(e).__name__ == "SafetensorError":  # safetensors' writer: a full disk or a lost folder
+            print(f"error: cannot write a safetensors file ({_message(e)}): free disk space or fix the path; "
+                  f"the checkpoints already written are kept, --resume continues from the newest",
+                  file=sys.stderr)
+            return 2
+        if not isinstance(e, RuntimeError) or "DataLoader worker" not in str(e):
             raise
         print(f"error: {_message(e)}; the data loader lost a worker process (out of memory, or killed): "
               f"lower --num_workers or --batch_size, then --resume", file=sys.stderr)
@@ -147,7 +153,8 @@ def _message(e: BaseException) -> str:
         starts = [i for i, line in enumerate(lines) if head.match(line)]
         if starts:
             lines = [head.sub("", lines[starts[-1]])] + lines[starts[-1] + 1:]
-    return "\n".join(lines[:8])
+    more = f"\n(... {len(lines) - 20} more lines)" if len(lines) > 20 else ""
+    return "\n".join(lines[:20]) + more
 
 
 if __name__ == "__main__":

@@ -463,3 +463,82 @@ def test_resume_refuses_settings_it_cannot_honour(copy, capsys, arg):
     err = _lines(capsys.readouterr().err)
     assert len(err) == 1 and "--resume with a config that changes the run" in err[0] and arg[2:].split("=")[0] in err[0]
     assert checkpoints.latest_step(out) == 4 and (_ck(out, 4) / "state.json").read_text() == before
+
+
+# ================================================================== what the data may open
+
+def test_data_files_outside_the_data_folder_are_skipped_and_counted(tmp_path):
+    root, secret = tmp_path / "data", tmp_path / "secret"
+    root.mkdir(), secret.mkdir()
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(secret / "private.png")
+    Image.new("RGB", (8, 8), (0, 200, 0)).save(root / "ok.png")
+    (root / "link.png").symlink_to(secret / "private.png")
+    names = ["ok.png", "../secret/private.png", str(secret / "private.png"), "link.png", "../../../../etc/passwd"]
+    (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": "t"}) + "\n" for n in names))
+    ds = data.ImageFolderDataset(root, resolution=8, max_bad_fraction=1.0)
+    assert [ds[i] is None for i in range(len(names))] == [False, True, True, True, True]
+    assert len(ds.bad) == 4 and ds.num_skipped == 4
+
+
+def test_images_over_the_pixel_cap_are_skipped_before_decoding(tmp_path, monkeypatch):
+    Image.new("RGB", (40, 30)).save(tmp_path / "big.png")
+    Image.new("RGB", (10, 10)).save(tmp_path / "small.png")
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": "t"}) + "\n"
+                                                     for n in ("big.png", "small.png")))
+    decoded = []
+    real_load = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self.size) or real_load(self))
+    ds = data.ImageFolderDataset(tmp_path, resolution=8, max_bad_fraction=1.0, max_image_pixels=1000)
+    assert ds[0] is None and ds[1] is not None and (40, 30) not in decoded
+    assert ds.bad == [str(tmp_path / "big.png")] and ds.num_skipped == 1
+    assert config.resolve(argv=[]).max_image_pixels == 64_000_000  # a setting, on by default
+
+
+# ================================================================== messages that keep their cause
+
+def _train_py(*argv, timeout=600):
+    """train.py as a user runs it: (exit code, stdout, stderr)."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, str(root / "train.py"), *map(str, argv)], cwd=root, capture_output=True,
+                       text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return p.returncode, p.stdout, p.stderr
+
+
+@pytest.mark.slow
+def test_command_line_errors_keep_their_cause(tmp_path):
+    _write_pickapic(tmp_path / "pickapic")
+    rc, _, err = _train_py("--config=sd15_pickapic", f"--model_path={tmp_path / 'sd15'}",
+                           f"--data_path={tmp_path / 'pickapic'}", f"--out_dir={tmp_path / 'run'}")
+    assert rc == 2 and "Traceback" not in err
+    assert "does not exist" in err and "model_index.json" in err and "local_files_only" in err  # the whole message
+    for arg, want in (("--lr=1e300", "config key 'lr' must be <= 1"), ("--mixed_precision=fp16", "needs a GPU")):
+        rc, out, err = _train_py(arg, "--max_steps=2", "--digits_base_steps=5", f"--cache_dir={tmp_path / 'cache'}",
+                                 f"--out_dir={tmp_path / 'digits'}")
+        assert rc == 2 and want in err and "Traceback" not in err and "done:" not in out, (arg, err[-500:])
+
+
+def test_data_errors_name_their_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "metadata.jsonl").write_bytes(b'{"file_name": "a.png", "text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"metadata\.jsonl: not UTF-8"):
+        data.ImageFolderDataset(tmp_path / "img", resolution=8)
+    (tmp_path / "pp").mkdir()
+    pq.write_table(pa.table({"caption": [1, 2], "jpg_0": [b"", b""], "jpg_1": [b"", b""], "label_0": [1.0, 0.0]}),
+                   tmp_path / "pp" / "train-00000-of-00001.parquet")
+    with pytest.raises(ValueError, match="column 'caption' holds int64"):
+        data.PickAPicDataset(tmp_path / "pp", resolution=8)
+
+
+@pytest.mark.parametrize("fault", ["safetensors", "worker"])
+def test_write_and_worker_failures_are_one_message(tmp_path, monkeypatch, capsys, fault):
+    from safetensors import SafetensorError
+    boom = SafetensorError("Error while serializing: IoError(No space left on device)") if fault == "safetensors" \
+        else RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
+    monkeypatch.setattr(train, "train", lambda cfg, ctx: (_ for _ in ()).throw(boom))
+    assert train.main(["--init=scratch", f"--out_dir={tmp_path / 'run'}"]) == 2
+    err = _lines(capsys.readouterr().err)
+    assert len(err) == 1 and str(boom) in err[0] and "Traceback" not in err[0]
