@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,8 @@ class Config:
     hflip: bool = _f(False, "random horizontal flips")
     cfg_drop: float = _f(0.1, "probability of an empty caption (classifier-free guidance)")
     num_workers: int = _f(0, "DataLoader workers")
+    dist_timeout: int = _f(1800, "torchrun: seconds a collective waits for a stopped or hung rank before the "
+                           "job fails (init_process_group's timeout; checkpoint writes on rank 0 must fit in it)")
     max_image_pixels: int = _f(64_000_000, "images (and video frames) with more pixels are skipped and counted, "
                                "checked from the file's header before decoding (decompression bombs)")
     # ---- the embedded digits default
@@ -222,14 +225,32 @@ def _apply(cfg: Config, updates: dict, source: str) -> None:
 
 
 def load_preset(name_or_path: str) -> dict:
-    """``CONFIG`` dict of configs/<name>.py or of a path to such a file."""
+    """The settings of a preset: ``CONFIG`` of configs/<name>.py (this repository's code), or a
+    user's preset file read as data, never executed: a .json object or a .toml table of keys as on
+    the command line. A .py path outside configs/ is refused: it would run as Python code."""
     path = Path(name_or_path)
     if not path.suffix:
         path = ROOT / "configs" / f"{name_or_path}.py"
     if not path.is_file():
         known = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")
         raise FileNotFoundError(f"config preset {name_or_path!r} not found (looked for {path}); "
-                                f"presets: {', '.join(known)}")
+                                f"presets: {', '.join(known)}; or a .json / .toml file of settings")
+    if path.suffix in (".json", ".toml"):
+        try:
+            if path.suffix == ".json":
+                settings = json.loads(path.read_text(encoding="utf-8"))
+            else:
+                import tomllib
+                settings = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+            raise ValueError(f"config preset {path}: not valid {path.suffix[1:].upper()} ({e})") from None
+        if not isinstance(settings, dict):
+            raise ValueError(f"config preset {path} must hold one object of settings, got {type(settings).__name__}")
+        return settings
+    if path.suffix != ".py" or path.resolve().parent != (ROOT / "configs").resolve():
+        raise ValueError(f"--config={name_or_path}: a preset outside {ROOT / 'configs'} is read as data, never "
+                         f"run as code: write its settings as a .json object or a .toml table (keys as on the "
+                         f"command line), or add the .py file to configs/ and pass its name")
     spec = importlib.util.spec_from_file_location(f"_preset_{path.stem}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -310,7 +331,7 @@ def validate(cfg: Config) -> None:
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"config key {key!r} must be one of {allowed}, got {getattr(cfg, key)!r}")
     for key in ("max_steps", "batch_size", "grad_accum", "save_every", "loser_steps", "log_every", "loser_every",
-                "max_image_pixels"):
+                "max_image_pixels", "dist_timeout"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"config key {key!r} must be >= 1, got {getattr(cfg, key)}")
     if METHODS[cfg.method].losers == "replayed" and cfg.save_every % cfg.loser_every:  # the pool must not change within a cycle (see loop.update)
@@ -444,7 +465,9 @@ def to_dict(cfg: Config) -> dict:
 
 
 def help_text() -> str:
-    lines = ["usage: [torchrun ...] train.py [--config=PRESET] [--key=value ...]", "", "keys:"]
+    lines = ["usage: [torchrun ...] train.py [--config=PRESET | --config=FILE.json | --config=FILE.toml] [--key=value ...]",
+             "", "PRESET: a name in configs/ (Python in this repository); a user's FILE is read as data, never run", "",
+             "keys:"]
     for f in dataclasses.fields(Config):
         lines.append(f"  --{f.name}={f.default!r:<24} {f.metadata['help']}")
     lines += ["", "aliases (diffusers training scripts): " + ", ".join(f"--{a} = --{k}" for a, k in ALIASES.items())]

@@ -32,7 +32,7 @@ from infra import checkpoints, runtime
 def run(overrides: dict | None = None, argv: list[str] | None = None) -> Path:
     """Resolve the config, set up (or join) torch.distributed, train; returns the output dir."""
     cfg = config_mod.resolve(overrides, argv)
-    ctx = runtime.setup_distributed()
+    ctx = runtime.setup_distributed(cfg.dist_timeout)
     close_logs = None
     try:
         close_logs = runtime.setup_logging(Path(cfg.out_dir), ctx.rank)

@@ -61,8 +61,10 @@ class Dist:
             dist.destroy_process_group()
 
 
-def setup_distributed() -> Dist:
-    """One process, or one rank of a torchrun job (nccl on GPU, gloo on CPU)."""
+def setup_distributed(timeout_s: float = 1800) -> Dist:
+    """One process, or one rank of a torchrun job (nccl on GPU, gloo on CPU). A collective that
+    waits more than ``timeout_s`` for a stopped or hung rank fails, which ends the job (torchrun
+    stops the other ranks); the newest checkpoint is kept."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         dev = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         return Dist(device=dev)
@@ -73,7 +75,8 @@ def setup_distributed() -> Dist:
         torch.cuda.set_device(local)
     owns = not dist.is_initialized()
     if owns:
-        dist.init_process_group("nccl" if cuda else "gloo")
+        from datetime import timedelta
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     return Dist(rank, world, local, torch.device("cuda", local) if cuda else torch.device("cpu"), owns)
 
 

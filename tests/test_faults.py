@@ -542,3 +542,40 @@ def test_write_and_worker_failures_are_one_message(tmp_path, monkeypatch, capsys
     assert train.main(["--init=scratch", f"--out_dir={tmp_path / 'run'}"]) == 2
     err = _lines(capsys.readouterr().err)
     assert len(err) == 1 and str(boom) in err[0] and "Traceback" not in err[0]
+
+
+# ================================================================== a config path, a hung rank
+
+@pytest.mark.slow
+def test_a_config_path_is_data_never_code(tmp_path):
+    marker = tmp_path / "ran"
+    (tmp_path / "x.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\nCONFIG = {{}}\n")
+    rc, _, err = _train_py(f"--config={tmp_path / 'x.py'}", "--max_steps=1", f"--out_dir={tmp_path / 'run'}")
+    assert rc == 2 and not marker.exists() and ".json" in err and "Traceback" not in err
+    (tmp_path / "mine.json").write_text(json.dumps({"method": "dpo", "beta": 123.0}))
+    (tmp_path / "mine.toml").write_text('method = "dpo"\nbeta = 123.0\n')
+    for f in ("mine.json", "mine.toml"):
+        cfg = config.resolve({"config": str(tmp_path / f)})
+        assert (cfg.method, cfg.beta) == ("dpo", 123.0)
+    assert config.resolve({"config": "sd15_pickapic", "data_path": "/x"}).model == "sd15"  # presets by name
+
+
+def test_dist_timeout_reaches_init_process_group(tmp_path, monkeypatch):
+    import datetime
+    import torch.distributed as dist
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def init(backend, **kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(dist, "init_process_group", init)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(Stop):
+        train.run(argv=["--dist_timeout=7", f"--out_dir={tmp_path}"])
+    assert seen["timeout"] == datetime.timedelta(seconds=7)
+    assert config.Config().dist_timeout == 1800
