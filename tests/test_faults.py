@@ -1,6 +1,6 @@
-"""What a cluster, a shared checkpoint or a bad file can do to a run (issue 13, items 1-12).
+"""What a cluster, a shared checkpoint, a second run or a bad file can do to a run.
 
-Each test names its item; each failed on the code before its fix. Digits runs are tiny (a
+Each test failed on the code before its fix. Digits runs are tiny (a
 5-update base, 4 updates, checkpoints at 2 and 4); the one sd15 test uses the random tiny SD-1.5
 stand-in in the real layout."""
 
