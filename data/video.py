@@ -18,13 +18,16 @@ def _read_magictime_csv(path: Path) -> list[tuple[str, str]]:
     `{videoid}.mp4` next to the other videos."""
     if not path.is_file():
         raise FileNotFoundError(f"caption file {path} not found")
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in ("videoid", "name") if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; expected MagicTime columns "
-                             f"'videoid' and 'name', found {reader.fieldnames}")
-        entries = [(f"{r['videoid']}.mp4", r["name"]) for r in reader]
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            missing = [c for c in ("videoid", "name") if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"{path}: missing column(s) {missing}; expected MagicTime columns "
+                                 f"'videoid' and 'name', found {reader.fieldnames}")
+            entries = [(f"{r['videoid']}.mp4", r["name"]) for r in reader]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
     if not entries:
         raise ValueError(f"{path}: no rows")
     return entries
