@@ -129,6 +129,11 @@ def main(argv: list[str]) -> int:
                   f"the checkpoints already written are kept, --resume continues from the newest",
                   file=sys.stderr)
             return 2
+        if isinstance(e, RuntimeError) and os.environ.get("WORLD_SIZE", "1") != "1" and "Timed out" in str(e):
+            print(f"error: a collective timed out, another rank stopped, hung or died ({_message(e)}); "
+                  f"the newest checkpoint is kept, --resume continues it (--dist_timeout sets the wait)",
+                  file=sys.stderr)
+            return 1
         if not isinstance(e, RuntimeError) or "DataLoader worker" not in str(e):
             raise
         print(f"error: {_message(e)}; the data loader lost a worker process (out of memory, or killed): "
