@@ -29,8 +29,9 @@ from config import Config
 from infra import checkpoints, runtime
 
 
-def run(overrides: dict | None = None, argv: list[str] | None = None) -> Path:
-    """Resolve the config, set up (or join) torch.distributed, train; returns the output dir."""
+def run(overrides: dict | None = None, argv: list[str] | None = None, unlock: bool = True) -> Path:
+    """Resolve the config, set up (or join) torch.distributed, train; returns the output dir.
+    ``unlock=False`` keeps the run directory's lock (main: until the judge has written eval.json)."""
     cfg = config_mod.resolve(overrides, argv)
     ctx = runtime.setup_distributed(cfg.dist_timeout)
     close_logs = None
@@ -44,7 +45,8 @@ def run(overrides: dict | None = None, argv: list[str] | None = None) -> Path:
     finally:
         if close_logs:
             close_logs()
-        runtime.unlock_run_dirs()
+        if unlock:
+            runtime.unlock_run_dirs()
         ctx.teardown()
 
 
@@ -104,15 +106,19 @@ def main(argv: list[str]) -> int:
         with warnings.catch_warnings():  # ignored settings: one line each, from rank 0 only
             warnings.simplefilter("always" if rank0 else "ignore", config_mod.IgnoredSettingWarning)
             warnings.showwarning = _one_line_for_settings(warnings.showwarning)
-            out = run(argv=argv)
+            out = run(argv=argv, unlock=False)
+        if rank0:
+            cfg = json.loads((out / "config.json").read_text())
+            if cfg["model"] == "digits" and (out / "final").exists():
+                evaluate.report_digits_run(out)  # the independent judge: how well it follows prompts
     except runtime.Preempted as e:
         if rank0:
             print(str(e), flush=True)  # "preempted at step N, checkpoint saved"
         return e.exit_code  # 143 (SIGTERM), 130 (Ctrl-C)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop, or a second one inside it
         if rank0:
-            print("interrupted (Ctrl-C) before a checkpoint could be saved; --resume continues from the "
-                  "newest checkpoint in out_dir/checkpoints", file=sys.stderr, flush=True)
+            print("interrupted (Ctrl-C) without saving; the checkpoints in out_dir/checkpoints are kept and "
+                  "--resume continues from the newest", file=sys.stderr, flush=True)
         return 130
     except (ValueError, FloatingPointError, data.TooManyBadItems) as e:
         print(f"error: {_message(e)}", file=sys.stderr)
@@ -139,10 +145,9 @@ def main(argv: list[str]) -> int:
         print(f"error: {_message(e)}; the data loader lost a worker process (out of memory, or killed): "
               f"lower --num_workers or --batch_size, then --resume", file=sys.stderr)
         return 2
+    finally:
+        runtime.unlock_run_dirs()
     if rank0:
-        cfg = json.loads((out / "config.json").read_text())
-        if cfg["model"] == "digits" and (out / "final").exists():
-            evaluate.report_digits_run(out)  # the independent judge: how well it follows prompts
         print(f"done: {out} (samples/, metrics.jsonl, checkpoints/, final/"
               f"{', eval.json' if (out / 'eval.json').exists() else ''})")
     return 0
