@@ -367,22 +367,26 @@ def cmd_noise(args) -> None:
     size = copy.deepcopy(NOISE_SIZES["quick" if args.quick else "full"])
     if args.seeds is not None:
         size["seeds"] = args.seeds
-    levels = tuple(args.levels or NOISE_LEVELS)
+    levels = sorted(args.levels or NOISE_LEVELS)
     out = Path(args.out)
     tuned = _load_tuned(out, args.quick)
     t0 = time.time()
     specs = {"base": None, **{m: METHODS[m] for m in NOISE_METHODS}}
     per_level = {}
-    for p in levels:
+    # the calibrated level first, and the results written after every level: a sweep stopped
+    # early still leaves the levels it finished
+    for p in sorted(levels, key=lambda p: (p != CALIBRATED_NOISE, p)):
         print(f"noise: pair_noise = {p:g}", flush=True)
         size_p = copy.deepcopy(size)
         size_p["train"]["pair_noise"] = p
         per_level[f"{p:g}"] = run_table(out / "noise" / f"p{p:g}", size_p, jobs=args.jobs, specs=specs, tuned=tuned)
-    results = {"levels": list(levels), "size": size, "tuned": tuned, "per_level": per_level,
-               "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "seconds": time.time() - t0,
-               "command": "python -m research.benchmark " + shlex.join(sys.argv[1:])}
-    (out / "noise.json").write_text(json.dumps(results, indent=1))
-    report.write_noise(results, out)
+        done = [q for q in levels if f"{q:g}" in per_level]
+        results = {"levels": done, "size": size, "tuned": tuned, "per_level": per_level,
+                   "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "seconds": time.time() - t0,
+                   "command": "python -m research.benchmark " + shlex.join(sys.argv[1:])}
+        (out / "noise.json").write_text(json.dumps(results, indent=1))
+        if len(done) >= 2:
+            report.write_noise(results, out)
     print((out / "noise.md").read_text())
 
 
