@@ -174,6 +174,7 @@ class Rig:
     def __init__(self, bundle: models.Bundle, shape: tuple, method: str, cfg: config.Config,
                  device: torch.device, directory: str):
         m = config.METHODS[method]
+        cfg = dataclasses.replace(cfg, method=method)
         self.cfg, self.device, self.shape, self.step = cfg, device, shape, 0
         reference = replay.Reference(bundle) if m.losers != "none" else None
         pool = None

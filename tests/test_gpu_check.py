@@ -51,6 +51,7 @@ finally:
 """
 
 
+@pytest.mark.slow
 def test_dry_run_writes_every_row_without_the_blocked_packages(tmp_path):
     r = subprocess.run([sys.executable, "-c", PROBE, str(ROOT), str(tmp_path), json.dumps(BLOCKED)],
                        capture_output=True, text=True, cwd=str(ROOT), timeout=900)
