@@ -3,6 +3,7 @@ time budget, on one GPU.
 
     python -m research.gpu_check                # one GPU, 480 s budget -> results/gpu.md, results/gpu.json
     python -m research.gpu_check --dry-run      # the same code path at tiny widths on the CPU, seconds
+    python -m research.gpu_check --dry-run --device cuda   # the tiny widths on the GPU (a smoke test)
     python -m research.gpu_check --plan-only    # the tables, every measured cell "not measured yet"
 
 Rows, in the order they run (the most wanted first, so that a short budget still yields them):
@@ -243,6 +244,7 @@ class Budget:
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for queued device work (CUDA runs asynchronously)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -272,6 +274,7 @@ def summary(seconds: list[float]) -> dict:
 
 
 def _free(device: torch.device) -> None:
+    """Drop what the last row left and start the peak-memory count afresh."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -422,6 +425,7 @@ def plans() -> dict:
 # ----------------------------------------------------------------------------- report
 
 def _f(v, fmt: str) -> str:
+    """A number formatted, or a dash where there is none."""
     return "—" if v is None else format(v, fmt)
 
 
@@ -452,6 +456,7 @@ def predicted(rows: dict, cfg: config.Config) -> dict:
 
 
 def markdown(res: dict) -> str:
+    """results/gpu.md from the results: every cell of a row not measured shows the row's status."""
     m, rows, cfg = res["machine"], res["rows"], SimpleNamespace(**res["sd15_settings"])
     st = lambda r: r.get("status", NOT_YET)  # noqa: E731
     ok = lambda r: st(r) == "ok"  # noqa: E731
@@ -539,6 +544,7 @@ def write(res: dict, out: Path) -> None:
 
 
 def machine(device: torch.device) -> dict:
+    """The stamp: device name, library versions, CUDA version (research/bench_report.py's, plus CUDA)."""
     from research.bench_report import machine_info
     info = machine_info(device)
     info["cuda"] = torch.version.cuda
