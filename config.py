@@ -70,6 +70,7 @@ class Config:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon (diffusers' --adam_epsilon)")
     max_grad_norm: float = _f(1.0, "gradient clipping (<= 0 disables)")
     mixed_precision: str = _f("no", "no | bf16 | fp16 (fp16 uses a GradScaler)")
     gradient_checkpointing: bool = _f(False, "recompute UNet activations in backward")
@@ -341,7 +342,7 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"config key 'loser_batch' must be >= 0, got {cfg.loser_batch}")
     if not 0.0 <= cfg.cfg_drop < 1.0:
         raise ValueError(f"config key 'cfg_drop' must be in [0, 1), got {cfg.cfg_drop}")
-    for key in ("beta", "lr", "resolution", "num_frames", "num_sample_prompts"):
+    for key in ("beta", "lr", "adam_epsilon", "resolution", "num_frames", "num_sample_prompts"):
         if not getattr(cfg, key) > 0:
             raise ValueError(f"config key {key!r} must be > 0, got {getattr(cfg, key)}")
     if cfg.lr > 1.0:  # AdamW's step is about lr per weight: beyond 1 every weight is noise (1e300 overflows)

@@ -184,7 +184,7 @@ def setup(cfg: Config, ctx: runtime.Dist) -> Run:
             sharding.shard(reference.unet, cfg.model, device)
     params = bundle.trainable_parameters()  # after sharding, which replaces the Parameters
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                            weight_decay=cfg.weight_decay)
+                            eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
     # diffusers' schedules (a LambdaLR whose state_dict holds no lambdas, so checkpoints stay data)
     from diffusers.optimization import get_scheduler
     lr_sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)

@@ -23,8 +23,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 PICKAPIC_LAYOUTS = (
     "ROOT/data/{split}-*.parquet (huggingface-cli download snapshot)",
@@ -57,6 +55,8 @@ class ParquetShard(Shard):
 
     def _file(self) -> pq.ParquetFile:
         if self._handle is None:
+            import pyarrow as pa  # Arrow loads when a shard is opened, not when the package is imported
+            import pyarrow.parquet as pq
             try:
                 self._handle = pq.ParquetFile(self.path)
             except (pa.ArrowException, OSError) as e:
@@ -81,6 +81,7 @@ class ArrowShard(Shard):
 
     def _table(self) -> pa.Table:
         if self._handle is None:
+            import pyarrow as pa  # as ParquetShard._file: Arrow loads with the first shard
             try:
                 self._handle = pa.ipc.open_stream(pa.memory_map(str(self.path), "r")).read_all()
             except (pa.ArrowException, OSError) as e:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import av
 import numpy as np
 from PIL import Image
 
@@ -42,6 +41,7 @@ def _decode_frames(path: Path, num_frames: int, total: int | None = None,
                    max_pixels: int = MAX_IMAGE_PIXELS) -> list[Image.Image]:
     """F frames spread uniformly over the whole clip (first and last included); a frame size over
     ``max_pixels`` (from the stream's header) is Refused before any frame is decoded."""
+    import av  # PyAV loads with the first video read: importing the package needs no decoder
     if total is None:
         with av.open(str(path)) as c:
             stream = c.streams.video[0]

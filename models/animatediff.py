@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import MotionAdapter, UNetMotionModel
 
-from models import sd15
+from models.sd15 import load as load_sd15
 from models.common import Parts, has_weights, resolve
 
 REPO = "guoyww/animatediff-motion-adapter-v1-5-3"
@@ -26,7 +26,7 @@ def load_motion_adapter(path: str | None, local_files_only: bool) -> MotionAdapt
 
 def load(path: str | None, local_files_only: bool = True, motion_adapter_path: str | None = None, **_) -> Parts:
     """SD-1.5 parts with the UNet turned into a UNetMotionModel (unless ``path`` already holds one)."""
-    parts = sd15.load(path, local_files_only)
+    parts = load_sd15(path, local_files_only)
     if not isinstance(parts.unet, UNetMotionModel):
         parts.unet = UNetMotionModel.from_unet2d(parts.unet, load_motion_adapter(motion_adapter_path, local_files_only))
     return parts

@@ -313,7 +313,21 @@ def cmd_claims(args) -> None:
               "(research/report.py, realism_verdict)."
               + (f" Rewritten from {args.from_json} on {datetime.datetime.now():%Y-%m-%d %H:%M} (no "
                  "retraining) by the command with `--from-json`." if args.from_json else ""))
-    (out / "claims.md").write_text(report.claims_markdown(rows, header))
+    body = report.claims_markdown(rows, header)
+    if args.calibrated:  # the main condition first: pairs as noisy as Pick-a-Pic's, then clean pairs
+        noisy = json.loads(Path(args.calibrated).read_text())
+        key = f"{CALIBRATED_NOISE:g}"
+        if key not in noisy["per_level"]:
+            raise SystemExit(f"{args.calibrated} holds no pair_noise = {key} level (levels: {noisy['levels']})")
+        level = noisy["per_level"][key]
+        body = "\n".join([header, "", report.claims_markdown(
+            report.build_claims(level),
+            f"## Noisy pairs, pair_noise = {key} (Pick-a-Pic's 68% agreement): the main condition\n\n"
+            f"From the noise sweep's runs at this level (`{noisy['command']}`, {noisy['date']}; "
+            f"{', '.join(level['runs'])}; {noisy['size']['seeds']} seeds); the other methods were not run "
+            "with noisy pairs."), report.claims_markdown(
+            rows, "## Clean pairs (every recorded preference right: Diffusion-DPO is handed an oracle)")])
+    (out / "claims.md").write_text(body)
     report.plot_curves(results, out)
     models_here = all(Path(runs[0]["run_dir"]).exists() for runs in results["runs"].values())
     if models_here:
@@ -367,22 +381,26 @@ def cmd_noise(args) -> None:
     size = copy.deepcopy(NOISE_SIZES["quick" if args.quick else "full"])
     if args.seeds is not None:
         size["seeds"] = args.seeds
-    levels = tuple(args.levels or NOISE_LEVELS)
+    levels = sorted(args.levels or NOISE_LEVELS)
     out = Path(args.out)
     tuned = _load_tuned(out, args.quick)
     t0 = time.time()
     specs = {"base": None, **{m: METHODS[m] for m in NOISE_METHODS}}
     per_level = {}
-    for p in levels:
+    # the calibrated level first, and the results written after every level: a sweep stopped
+    # early still leaves the levels it finished
+    for p in sorted(levels, key=lambda p: (p != CALIBRATED_NOISE, p)):
         print(f"noise: pair_noise = {p:g}", flush=True)
         size_p = copy.deepcopy(size)
         size_p["train"]["pair_noise"] = p
         per_level[f"{p:g}"] = run_table(out / "noise" / f"p{p:g}", size_p, jobs=args.jobs, specs=specs, tuned=tuned)
-    results = {"levels": list(levels), "size": size, "tuned": tuned, "per_level": per_level,
-               "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "seconds": time.time() - t0,
-               "command": "python -m research.benchmark " + shlex.join(sys.argv[1:])}
-    (out / "noise.json").write_text(json.dumps(results, indent=1))
-    report.write_noise(results, out)
+        done = [q for q in levels if f"{q:g}" in per_level]
+        results = {"levels": done, "size": size, "tuned": tuned, "per_level": per_level,
+                   "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "seconds": time.time() - t0,
+                   "command": "python -m research.benchmark " + shlex.join(sys.argv[1:])}
+        (out / "noise.json").write_text(json.dumps(results, indent=1))
+        if len(done) >= 2:
+            report.write_noise(results, out)
     print((out / "noise.md").read_text())
 
 
@@ -424,6 +442,8 @@ def main(argv=None) -> None:
             c.add_argument("--keep-checkpoints", action="store_true", help="keep runs/*/checkpoints")
             c.add_argument("--from-json", help="a table.json of a finished run: rewrite claims, tables and "
                                                "pictures from it without training")
+            c.add_argument("--calibrated", help="a noise.json (the noise command's): add the claims at "
+                                                f"pair_noise = {CALIBRATED_NOISE} as the main condition")
     c = sub.add_parser("readme", help="the default run's eval.json -> results/default_run.json and the README table")
     c.set_defaults(fn=cmd_readme)
     c.add_argument("--run", default="runs/digits_sspo", help="a finished `python train.py` run")

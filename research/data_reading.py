@@ -101,8 +101,8 @@ def main(argv: list[str]) -> None:
     for variant in VARIANTS:
         import shutil
         shutil.rmtree(root / "hf_cache", ignore_errors=True)  # time the conversion every time
-        out = subprocess.run([sys.executable, __file__, f"--variant={variant}", f"--dir={root}",
-                              f"--items={items}"], capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "-m", "research.data_reading", f"--variant={variant}", f"--dir={root}",
+                              f"--items={items}"], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
         print(out.stdout.strip() or out.stderr.strip().splitlines()[-1])
         results.append(json.loads(out.stdout))
     lines = [f"# Reading Pick-a-Pic: {rows} rows (2 PNGs of 32x32 each, row groups of 100), "

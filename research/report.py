@@ -56,6 +56,20 @@ def verdict(diffs) -> str:
     return "inconclusive"
 
 
+def seeds_needed(diffs, limit: int = 1000) -> int | None:
+    """Paired seeds the 95% t-interval would need to exclude 0 if the observed mean difference
+    and its spread held: the smallest n with t(n-1) sd / sqrt(n) < |mean|; None for a zero mean
+    or beyond ``limit``."""
+    d = np.asarray(diffs, dtype=np.float64)
+    mean, sd = abs(float(d.mean())), float(d.std(ddof=1))
+    if mean == 0:
+        return None
+    for n in range(2, limit + 1):
+        if t_quantile(n - 1) * sd / math.sqrt(n) < mean:
+            return n
+    return None
+
+
 REALISM_RATIO = 1.5  # an accuracy win whose Frechet distance is more than this times the other's is a trade-off
 
 
@@ -114,6 +128,8 @@ def claim_row(name: str, measure: str, a: str, b: str, values_a, values_b, highe
            "a_mean": float(va.mean()), "a_std": float(va.std(ddof=1)),
            "b_mean": float(vb.mean()), "b_std": float(vb.std(ddof=1)),
            "diff": mean, "low": low, "high": high, "verdict": verdict(diffs), "seeds": len(diffs)}
+    if row["verdict"] == "inconclusive":
+        row["seeds_needed"] = seeds_needed(diffs)
     if frechet is not None:
         row["fd_a"], row["fd_b"] = float(np.mean(frechet[0])), float(np.mean(frechet[1]))
         row["verdict"] = realism_verdict(row["verdict"], row["fd_a"], row["fd_b"])
@@ -125,10 +141,12 @@ def claims_markdown(rows: list[dict], header: str) -> str:
              "| claim | measure | A (mean ± sd) | B (mean ± sd) | A better by (95% CI) | verdict |",
              "|---|---|---|---|---|---|"]
     for r in rows:
+        need = r.get("seeds_needed", 0)
+        note = "" if "seeds_needed" not in r else (f" (~{need} seeds would decide it)" if need else " (no effect seen)")
         fd = lambda k: f" (FD {r[k]:.2f})" if k in r else ""  # noqa: E731
         lines.append(f"| {r['claim']} | {r['measure']} | {r['a']}: {r['a_mean']:.3f} ± {r['a_std']:.3f}{fd('fd_a')} | "
                      f"{r['b']}: {r['b_mean']:.3f} ± {r['b_std']:.3f}{fd('fd_b')} | {r['diff']:+.3f} "
-                     f"[{r['low']:+.3f}, {r['high']:+.3f}] | **{r['verdict']}** |")
+                     f"[{r['low']:+.3f}, {r['high']:+.3f}] | **{r['verdict']}**{note} |")
     return "\n".join(lines) + "\n"
 
 

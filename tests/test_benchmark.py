@@ -192,3 +192,34 @@ def test_default_run_table_comes_from_eval_json(tmp_path):
     report.update_readme("default", md, readme)
     text = readme.read_text()
     assert "old" not in text and "0.500 / 0.510" in text and text.startswith("a\n") and text.endswith("b\n")
+
+
+def test_claims_with_the_calibrated_noise_condition_first(tmp_path):
+    """`claims --from-json T --calibrated noise.json`: the claims at pair_noise = 0.2 (from the
+    noise sweep's runs) come first as the main condition, the clean pairs' after them; an
+    inconclusive verdict says how many seeds would decide it."""
+    results = _fake_results(tuple(benchmark.METHODS), seeds=3)
+    for runs in results["runs"].values():
+        for r in runs:
+            r["run_dir"] = str(tmp_path / "gone")
+    results.update(seconds=60.0, tuned={}, command="python -m research.benchmark claims --jobs 2")
+    src = tmp_path / "recorded.json"
+    src.write_text(json.dumps(results))
+    level = {"runs": {k: results["runs"][k] for k in ("base", "sft", "dpo", "sspo")}}
+    noisy = {"levels": [0.0, 0.2], "per_level": {"0.2": level}, "size": {"seeds": 3}, "date": "d",
+             "command": "python -m research.benchmark noise --jobs 2"}
+    (tmp_path / "noise.json").write_text(json.dumps(noisy))
+    out = tmp_path / "out"
+    out.mkdir()
+    benchmark.main(["claims", "--quick", "--from-json", str(src), "--calibrated", str(tmp_path / "noise.json"),
+                    "--out", str(out)])
+    text = (out / "claims.md").read_text()
+    noisy_at, clean_at = text.index("## Noisy pairs, pair_noise = 0.2"), text.index("## Clean pairs")
+    assert noisy_at < clean_at
+    assert "Table 1: SSPO beats dpo (training templates, no guidance)" in text[noisy_at:clean_at]
+    assert "Table 6" not in text[noisy_at:clean_at] and "Table 6" in text[clean_at:]  # ablations ran clean only
+    with pytest.raises(SystemExit, match="no pair_noise = 0.2 level"):
+        noisy["per_level"] = {"0.4": level}
+        (tmp_path / "noise.json").write_text(json.dumps(noisy))
+        benchmark.main(["claims", "--quick", "--from-json", str(src), "--calibrated", str(tmp_path / "noise.json"),
+                        "--out", str(out)])

@@ -94,3 +94,15 @@ def test_noise_report_from_synthetic_runs(tmp_path):
     assert "SSPO's mean reaches DPO's at pair_noise = 0.20" in md  # dpo 0.91 - p meets sspo 0.71 at p = 0.2
     assert "| dpo | 0.910 ± 0.014 (FD 2.00) |" in md
     assert (tmp_path / "noise.png").stat().st_size > 1000
+
+
+def test_seeds_needed_for_an_inconclusive_difference():
+    """The smallest n with t(n-1) sd / sqrt(n) < |mean|: a checked closed case, and the row says it."""
+    d = [0.1, -0.05, 0.1]  # mean 0.05, sd 0.0866
+    n = claims.seeds_needed(d)
+    sd = np.std(d, ddof=1)
+    assert scipy.stats.t.ppf(0.975, n - 1) * sd / np.sqrt(n) < 0.05 <= scipy.stats.t.ppf(0.975, n - 2) * sd / np.sqrt(n - 1)
+    assert claims.seeds_needed([0.1, -0.1, 0.0]) is None  # no effect at all
+    row = claims.claim_row("c", "m", "a", "b", [0.6, 0.5, 0.7], [0.5, 0.55, 0.6])
+    assert row["verdict"] == "inconclusive" and row["seeds_needed"] == claims.seeds_needed([0.1, -0.05, 0.1])
+    assert "seeds would decide it" in claims.claims_markdown([row], "# h")
