@@ -48,6 +48,8 @@ class Config:
                          "below tau; 0 = no mask. Shares masked: results/pair_weights.md")
     eps_clip: float = _f(0.05, "dpo_cm/sdpo: clip kept weights into [1-eps_clip, 1+eps_clip]; inf = no "
                               "clip (with tau=0: plain importance weighting)")
+    weight_temperature: float = _f(1.0, "dpo_cm/sdpo: the pair log weight is multiplied by this (w^T); 1 = the "
+                                        "ratio's own scale; presets set it per family (results/pair_weights.md)")
     # ---- Random Checkpoint Replay and loser generation (sspo, sspo_r, spin)
     save_every: int = _f(50, "optimizer updates between checkpoints (= replay pool snapshots)")
     pool_storage: str = _f("memory", "replay snapshots: memory (fp32) | memory_bf16 (checkpoint 0 exact) | disk (safetensors)")
@@ -320,7 +322,7 @@ def validate(cfg: Config) -> None:
     for key in ("beta", "lr", "resolution", "num_frames", "num_sample_prompts"):
         if not getattr(cfg, key) > 0:
             raise ValueError(f"config key {key!r} must be > 0, got {getattr(cfg, key)}")
-    for key in ("height", "width", "tau", "eps_clip", "warmup_steps", "digits_align_per_class", "keep_checkpoints", "weight_decay", "num_workers",
+    for key in ("height", "width", "tau", "eps_clip", "weight_temperature", "warmup_steps", "digits_align_per_class", "keep_checkpoints", "weight_decay", "num_workers",
                 "max_train_samples"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"config key {key!r} must be >= 0, got {getattr(cfg, key)}")
@@ -397,7 +399,7 @@ def ignored_settings(cfg: Config, given: set[str] | None = None) -> list[str]:
     elif not replayed and cfg.pool_storage == "memory_bf16":
         why["pool_storage"] = f"{cfg.method}'s pool holds only checkpoint 0, which memory_bf16 keeps exact"
     if loss not in ("dpo_cm", "sdpo"):
-        why["tau"] = why["eps_clip"] = f"only dpo_cm and sdpo weight pairs; {cfg.method} does not"
+        why["tau"] = why["eps_clip"] = why["weight_temperature"] = f"only dpo_cm and sdpo weight pairs; {cfg.method} does not"
     if cfg.model not in VIDEO_MODELS:
         why["num_frames"] = f"only {', '.join(VIDEO_MODELS)} make videos; {cfg.model} makes images"
     if cfg.model != "animatediff":
