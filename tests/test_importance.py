@@ -197,3 +197,12 @@ def test_sdpo_normaliser_over_micro_batches_equals_one_batch():
     assert one.item() == pytest.approx((0.9 / norm * dpo[0]).item(), rel=1e-6) and abs(one.item() - dpo[0].item()) > 1e-3
     local = importance.sdpo_loss(m_w[:1], m_l[:1], r_w[:1], r_l[:1], log_w[:1], **kw)[0]
     assert local.item() == dpo[0].item()  # batch-local at B = 1: w / w = 1
+
+
+def test_preset_temperatures_are_the_calibrated_ones():
+    """Each preset's weight_temperature is research.pair_weights.calibrated_temperature for its
+    family's real latent size, beta and noise process (to the 2 digits the presets keep)."""
+    from research import pair_weights
+    for name, preset, sc, shape, _ in pair_weights.FAMILIES:
+        got = pair_weights.settings(preset, "sdpo")["weight_temperature"]
+        assert got == pytest.approx(pair_weights.calibrated_temperature(preset, sc, shape), rel=0.02), name
