@@ -146,10 +146,10 @@ class Method:
 METHODS: dict[str, Method] = {
     "sft": Method("sft", losers="none"),
     "dpo": Method("dpo"),
-    # tau/eps_clip chosen so that masking and clipping both act on a visible share of pairs on
-    # the digits model and at SD-1.5's latent shape (research/pair_weights.py ->
-    # results/pair_weights.md). SDPO re-weights rather than drops: a lower tau and a wider clip
-    # band than DPO-C&M.
+    # tau/eps_clip chosen on the digits model so that masking and clipping both act on a visible
+    # share of pairs; the other families reach the same scale through their presets'
+    # weight_temperature (research/pair_weights.py -> results/pair_weights.md). SDPO re-weights
+    # rather than drops: a lower tau and a wider clip band than DPO-C&M.
     "dpo_cm": Method("dpo_cm", settings={"tau": 0.8, "eps_clip": 0.05}),
     "sdpo": Method("sdpo", settings={"tau": 0.7, "eps_clip": 0.1}),
     "sspo": Method("sspo", losers="replayed", settings={"replay": "uniform", "ssr": "sign"}),

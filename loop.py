@@ -25,6 +25,8 @@ One SSPO micro-step as data (SSPO Algorithm 1 and sec. 4.1), B pairs, diffusion-
     loss    = sspo.sspo_loss(m_w, m_l, r_w, r_l, beta, ssr).mean() eq. 8-9
 
 Other methods change only the losers (above) and the last line (``config.METHODS`` says which).
+SDPO adds a gradient-free first pass over the update's micro-batches (``sdpo_normaliser``): its
+pair weights' normaliser spans every micro-batch and process of the update.
 """
 from __future__ import annotations
 

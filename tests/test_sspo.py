@@ -165,7 +165,8 @@ def test_sspo_indicator_drops_replayed_term_in_sft_mode():
 
 
 def test_sspo_gradient_is_the_analytic_one_with_the_ssr_sign_held_constant():
-    # d(loss)/d(m_w) must equal the analytic derivative with s held constant
+    # d(loss)/d(m_w) must equal the analytic derivative with s held constant: fails if s carries a
+    # gradient (e.g. a straight-through sign hard + (soft - soft.detach()) computed outside no_grad)
     m_w, m_l, r_w, r_l = _errs(seed=7)
     m_w = m_w.clone().requires_grad_(True)
     loss, _ = sspo.sspo_loss(m_w, m_l, r_w, r_l)
