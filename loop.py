@@ -240,8 +240,8 @@ def update(run: Run, stream, step: int, stop: runtime.StopOnSignal) -> dict | No
         batch = held[micro] if held is not None else run.losers.next_batch(stream, micro)
         # DDP all-reduces on the last micro-step only; FSDP reduce-scatters every micro-step
         with (contextlib.nullcontext() if sync or ctx.world == 1 or cfg.fsdp else run.policy.no_sync()):
-            loss, metrics = training_step(run, batch, step, log_weight=None if weights is None else weights[micro],
-                                          norm=norm)
+            first = {} if weights is None else dict(zip(("log_weight", "ref_err"), weights[micro]))
+            loss, metrics = training_step(run, batch, step, norm=norm, **first)
             run.scaler.scale(loss / cfg.grad_accum).backward()
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v.detach() / cfg.grad_accum
@@ -270,12 +270,13 @@ def sdpo_normaliser(run: Run, held: list[dict], step: int) -> tuple[list[torch.T
     in ``held`` (a forward of the reference and of the policy, no backward), and the mean kept
     clipped weight over all of them and all processes (one all-reduce of a sum and a count).
     The weights carry no gradient, so this pass changes nothing but the normaliser; the second
-    pass (``training_step`` with ``log_weight`` and ``norm``) reuses these very weights. Cost: one
-    gradient-free forward of the policy and of the reference per micro-batch.
-    Returns ([(B,) log weights per micro-batch], 0-d float32 normaliser)."""
+    pass (``training_step`` with ``log_weight``, ``ref_err`` and ``norm``) reuses these very
+    weights and the reference's errors. Cost: one extra gradient-free forward of the policy per
+    micro-batch (and the encoders' again).
+    Returns ([((B,) log weights, ((B,) r_w, (B,) r_l)) per micro-batch], 0-d float32 normaliser)."""
     cfg, ctx = run.cfg, run.ctx
     weights = [training_step(run, b, step, weights_only=True) for b in held]
-    total = sum(importance.kept_weight_sum(w, cfg.tau, cfg.eps_clip) for w in weights)  # (2,) float64
+    total = sum(importance.kept_weight_sum(w, cfg.tau, cfg.eps_clip) for w, _ in weights)  # (2,) float64
     if ctx.world > 1:
         total = total.to(ctx.device if ctx.device.type == "cuda" else "cpu")
         torch.distributed.all_reduce(total)  # sum over processes
@@ -293,11 +294,12 @@ def pair_log_weight(run: Run, pred: torch.Tensor, ref_pred: torch.Tensor, target
 
 
 def training_step(run: Run, batch: dict, step: int, *, log_weight: torch.Tensor | None = None,
-                  norm: torch.Tensor | None = None, weights_only: bool = False):
+                  ref_err: tuple | None = None, norm: torch.Tensor | None = None, weights_only: bool = False):
     """Loss of one micro-batch; returns (scalar loss, metrics of detached 0-d tensors).
     DPO-C&M / SDPO: ``log_weight`` (B,) given is used instead of computing it here; ``norm`` is
-    SDPO's update-wide normaliser (``sdpo_normaliser``); ``weights_only`` returns just the (B,)
-    pair log weights, computed without gradient."""
+    SDPO's update-wide normaliser (``sdpo_normaliser``); ``ref_err`` (r_w, r_l), given with
+    ``log_weight``, replaces the reference's forward; ``weights_only`` returns the (B,) pair log
+    weights and (r_w, r_l), computed without gradient."""
     cfg, bundle, device, autocast = run.cfg, run.bundle, run.ctx.device, run.autocast
     prompts, kind = batch["prompt"], run.method.loss
     with torch.no_grad(), autocast():
@@ -322,14 +324,16 @@ def training_step(run: Run, batch: dict, step: int, *, log_weight: torch.Tensor 
     x_t = run.noise.q_sample(x0, t2, eps2)
     target = run.noise.target(x0, eps2, t2)  # eps, v, or the flow velocity eps - x0
     t_in = run.noise.model_t(t2)  # the network's timestep: t, or T * sigma_t for flows
-    if kind != "sft":
+    if ref_err is not None and log_weight is not None:  # SDPO's second pass: from the first
+        r_w, r_l = ref_err
+    elif kind != "sft":
         with torch.no_grad(), autocast():
             ref_pred = run.reference(x_t, t_in, text2, extra2)
         r_w, r_l = sspo.per_sample_error(ref_pred, target).chunk(2)  # (2B,) -> (B,), (B,)
     if weights_only:
         with torch.no_grad(), autocast():
             pred = models.unet_forward(bundle, run.policy, x_t, t_in, text2, extra2)
-        return pair_log_weight(run, pred, ref_pred, target, t)
+        return pair_log_weight(run, pred, ref_pred, target, t), (r_w, r_l)
     with autocast():
         pred = models.unet_forward(bundle, run.policy, x_t, t_in, text2, extra2)
     err = sspo.per_sample_error(pred, target)  # (2B,) float32 (or (B,) for SFT)
