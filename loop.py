@@ -240,8 +240,8 @@ def update(run: Run, stream, step: int, stop: runtime.StopOnSignal) -> dict | No
         batch = held[micro] if held is not None else run.losers.next_batch(stream, micro)
         # DDP all-reduces on the last micro-step only; FSDP reduce-scatters every micro-step
         with (contextlib.nullcontext() if sync or ctx.world == 1 or cfg.fsdp else run.policy.no_sync()):
-            first = {} if weights is None else dict(zip(("log_weight", "ref_err"), weights[micro]))
-            loss, metrics = training_step(run, batch, step, norm=norm, **first)
+            sdpo = {} if weights is None else dict(zip(("log_weight", "ref_err"), weights[micro]), norm=norm)
+            loss, metrics = training_step(run, batch, step, **sdpo)
             run.scaler.scale(loss / cfg.grad_accum).backward()
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v.detach() / cfg.grad_accum

@@ -393,8 +393,11 @@ def test_real_code_paths_under_torchrun(family, method, extra, compare, tmp_path
     assert "global batch 1 x 1 accum x 2 procs = 2" in r.stdout
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
-    # update 1: the policy is its reference (checkpoint 0), so the loss is exactly log 2; update 2 has moved
-    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and rows[1]["loss"] != rows[0]["loss"]
+    # update 1: the policy is its reference (checkpoint 0), so the loss is log 2 (SSPO's update 2 may
+    # replay checkpoint 1, the policy itself, and give log 2 again; DPO's fixed reference does not)
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    if method == "dpo":
+        assert rows[1]["loss"] != pytest.approx(math.log(2), abs=1e-6)
     w1, w2 = _weights(out, 1), _weights(out, 2)
     assert any(not torch.equal(w1[k], w2[k]) for k in w1)
     if family == "animatediff":
