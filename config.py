@@ -49,6 +49,8 @@ class Config:
                          "below tau; 0 = no mask. Shares masked: results/pair_weights.md")
     eps_clip: float = _f(0.05, "dpo_cm/sdpo: clip kept weights into [1-eps_clip, 1+eps_clip]; inf = no "
                               "clip (with tau=0: plain importance weighting)")
+    weight_temperature: float = _f(1.0, "dpo_cm/sdpo: the pair log weight is multiplied by this (w^T); 1 = the "
+                                        "ratio's own scale; presets set it per family (results/pair_weights.md)")
     # ---- Random Checkpoint Replay and loser generation (sspo, sspo_r, spin)
     save_every: int = _f(50, "optimizer updates between checkpoints (= replay pool snapshots)")
     pool_storage: str = _f("memory", "replay snapshots: memory (fp32) | memory_bf16 (checkpoint 0 exact) | disk (safetensors)")
@@ -150,10 +152,10 @@ class Method:
 METHODS: dict[str, Method] = {
     "sft": Method("sft", losers="none"),
     "dpo": Method("dpo"),
-    # tau/eps_clip chosen so that masking and clipping both act on a visible share of pairs on
-    # the digits model and at SD-1.5's latent shape (research/pair_weights.py ->
-    # results/pair_weights.md). SDPO re-weights rather than drops: a lower tau and a wider clip
-    # band than DPO-C&M.
+    # tau/eps_clip chosen on the digits model so that masking and clipping both act on a visible
+    # share of pairs; the other families reach the same scale through their presets'
+    # weight_temperature (research/pair_weights.py -> results/pair_weights.md). SDPO re-weights
+    # rather than drops: a lower tau and a wider clip band than DPO-C&M.
     "dpo_cm": Method("dpo_cm", settings={"tau": 0.8, "eps_clip": 0.05}),
     "sdpo": Method("sdpo", settings={"tau": 0.7, "eps_clip": 0.1}),
     "sspo": Method("sspo", losers="replayed", settings={"replay": "uniform", "ssr": "sign"}),
@@ -347,7 +349,7 @@ def validate(cfg: Config) -> None:
             raise ValueError(f"config key {key!r} must be > 0, got {getattr(cfg, key)}")
     if cfg.lr > 1.0:  # AdamW's step is about lr per weight: beyond 1 every weight is noise (1e300 overflows)
         raise ValueError(f"config key 'lr' must be <= 1, got {cfg.lr}")
-    for key in ("height", "width", "tau", "eps_clip", "warmup_steps", "digits_align_per_class", "keep_checkpoints", "weight_decay", "num_workers",
+    for key in ("height", "width", "tau", "eps_clip", "weight_temperature", "warmup_steps", "digits_align_per_class", "keep_checkpoints", "weight_decay", "num_workers",
                 "max_train_samples"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"config key {key!r} must be >= 0, got {getattr(cfg, key)}")
@@ -424,7 +426,7 @@ def ignored_settings(cfg: Config, given: set[str] | None = None) -> list[str]:
     elif not replayed and cfg.pool_storage == "memory_bf16":
         why["pool_storage"] = f"{cfg.method}'s pool holds only checkpoint 0, which memory_bf16 keeps exact"
     if loss not in ("dpo_cm", "sdpo"):
-        why["tau"] = why["eps_clip"] = f"only dpo_cm and sdpo weight pairs; {cfg.method} does not"
+        why["tau"] = why["eps_clip"] = why["weight_temperature"] = f"only dpo_cm and sdpo weight pairs; {cfg.method} does not"
     if cfg.model not in VIDEO_MODELS:
         why["num_frames"] = f"only {', '.join(VIDEO_MODELS)} make videos; {cfg.model} makes images"
     if cfg.model != "animatediff":

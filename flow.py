@@ -4,7 +4,7 @@ Pure functions of tensors, as in ``sspo.py``. The losses do not change: ``sspo.s
 ``dpo_loss``, ``sspo_loss``, ``dpo_cm_loss`` and ``sdpo_loss`` take per-sample errors, and for a
 flow model those are velocity errors ``sspo.per_sample_error(v_pred, flow_target(x0, eps))``.
 What is per-parametrisation lives here: the forward process, the target, the timestep density,
-an optional per-timestep weight, the importance weight, and the Euler step of the sampler.
+an optional per-timestep weight, the importance weight's coefficient kappa, and the Euler step of the sampler.
 
 Papers
 ------
@@ -79,13 +79,15 @@ Derivations
    deterministic, so p_theta(x_s | x_t) is a point mass and has no density ratio. The weight is
    read on the stochastic sampler of the same flow whose step is the forward process's Gaussian
    posterior q(x_s | x_t, x0) (ancestral sampling, [DDIM] eta = 1; the Euler step is eta = 0,
-   :func:`flow_euler_step`), with p_theta(x_s | x_t) = q(x_s | x_t, x0_hat), x0_hat = x_t -
-   sigma_t v_hat, from sigma_t to sigma_s < sigma_t. Both Gaussians share their variance, so
-       E_q[log w] = -KL(q || p_theta) = -1/2 (SNR(sigma_s) - SNR(sigma_t)) ||x0 - x0_hat||^2
-                  = -kappa ||v - v_hat||^2,
-       kappa = (sigma_t - sigma_s)(sigma_t + sigma_s - 2 sigma_t sigma_s) / (2 sigma_s^2),
-   which is importance.py's lambda_t ||eps - eps_theta||^2 for DDPM under the change of variables.
-   As there, ``log w = -kappa * err`` with the per-dimension mean error (times ``scale``).
+   :func:`flow_euler_step`), with p(x_s | x_t) = q(x_s | x_t, x0_hat), x0_hat = x_t - sigma_t v_hat,
+   from sigma_t to sigma_s < sigma_t. All three Gaussians share their variance, and
+       KL(q || p) = 1/2 (SNR(sigma_s) - SNR(sigma_t)) ||x0 - x0_hat||^2 = kappa ||v - v_hat||^2,
+       kappa = (sigma_t - sigma_s)(sigma_t + sigma_s - 2 sigma_t sigma_s) / (2 sigma_s^2)
+   (:func:`flow_importance_kappa`), importance.py's lambda_t for DDPM under the change of
+   variables. The mean of a step is linear in v_hat, so importance.py's item 2 applies as it
+   stands: log E_q[w] = 2 kappa D mean((v - v_b) * (v_theta - v_b)) against the reference's
+   (behaviour policy's) velocity v_b, summed over all D values, winner and loser, then capped:
+   ``importance.pair_log_weight`` with ``noise.Process.importance_kappa``.
 """
 
 from __future__ import annotations
@@ -265,35 +267,3 @@ def flow_importance_kappa(sigma: torch.Tensor, sigma_next, sigma_min: float = 1e
     s_s = torch.as_tensor(sigma_next, dtype=torch.float32, device=s_t.device).detach()
     s_s = torch.minimum(s_s.clamp(sigma_min, 1.0), s_t)
     return (s_t - s_s) * (s_t + s_s - 2 * s_t * s_s) / (2 * s_s ** 2)
-
-
-def flow_importance_log_weight(err: torch.Tensor, sigma: torch.Tensor, sigma_next,
-                               scale: float = 1.0, sigma_min: float = 1e-3) -> torch.Tensor:
-    """log w = -scale * kappa(sigma, sigma_next) * err, (B,) float32, detached (derivation 4).
-
-    w = p_theta(x_s | x_t) / q(x_s | x_t, x0) for the ancestral (posterior) step from sigma_t
-    to sigma_s, with its expected log -KL = -kappa ||v - v_hat||^2: this project's [SDPO]
-    reading for a flow, the counterpart of ``importance.importance_log_weight``. log w <= 0, w in (0, 1].
-    err: (B,) per-sample *velocity* error (mean over values, as ``sspo.per_sample_error``);
-    sigma: (B,) level of the pair; sigma_next: (B,) or scalar, the level the step lands on
-    (:func:`flow_sigma_next` for the training table, or the next level of the sampler that
-    made the losers). scale: 1 reads the weight per value (the mean error); the number
-    of values averaged in ``err`` gives the log density ratio of the whole sample.
-    Magnitude: between neighbouring levels kappa ~ (sigma_t - sigma_s)(1 - sigma)/sigma, about
-    1e-3 at mid noise for the 1000-level table, so with scale = 1 and the table's step, w stays
-    within a fraction of a percent of 1; the sampler's coarser steps or scale = number of values
-    move it away from 1.
-    """
-    if err.ndim != 1:
-        raise ValueError(f"err must have shape (B,), got {tuple(err.shape)}")
-    with torch.no_grad():
-        kappa = flow_importance_kappa(sigma, sigma_next, sigma_min).to(err.device)
-        return -scale * kappa * err.detach().float()
-
-
-def flow_pair_log_weight(model_err_w: torch.Tensor, model_err_l: torch.Tensor, sigma: torch.Tensor,
-                         sigma_next, scale: float = 1.0, sigma_min: float = 1e-3) -> torch.Tensor:
-    """log of a pair's weight w_w * w_l (winner and loser share sigma). (B,) float32, detached:
-    the ``log_weight`` argument of ``importance.dpo_cm_loss`` and ``importance.sdpo_loss``."""
-    return (flow_importance_log_weight(model_err_w, sigma, sigma_next, scale, sigma_min)
-            + flow_importance_log_weight(model_err_l, sigma, sigma_next, scale, sigma_min))

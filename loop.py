@@ -25,6 +25,8 @@ One SSPO micro-step as data (SSPO Algorithm 1 and sec. 4.1), B pairs, diffusion-
     loss    = sspo.sspo_loss(m_w, m_l, r_w, r_l, beta, ssr).mean() eq. 8-9
 
 Other methods change only the losers (above) and the last line (``config.METHODS`` says which).
+SDPO adds a gradient-free first pass over the update's micro-batches (``sdpo_normaliser``): its
+pair weights' normaliser spans every micro-batch and process of the update.
 """
 from __future__ import annotations
 
@@ -266,14 +268,20 @@ def update(run: Run, stream, step: int, stop: runtime.StopOnSignal) -> dict | No
     cfg, ctx = run.cfg, run.ctx
     ref_idx = run.losers.begin(step)
     sums: dict[str, torch.Tensor] = {}
+    held, weights, norm = None, None, None
+    if run.method.loss == "sdpo":  # first pass: the update-wide normaliser (sdpo_normaliser)
+        held = [run.losers.next_batch(stream, micro) for micro in range(cfg.grad_accum)]
+        weights, norm = sdpo_normaliser(run, held, step)
     for micro in range(cfg.grad_accum):
         if micro and ctx.any_flag(stop.requested):
             run.opt.zero_grad(set_to_none=True)
             return None
         sync = micro == cfg.grad_accum - 1
+        batch = held[micro] if held is not None else run.losers.next_batch(stream, micro)
         # DDP all-reduces on the last micro-step only; FSDP reduce-scatters every micro-step
         with (contextlib.nullcontext() if sync or ctx.world == 1 or cfg.fsdp else run.policy.no_sync()):
-            loss, metrics = training_step(run, run.losers.next_batch(stream, micro), step)
+            sdpo = {} if weights is None else dict(zip(("log_weight", "ref_err"), weights[micro]), norm=norm)
+            loss, metrics = training_step(run, batch, step, **sdpo)
             run.scaler.scale(loss / cfg.grad_accum).backward()
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v.detach() / cfg.grad_accum
@@ -297,8 +305,41 @@ def update(run: Run, stream, step: int, stop: runtime.StopOnSignal) -> dict | No
     return sums
 
 
-def training_step(run: Run, batch: dict, step: int):
-    """Loss of one micro-batch; returns (scalar loss, metrics of detached 0-d tensors)."""
+def sdpo_normaliser(run: Run, held: list[dict], step: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """SDPO's self-normalisation over one whole update: the pair log weights of every micro-batch
+    in ``held`` (a forward of the reference and of the policy, no backward), and the mean kept
+    clipped weight over all of them and all processes (one all-reduce of a sum and a count).
+    The weights carry no gradient, so this pass changes nothing but the normaliser; the second
+    pass (``training_step`` with ``log_weight``, ``ref_err`` and ``norm``) reuses these very
+    weights and the reference's errors. Cost: one extra gradient-free forward of the policy per
+    micro-batch (and the encoders' again).
+    Returns ([((B,) log weights, ((B,) r_w, (B,) r_l)) per micro-batch], 0-d float32 normaliser)."""
+    cfg, ctx = run.cfg, run.ctx
+    weights = [training_step(run, b, step, weights_only=True) for b in held]
+    total = sum(importance.kept_weight_sum(w, cfg.tau, cfg.eps_clip) for w, _ in weights)  # (2,) float64
+    if ctx.world > 1:
+        total = total.to(ctx.device if ctx.device.type == "cuda" else "cpu")
+        torch.distributed.all_reduce(total)  # sum over processes
+    return weights, (total[0] / total[1].clamp_min(1.0)).float().cpu()
+
+
+def pair_log_weight(run: Run, pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor,
+                    t: torch.Tensor) -> torch.Tensor:
+    """The DPO-C&M / SDPO pair log weight of one micro-batch (importance.pair_log_weight): policy
+    and reference predictions and the target, (2B,*S) [winners; losers]; t (B,). (B,) float32."""
+    cross_w, cross_l = importance.cross_term(pred, ref_pred, target).chunk(2)  # (2B,) -> (B,), (B,)
+    floor_w, floor_l = importance.rounding_floor(pred, ref_pred).chunk(2)
+    return importance.pair_log_weight(cross_w, cross_l, run.noise.importance_kappa(t), target[0].numel(),
+                                      floor=floor_w + floor_l, temperature=run.cfg.weight_temperature)
+
+
+def training_step(run: Run, batch: dict, step: int, *, log_weight: torch.Tensor | None = None,
+                  ref_err: tuple | None = None, norm: torch.Tensor | None = None, weights_only: bool = False):
+    """Loss of one micro-batch; returns (scalar loss, metrics of detached 0-d tensors).
+    DPO-C&M / SDPO: ``log_weight`` (B,) given is used instead of computing it here; ``norm`` is
+    SDPO's update-wide normaliser (``sdpo_normaliser``); ``ref_err`` (r_w, r_l), given with
+    ``log_weight``, replaces the reference's forward; ``weights_only`` returns the (B,) pair log
+    weights and (r_w, r_l), computed without gradient."""
     cfg, bundle, device, autocast = run.cfg, run.bundle, run.ctx.device, run.autocast
     prompts, kind = batch["prompt"], run.method.loss
     with torch.no_grad(), autocast():
@@ -323,10 +364,16 @@ def training_step(run: Run, batch: dict, step: int):
     x_t = run.noise.q_sample(x0, t2, eps2)
     target = run.noise.target(x0, eps2, t2)  # eps, v, or the flow velocity eps - x0
     t_in = run.noise.model_t(t2)  # the network's timestep: t, or T * sigma_t for flows
-    if kind != "sft":
+    if ref_err is not None and log_weight is not None:  # SDPO's second pass: from the first
+        r_w, r_l = ref_err
+    elif kind != "sft":
         with torch.no_grad(), autocast():
             ref_pred = run.reference(x_t, t_in, text2, extra2)
         r_w, r_l = sspo.per_sample_error(ref_pred, target).chunk(2)  # (2B,) -> (B,), (B,)
+    if weights_only:
+        with torch.no_grad(), autocast():
+            pred = models.unet_forward(bundle, run.policy, x_t, t_in, text2, extra2)
+        return pair_log_weight(run, pred, ref_pred, target, t), (r_w, r_l)
     with autocast():
         pred = models.unet_forward(bundle, run.policy, x_t, t_in, text2, extra2)
     err = sspo.per_sample_error(pred, target)  # (2B,) float32 (or (B,) for SFT)
@@ -339,9 +386,12 @@ def training_step(run: Run, batch: dict, step: int):
         elif kind == "sspo":
             losses, metrics = sspo.sspo_loss(m_w, m_l, r_w, r_l, beta=cfg.beta, ssr=cfg.ssr)
         else:
-            log_w = run.noise.pair_log_weight(m_w, m_l, r_w, r_l, t, num_values=target[0].numel())
-            fn = importance.dpo_cm_loss if kind == "dpo_cm" else importance.sdpo_loss
-            losses, metrics = fn(m_w, m_l, r_w, r_l, log_w, beta=cfg.beta, tau=cfg.tau, eps_clip=cfg.eps_clip)
+            log_w = pair_log_weight(run, pred, ref_pred, target, t) if log_weight is None else log_weight
+            kw = dict(beta=cfg.beta, tau=cfg.tau, eps_clip=cfg.eps_clip)
+            if kind == "dpo_cm":
+                losses, metrics = importance.dpo_cm_loss(m_w, m_l, r_w, r_l, log_w, **kw)
+            else:
+                losses, metrics = importance.sdpo_loss(m_w, m_l, r_w, r_l, log_w, norm=norm, **kw)
     loss = losses.mean()
     metrics["loss"] = loss.detach()
     return loss, metrics

@@ -8,8 +8,9 @@ the same for every family:
     target(x0, eps, t)   -> target       eps or v (``sspo.training_target``) | eps - x0
     model_t(t)           -> timestep     what the network is called with: t itself (DDPM), or
                                          T * sigma_t (flows, as ``FlowMatchEulerDiscreteScheduler``)
-    pair_log_weight(m_w, m_l, r_w, r_l, t, D)  DPO-C&M / SDPO importance weight (``importance.pair_log_weight``
-                                         | ``flow.flow_pair_log_weight``)
+    importance_kappa(t)  -> (B,) float32 kappa_t of the DPO-C&M / SDPO weight
+                                         (``importance.importance_coef`` | ``flow.flow_importance_kappa``),
+                                         passed to ``importance.pair_log_weight``
 Errors for every loss are ``sspo.per_sample_error(pred, target)``: noise / v errors for DDPM,
 velocity errors for flows (flow.py, derivations 1-3). Pure tensor code; imports only the math.
 """
@@ -82,18 +83,15 @@ class Process:
         """The network's timestep input for index t: t (DDPM) or T * sigma_t (flow, float32)."""
         return self.sigmas[t] * self.num_timesteps if self.kind == "flow" else t
 
-    def pair_log_weight(self, model_err_w: torch.Tensor, model_err_l: torch.Tensor, ref_err_w: torch.Tensor,
-                        ref_err_l: torch.Tensor, t: torch.Tensor, num_values: int) -> torch.Tensor:
-        """log(w_w w_l), (B,) detached, for DPO-C&M / SDPO (each pair shares t): the policy's
-        against the reference's (behaviour policy's) reverse step, summed over the D =
-        ``num_values`` values of a sample (sspo.py, "Importance weights"). Flows: the same
-        reading with sspo_flow's posterior-step coefficient in place of kappa_t."""
+    def importance_kappa(self, t: torch.Tensor) -> torch.Tensor:
+        """kappa_t with KL(q || p) = kappa_t ||target - pred||^2 for one reverse step at index t, in
+        the units of this process's target (importance.py, item 2): DDPM eps or v
+        (``importance.importance_coef``), or flow velocity over the table's step from sigmas[t]
+        to sigmas[t-1] (``flow.flow_importance_kappa``, flow.py derivation 4). t: (B,) long;
+        returns (B,) float32 on t's device, no gradient."""
         if self.kind == "flow":
-            log_w = flow.flow_pair_log_weight(model_err_w - ref_err_w, model_err_l - ref_err_l, self.sigmas[t],
-                                                   flow.flow_sigma_next(t, self.sigmas), scale=num_values)
-            return log_w.clamp(-importance.LOG_WEIGHT_CAP, importance.LOG_WEIGHT_CAP)
-        return importance.pair_log_weight(model_err_w, model_err_l, ref_err_w, ref_err_l, t, self.schedule,
-                                    num_values, self.prediction_type)
+            return flow.flow_importance_kappa(self.sigmas[t], flow.flow_sigma_next(t, self.sigmas)).to(t.device)
+        return importance.importance_coef(t, self.schedule, self.prediction_type)
 
 
 # Keyed draws: the same numbers for a dataset item whatever the world size, micro-batching or resume.

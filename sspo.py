@@ -33,7 +33,7 @@ v              sqrt(abar_t) * eps - sqrt(1 - abar_t) * x0     (the "v_prediction
 _w, _l         the preferred ("winning") and the dispreferred ("losing") sample of a pair; in
                SSPO the loser is sampled from a replayed checkpoint
 model_, ref_   the policy being trained and the (frozen or replayed) reference network
-b              the behaviour policy, which generated the training pair (see "Importance weights")
+b              the behaviour policy, which generated the training pair (importance.py)
 m_w, m_l       the policy's per-sample error  mean((pred - target)^2), shape (B,)
 r_w, r_l       the reference's per-sample error, shape (B,)
 s              SSR sign of eq. 9: +1 where m_w - r_w > 0 (policy worse than the reference on
@@ -43,7 +43,7 @@ D              values per sample that a per-sample error averages over (C*H*W or
 lambda_t       beta_t / (2 alpha_t (1 - abar_{t-1})): KL between two DDPM reverse steps per unit
                of squared eps-prediction gap (summed over D)
 w, tau,        pair importance weight; DPO-C&M/SDPO mask threshold and clip half-width
-eps_clip
+eps_clip       (the weight, its derivation and the two losses that use it: importance.py)
 
 Beta convention
 ---------------
@@ -56,11 +56,6 @@ Errors are *means* over every non-batch dimension, and ``beta`` enters as
 1/2 (e.g. diffusers' training example) needs beta = 2500 for the same loss. Because the error
 is a per-dimension mean, the right beta depends on how many values are averaged (64 pixels for
 the digits model, 16,384 latent values for SD-1.5 at 512 px): choose it per model family.
-
-Importance weights (DPO-C&M, SDPO)
-----------------------------------
-The importance weight, its derivation (this project's reading of [SDPO]) and the two losses
-that use it live in importance.py.
 
 Every loss returns ``(per_sample_losses, metrics)``: per-sample losses of shape (B,) (the
 caller reduces, e.g. ``.mean()``) and a dict of detached 0-d float32 tensors.

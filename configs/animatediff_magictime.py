@@ -14,6 +14,9 @@ CONFIG = dict(
     data="videofolder",
     method="sspo",
     beta=5000.0,            # as for images (assumed)
+    weight_temperature=0.0098,  # dpo_cm/sdpo: tau/eps_clip were set on digits; this makes the weight per unit of
+                            # implicit reward (2 T kappa_t D / beta) digits' at the median training t (D 65,536 (16 x 32 x 32 x 4), beta 5000);
+                            # research.pair_weights.calibrated_temperature -> results/pair_weights.md
     lora_rank=64,           # paper: LoRA; rank assumed
     num_frames=16,          # paper: 16 frames
     resolution=256,         # assumed

@@ -12,6 +12,9 @@ CONFIG = dict(
     data="videopairs",
     method="sdpo",
     beta=5000.0,            # assumed: as the SD-1.5 Diffusion-DPO preset (v errors, sspo.py convention)
+    weight_temperature=0.0065,  # dpo_cm/sdpo: tau/eps_clip were set on digits; this makes the weight per unit of
+                            # implicit reward (2 T kappa_t D / beta) digits' at the median training t (D 1,123,200, v-prediction, zero terminal SNR, beta 5000);
+                            # research.pair_weights.calibrated_temperature -> results/pair_weights.md
     lora_rank=128,          # CogVideoX's own LoRA fine-tuning recipe (THUDM finetune scripts: rank 128)
     num_frames=49,          # the release: 49 frames at 8 fps (model card) -> 13 latent frames
     height=480,             # the release's native 480x720 (HxW): model card "Video Resolution 720 * 480";

@@ -15,6 +15,9 @@ CONFIG = dict(
     data="pickapic",
     method="sspo",
     beta=5000.0,            # paper: same as Diffusion-DPO
+    weight_temperature=0.039,  # dpo_cm/sdpo: tau/eps_clip were set on digits; this makes the weight per unit of
+                            # implicit reward (2 T kappa_t D / beta) digits' at the median training t (D 16,384, beta 5000);
+                            # research.pair_weights.calibrated_temperature -> results/pair_weights.md
     resolution=512,
     random_crop=False,      # assumed (center crop)
     hflip=False,            # assumed

@@ -28,6 +28,9 @@ CONFIG = dict(
     data="pickapic",
     method="sspo",
     beta=5000.0,            # [DPO-sh] --beta_dpo 5000; [SSPO] same beta as Diffusion-DPO
+    weight_temperature=0.0098,  # dpo_cm/sdpo: tau/eps_clip were set on digits; this makes the weight per unit of
+                            # implicit reward (2 T kappa_t D / beta) digits' at the median training t (D 65,536, beta 5000);
+                            # research.pair_weights.calibrated_temperature -> results/pair_weights.md
     resolution=1024,        # [DPO-py] args.resolution = 1024 for --sdxl; latents 128x128
     random_crop=False,      # [DPO-py] center crop (--random_crop not passed)
     hflip=True,             # [DPO-py] flips on unless --no_hflip

@@ -11,6 +11,9 @@ CONFIG = dict(
     data="videopairs",
     method="sdpo",
     beta=5000.0,            # assumed (velocity errors; see flow.py derivation 3 on beta per family)
+    weight_temperature=0.0049,  # dpo_cm/sdpo: tau/eps_clip were set on digits; this makes the weight per unit of
+                            # implicit reward (2 T kappa_t D / beta) digits' at the median training t (D 2,096,640, flow velocity, logit-normal t, beta 5000);
+                            # research.pair_weights.calibrated_temperature -> results/pair_weights.md
     lora_rank=32,           # assumed (diffusers' Wan LoRA examples use 32)
     num_frames=81,          # the release: 81 frames at 16 fps -> 21 latent frames
     height=480,             # the 1.3B model's native 480x832 (HxW): model card "480P" (832*480);

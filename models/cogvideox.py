@@ -22,11 +22,13 @@ REPO = "THUDM/CogVideoX-2b"
 SUBDIRS = {"transformer": "config.json", "vae": "config.json", "text_encoder": "config.json",
            "tokenizer": "tokenizer_config.json", "scheduler": "scheduler_config.json"}
 PATTERNS = ["model_index.json"] + [f"{d}/*" for d in SUBDIRS]
-# The release's scheduler/scheduler_config.json (CogVideoX-2b and -5b alike).
+# CogVideoX-2b's scheduler/scheduler_config.json. CogVideoX-5b's is the same except
+# snr_shift_scale 1.0 (SCHEDULER_5B); a real model's own file is what the loader reads.
 SCHEDULER = dict(_class_name="CogVideoXDDIMScheduler", num_train_timesteps=1000, beta_start=0.00085,
                  beta_end=0.012, beta_schedule="scaled_linear", prediction_type="v_prediction",
                  rescale_betas_zero_snr=True, snr_shift_scale=3.0, timestep_spacing="trailing",
                  set_alpha_to_one=True, steps_offset=0, clip_sample=False)
+SCHEDULER_5B = dict(SCHEDULER, snr_shift_scale=1.0)
 
 
 def layout_help(path: str, what: str) -> str:
@@ -137,9 +139,9 @@ def save(bundle, transformer, root: Path, diffusers_version: str) -> None:
 
 def write_tiny(path: str) -> str:
     """Random tiny CogVideoX in the release's layout (CogVideoXPipeline.from_pretrained loads it):
-    the 2b/5b configs with width and depth cut (2 layers, 2 heads of 16, T5 d_model 32, VAE
-    channels 8), 16 latent channels, rotary embeddings on (as -5b), 226 text tokens, the
-    release's scheduler config. Use 32 px, 9 frames: latents (16, 3, 4, 4)."""
+    the -5b configs with width and depth cut (2 layers, 2 heads of 16, T5 d_model 32, VAE
+    channels 8), 16 latent channels, rotary embeddings on and -5b's scheduler config
+    (SCHEDULER_5B: snr_shift_scale 1.0), 226 text tokens. Use 32 px, 9 frames: latents (16, 3, 4, 4)."""
     import diffusers
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -153,6 +155,6 @@ def write_tiny(path: str) -> str:
         tokenizer = tiny_t5_tokenizer()
         text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2,
                                                num_heads=4, relative_attention_num_buckets=8))
-    parts = Parts(transformer, text_encoder, tokenizer, vae, dict(SCHEDULER))
+    parts = Parts(transformer, text_encoder, tokenizer, vae, dict(SCHEDULER_5B))
     save(parts, transformer, Path(path), diffusers.__version__)
     return str(path)

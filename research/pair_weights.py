@@ -1,319 +1,208 @@
-"""Where the DPO-C&M / SDPO importance weights act: the pair weight over t, and the shares of
-pairs that the default ``tau`` masks and the default ``eps_clip`` clips.
+"""Where the DPO-C&M / SDPO pair weight acts, per model family at its real latent size: the
+weight over t for a range of per-value gaps, and the share of training timesteps at which
+each preset's tau masks and eps_clip clips.
 
-    python -m research.pair_weights      # ~1.5 min of CPU on one thread (+1-2 min if the base is missing)
+    python -m research.pair_weights      # a few seconds of CPU; no model is loaded
 
-Writes ``results/pair_weights.png`` (weight vs t, with tau and the clip bands) and
-``results/pair_weights.md`` (the shares, computed here). The weight is importance.pair_log_weight's
-(this project's reading of [SDPO], derived in importance.py's module docstring). A policy's weights
-against its own reference are all exactly 1, so each model is measured after short
-Diffusion-DPO fine-tunes away from its reference (two lengths), the situation DPO-C&M and SDPO
-meet during training:
+Writes ``results/pair_weights.png`` (one panel per family) and ``results/pair_weights.md``.
+The weight is ``importance.pair_log_weight`` (this project's reading of the [SDPO] abstract,
+derived in importance.py's module docstring) with each family's noise process
+(``noise.Process.importance_kappa``), D, temperature, tau, eps_clip and prediction dtype:
 
-(a) digits: reference = the cached digits base (cache/, built by train.py if missing: the
-    full 1,500-update base when it is there, else a 300-update one, 1-2 minutes); policy =
-    reference + Diffusion-DPO updates on the align split with the digits preset's beta and
-    learning rate. D = 1x8x8 = 64 values per sample.
-(b) SD-1.5 shape: SD-1.5's latent shape, 4x64x64 = 16,384 values per sample, SD-1.5's schedule
-    and beta = 5000, and a learning rate of SD-1.5's Diffusion-DPO order (1e-5), but a
-    *reduced-width* random-init UNet2DConditionModel (SD-1.5's own is far too slow on this CPU),
-    pretrained with 150 SFT updates (~40 s) on 4x64x64 stand-in latents (digits upsampled to
-    64x64, four fixed channel mixes). Its errors are not SD-1.5's; what it shares with SD-1.5 is D, the
-    schedule and beta, which set the weights' scale.
-The shares grow with how far the policy has drifted; read them as an order of magnitude.
+    log w = -temperature * kappa_t * D * g,    g = the pair's per-value gap
+            ((m_w - r_w) + (m_l - r_l) - drift terms) = -2 (c_w + c_l) of importance.cross_term,
+
+capped at +-60, and 1 where |g| / 2 is within the rounding floor of the predictions
+(``importance.rounding_floor`` for unit-variance predictions in the training dtype).
+
+Calibration: tau and eps_clip were chosen on digits (D = 64, float32, beta 500). Per item 3 of
+importance.py the weight is exp(c_t (R_w + R_l)) in Diffusion-DPO's implicit rewards, with
+c_t = 2 temperature kappa_t D / beta. Each family's temperature makes its c_t equal digits'
+at the median over its own training-t density (uniform for DDPM, logit-normal for flows):
+the same change of implicit reward moves the weight as much as on digits, where tau and
+eps_clip were set. :func:`calibrated_temperature` computes it; the presets hold it rounded.
 """
 
 from __future__ import annotations
 
-import copy
-import time
+import importlib
+import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
 
 import config
-import data
-import models
-from infra import runtime
 import importance
-import sspo
-import train
+import noise
+from models import cogvideox, sdxl, wan
+from models.common import SD15_SCHEDULER
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
-SEED = 0
-DIGITS_DPO_UPDATES = (25, 50)  # measured after each; the digits preset runs 300 updates
-SD_PRETRAIN_UPDATES, SD_PRETRAIN_LR = 150, 2e-3
-SD_DPO_UPDATES = (15, 30)
-SD_BETA, SD_LR = 5000.0, 1e-5  # configs/sd15_pickapic.py: beta 5000, lr ~1e-5
-SD_EVAL_BATCHES = 16
-W_FLOOR = 1e-3               # the plot's lowest weight
-T_PER_PAIR = 2               # evaluation: timesteps drawn per pair (stratified over [0, T))
+COMMAND = "python -m research.pair_weights"
+GAPS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)  # per-value pair gaps g, both signs
+W_RANGE = (1e-3, 1e3)            # the plot's weight axis
+
+# name, preset (configs/), scheduler config, real latent shape, prediction dtype in training
+FAMILIES = (
+    ("digits", "digits", dict(SD15_SCHEDULER, _class_name="DDPMScheduler"), (1, 8, 8), torch.float32),
+    ("SD-1.5, 512 px", "sd15_pickapic", SD15_SCHEDULER, (4, 64, 64), torch.bfloat16),
+    ("SDXL, 1024 px", "sdxl_pickapic", sdxl.SCHEDULER, (4, 128, 128), torch.bfloat16),
+    ("AnimateDiff, 16 x 256 px", "animatediff_magictime", SD15_SCHEDULER, (4, 16, 32, 32), torch.bfloat16),
+    ("CogVideoX-2B, 49 x 480x720", "cogvideox_sdpo", cogvideox.SCHEDULER, (16, 13, 60, 90), torch.bfloat16),
+    ("Wan2.1 1.3B, 81 x 480x832", "wan21_sdpo", wan.SCHEDULER, (16, 21, 60, 104), torch.bfloat16),
+)
 
 
-# --------------------------------------------------------------------------------- models
-
-def digits_models(log) -> tuple:
-    """(bundle, reference UNet, Config of the digits preset with method dpo); the cached
-    digits base is the reference and, in the bundle, the policy's starting point."""
-    cfg = config.resolve({"method": "dpo"})
-    full = Path(cfg.cache_dir) / f"digits_base_steps{cfg.digits_base_steps}_corrupt{cfg.digits_corrupt:g}_v1"
-    if not (full / "model_index.json").exists():
-        cfg.digits_base_steps = 300  # 1-2 minutes on one thread; cached for the next run
-    t0 = time.perf_counter()
-    path = train.ensure_digits_base(cfg, runtime.setup_distributed())
-    log(f"digits reference: {path.name} ({time.perf_counter() - t0:.0f} s)")
-    bundle = models.build_model("digits", str(path))
-    return bundle, copy.deepcopy(bundle.unet).requires_grad_(False).eval(), cfg
+def settings(preset: str, method: str) -> dict:
+    """beta, tau, eps_clip, weight_temperature as ``--config=preset --method=method`` resolves them
+    (preset over the method's settings over config.Config's defaults)."""
+    cfg = importlib.import_module(f"configs.{preset}").CONFIG
+    base = {k: getattr(config.Config(), k) for k in ("beta", "tau", "eps_clip", "weight_temperature")}
+    return {**base, **config.METHODS[method].settings, **{k: v for k, v in cfg.items() if k in base}}
 
 
-def sd_shape_unet() -> UNet2DConditionModel:
-    """A reduced-width UNet2DConditionModel at SD-1.5's latent shape (4x64x64): four levels
-    (64 -> 32 -> 16 -> 8), cross-attention at 8x8 only, 0.36M parameters (SD-1.5: 860M)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        return UNet2DConditionModel(
-            sample_size=64, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(8, 16, 32, 32), norm_num_groups=8, attention_head_dim=4,
-            down_block_types=("DownBlock2D",) * 3 + ("CrossAttnDownBlock2D",),
-            up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * 3, cross_attention_dim=64)
+def t_density(process: noise.Process) -> torch.Tensor:
+    """P(t) of the training index, (T,) float64: uniform (DDPM), logit-normal(0, 1) on (t+1)/T's
+    grid cell (flows, as ``flow.flow_sample_timesteps``)."""
+    T = process.num_timesteps
+    if process.kind != "flow":
+        return torch.full((T,), 1.0 / T, dtype=torch.float64)
+    u = torch.arange(T + 1, dtype=torch.float64) / T
+    logit = torch.log(u / (1 - u))  # -inf .. inf
+    cdf = 0.5 * (1 + torch.erf(logit / math.sqrt(2)))
+    return cdf[1:] - cdf[:-1]
 
 
-def to_sd_latents(x: torch.Tensor) -> torch.Tensor:
-    """Stand-in latents: digits (B,1,8,8) -> (B,4,64,64), bilinear, four fixed channel mixes,
-    overall scale ~1 like SD-1.5's scaled VAE latents."""
-    up = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)  # (B,1,64,64)
-    gain = torch.tensor([1.0, -0.8, 0.6, 0.4]).view(1, 4, 1, 1)
-    bias = torch.tensor([0.0, 0.2, -0.3, 0.1]).view(1, 4, 1, 1)
-    return up * gain + bias  # (B,4,64,64)
+def weighted_median(x: torch.Tensor, p: torch.Tensor) -> float:
+    order = torch.argsort(x)
+    c = torch.cumsum(p[order], 0)
+    return x[order][int(torch.searchsorted(c, c[-1] / 2))].item()
 
 
-# --------------------------------------------------------------------------------- training
-
-def errors(unet, x0, t, eps, text, schedule, grad=False) -> torch.Tensor:
-    """Per-sample mean squared eps errors (B,) of ``unet`` at x_t = q(x_t | x0)."""
-    abar = schedule["alphas_cumprod"]
-    x_t = sspo.q_sample(x0, t, eps, abar)
-    with torch.set_grad_enabled(grad):
-        pred = unet(x_t, t, encoder_hidden_states=text).sample
-    return sspo.per_sample_error(pred, sspo.training_target(x0, eps, t, abar))
+def family_table(scheduler_config: dict, shape: tuple) -> tuple[noise.Process, torch.Tensor, int, torch.Tensor]:
+    process = noise.Process.from_config(scheduler_config)
+    t = torch.arange(process.num_timesteps)
+    return process, process.importance_kappa(t).double(), math.prod(shape), t_density(process)
 
 
-def finetune(unet, reference, batches, steps, lr, schedule, beta=None, gen=None) -> None:
-    """``steps`` AdamW updates: SFT on x0_w when ``beta`` is None, else Diffusion-DPO."""
-    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=lr)
-    unet.train()
-    for _ in range(steps):
-        x0_w, x0_l, text = next(batches)
-        B = x0_w.shape[0]
-        t = torch.randint(0, len(schedule["betas"]), (B,), generator=gen)
-        eps = torch.randn(x0_w.shape, generator=gen)
-        if beta is None:
-            loss = errors(unet, x0_w, t, eps, text, schedule, grad=True).mean()
-        else:
-            x0, t2 = torch.cat([x0_w, x0_l]), torch.cat([t, t])  # (2B,...), pair shares t, eps
-            eps2, text2 = torch.cat([eps, eps]), torch.cat([text, text])
-            m_w, m_l = errors(unet, x0, t2, eps2, text2, schedule, grad=True).chunk(2)
-            r_w, r_l = errors(reference, x0, t2, eps2, text2, schedule).chunk(2)
-            loss = sspo.dpo_loss(m_w, m_l, r_w, r_l, beta=beta)[0].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-    unet.eval()
+def calibrated_temperature(preset: str, scheduler_config: dict, shape: tuple, method: str = "sdpo") -> float:
+    """temperature with median_t c_t = digits' median_t c_t, c_t = 2 kappa_t D / beta (module docstring)."""
+    def median_c(preset_, sc, shp):
+        _, kappa, D, p = family_table(sc, shp)
+        return weighted_median(2 * kappa * D / settings(preset_, method)["beta"], p)
+    name, d_preset, d_sc, d_shape, _ = FAMILIES[0]
+    return median_c(d_preset, d_sc, d_shape) / median_c(preset, scheduler_config, shape)
 
 
-def pair_batches(ds, bundle, batch_size, gen, to_x0=lambda x: x):
-    """Endless (x0_w, x0_l, text) batches of a digits pairs dataset, shuffled by ``gen``."""
-    with torch.no_grad():
-        items = [ds[i] for i in range(len(ds))]
-        x_w = to_x0(torch.stack([it["x0_w"] for it in items]))
-        x_l = to_x0(torch.stack([it["x0_l"] for it in items]))
-        text = models.encode_prompts(bundle, [it["prompt"] for it in items])  # (N,77,64)
-    while True:
-        for idx in torch.randperm(len(items), generator=gen).split(batch_size):
-            if len(idx) == batch_size:
-                yield x_w[idx], x_l[idx], text[idx]
+def log_weights(kappa: torch.Tensor, D: int, gap: float, temperature: float, dtype) -> tuple[torch.Tensor, bool]:
+    """(T,) log w for a per-value pair gap ``gap`` at every t, through importance.pair_log_weight
+    (c_w = c_l = -gap / 4), with the rounding floor of unit-variance predictions in ``dtype``;
+    and whether the gap is resolved (False: below the floor, weight 1 at every t)."""
+    T = kappa.shape[0]
+    c = torch.full((T,), -gap / 4)
+    ones = torch.ones(1, 1, dtype=dtype)
+    floor = 2 * importance.rounding_floor(ones, ones).item()  # the pair's floor, unit-variance predictions
+    lw = importance.pair_log_weight(c, c, kappa.float(), D, floor=floor, temperature=temperature)
+    return lw.double(), abs(gap) / 2 > floor
 
 
-# --------------------------------------------------------------------------------- measuring
-
-def measure(policy, reference, batches, n_batches, schedule, gen) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pair log weights and their t over ``n_batches`` batches, T_PER_PAIR stratified t each.
-    Returns (t (N,), log_w (N,))."""
-    T = len(schedule["betas"])
-    ts, logws = [], []
-    for _ in range(n_batches):
-        x0_w, x0_l, text = next(batches)
-        B, D = x0_w.shape[0], x0_w[0].numel()
-        for _ in range(T_PER_PAIR):
-            # stratified over [0, T): pair i gets a t in the i-th of B equal slices
-            t = ((torch.arange(B) + torch.rand(B, generator=gen)) * T / B).long().clamp(max=T - 1)
-            t = t[torch.randperm(B, generator=gen)]
-            eps = torch.randn(x0_w.shape, generator=gen)
-            x0, t2 = torch.cat([x0_w, x0_l]), torch.cat([t, t])
-            eps2, text2 = torch.cat([eps, eps]), torch.cat([text, text])
-            m_w, m_l = errors(policy, x0, t2, eps2, text2, schedule).chunk(2)
-            r_w, r_l = errors(reference, x0, t2, eps2, text2, schedule).chunk(2)
-            ts.append(t)
-            logws.append(importance.pair_log_weight(m_w, m_l, r_w, r_l, t, schedule, num_values=D))
-    return torch.cat(ts), torch.cat(logws)
+def shares(lw: torch.Tensor, p: torch.Tensor, tau: float, eps_clip: float) -> tuple[float, float]:
+    """(masked, clipped) shares of training timesteps (weighted by P(t)): w < tau; kept and
+    outside [1 - eps_clip, 1 + eps_clip]."""
+    w = lw.exp()
+    masked = w < tau
+    clipped = ~masked & ((w < 1 - eps_clip) | (w > 1 + eps_clip))
+    return p[masked].sum().item(), p[clipped].sum().item()
 
 
-def shares(log_w: torch.Tensor, tau: float, eps_clip: float) -> dict:
-    """Fraction masked (w < tau), fraction of kept pairs clipped, as sspo's losses count them."""
-    zeros = torch.zeros_like(log_w)
-    _, met = importance.dpo_cm_loss(zeros, zeros, zeros, zeros, log_w, tau=tau, eps_clip=eps_clip)
-    return {"masked": met["mask_rate"].item(), "clipped": met["clip_rate"].item()}
-
-
-# --------------------------------------------------------------------------------- outputs
-
-def presets() -> tuple[dict, dict]:
-    """{"tau", "eps_clip"} of the dpo_cm and the sdpo method, as config.py resolves them."""
-    out = []
-    for method in ("dpo_cm", "sdpo"):
-        cfg = config.resolve({"method": method})
-        out.append({"tau": cfg.tau, "eps_clip": cfg.eps_clip})
-    return out[0], out[1]
-
-
-def plot(panels: list[tuple[str, torch.Tensor, torch.Tensor]], path: Path) -> None:
-    """One column per model: the pair weight vs t (log axis: lambda_t ~ 1/(2t) puts the action
-    at small t), all pairs on a log weight axis (top) and a linear zoom around 1 (bottom),
-    with quantile bands per t bin, both methods' tau and clip bands."""
+def main() -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cm, sd = presets()
-    edges = torch.tensor([0, 10, 30, 100, 300, 1000])
-    fig, axes = plt.subplots(2, len(panels), figsize=(6 * len(panels), 7.5), sharex=True, squeeze=False)
-    for col, (title, t, log_w) in enumerate(panels):
-        w = log_w.exp()
-        mid = (edges[1:] * edges[:-1].clamp(min=1)).float().sqrt()  # geometric bin centres
-        probs = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])
-        q = torch.stack([torch.quantile(w[b], probs) if b.sum() > 1 else torch.full((5,), float("nan"))
-                         for b in ((t >= lo) & (t < hi) for lo, hi in zip(edges[:-1], edges[1:]))])
-        for row, ax in enumerate(axes[:, col]):
-            ax.scatter(t + 1, w.clamp(min=W_FLOOR), s=4, alpha=0.4, color="tab:gray", zorder=3, label="pairs")
-            ax.fill_between(mid, q[:, 0], q[:, 4], color="tab:blue", alpha=0.15, label="5-95% per t bin")
-            ax.fill_between(mid, q[:, 1], q[:, 3], color="tab:blue", alpha=0.3, label="25-75%")
-            ax.plot(mid, q[:, 2], color="tab:blue", label="median")
-            ax.axhspan(1 - cm["eps_clip"], 1 + cm["eps_clip"], color="tab:green", alpha=0.15,
-                       label=f"dpo_cm clip band 1 +- {cm['eps_clip']:g}")
-            ax.axhline(cm["tau"], color="tab:red", ls="--", label=f"dpo_cm tau = {cm['tau']:g}")
-            ax.axhline(sd["tau"], color="tab:purple", ls=":", label=f"sdpo tau = {sd['tau']:g}")
-            for sign in (1, -1):
-                ax.axhline(1 + sign * sd["eps_clip"], color="tab:purple", ls="-.", lw=0.8,
-                           label=f"sdpo clip band 1 +- {sd['eps_clip']:g}" if sign > 0 else None)
-            ax.set_xscale("log")
-            if row == 0:
-                ax.set_yscale("log")
-                ax.set_ylim(W_FLOOR / 1.5, 3)
-                ax.set_title(title, fontsize=10)
-                ax.set_ylabel(f"pair weight w_w * w_l\n(below {W_FLOOR:g}: drawn at {W_FLOOR:g})")
-            else:
-                ax.set_ylim(0.6, 1.15)
-                ax.set_ylabel("pair weight (zoom)")
-                ax.set_xlabel("training timestep t + 1 (1 = clean end, 1000 = noise end)")
-    axes[1, -1].legend(fontsize=7, loc="lower right")
+    rows, panels = [], []
+    for name, preset, sc, shape, dtype in FAMILIES:
+        process, kappa, D, p = family_table(sc, shape)
+        st = {m: settings(preset, m) for m in ("dpo_cm", "sdpo")}
+        temp = st["sdpo"]["weight_temperature"]
+        calib = calibrated_temperature(preset, sc, shape)
+        kd = (kappa * D)
+        row = dict(name=name, preset=preset, D=D, dtype=str(dtype).replace("torch.", ""), process=process,
+                   beta=st["sdpo"]["beta"], temp=temp, calib=calib, st=st, kd=(kd.max().item(), kd.min().item()),
+                   kd_med=weighted_median(kd, p), cells={})
+        curves = []
+        for sign in (1, -1):
+            for g in GAPS:
+                lw, resolved = log_weights(kappa, D, sign * g, temp, dtype)
+                curves.append((sign * g, lw, resolved))
+                for m in ("dpo_cm", "sdpo"):
+                    row["cells"][(m, sign * g)] = (shares(lw, p, st[m]["tau"], st[m]["eps_clip"]), resolved)
+        rows.append(row)
+        panels.append((name, curves, st, temp))
+
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9), sharey=True)
+    for ax, (name, curves, st, temp) in zip(axes.flat, panels):
+        for g, lw, resolved in curves:
+            w = lw.exp().clamp(*W_RANGE).numpy()
+            ax.plot(w, ("-" if g > 0 else "--"), lw=1.2, alpha=1.0 if resolved else 0.35,
+                    label=f"g = {g:+.0e}" + ("" if resolved else " (below rounding: w = 1)"))
+        for m, colour in (("dpo_cm", "tab:red"), ("sdpo", "tab:purple")):
+            ax.axhline(st[m]["tau"], color=colour, lw=0.8, ls=":")
+            ax.axhspan(1 - st[m]["eps_clip"], 1 + st[m]["eps_clip"], color=colour, alpha=0.08)
+        ax.set_yscale("log")
+        ax.set_ylim(*W_RANGE)
+        ax.set_title(f"{name} (temperature {temp:g})", fontsize=10)
+        ax.set_xlabel("t (0 = data)")
+    axes[0, 0].set_ylabel("pair weight w (clipped to the axis)")
+    axes[1, 0].set_ylabel("pair weight w (clipped to the axis)")
+    axes[0, 0].legend(fontsize=6, loc="lower right")
+    fig.suptitle("DPO-C&M / SDPO pair weight over t at each family's real latent size "
+                 "(dotted: tau; band: 1 +- eps_clip; red dpo_cm, purple sdpo)", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def markdown(rows: list[dict], seconds: float) -> str:
-    cm, sd = presets()
-    out = [
-        "# Pair importance weights of DPO-C&M and SDPO over t",
-        "",
-        "Written by `python -m research.pair_weights` (do not edit by hand). The weight is",
-        "`importance.pair_log_weight` (this project's reading of [SDPO]; derivation in `importance.py`'s module",
-        "docstring): log w = -lambda_t * D * ((m_w - r_w) + (m_l - r_l)), policy errors m against",
-        "the reference's r. Each policy is its reference after a short Diffusion-DPO fine-tune",
-        "(weights of a policy against itself are all 1). See `pair_weights.png`.",
-        "",
-        f"Defaults (config.py, as `--method=dpo_cm` / `--method=sdpo` resolve them): dpo_cm tau = {cm['tau']:g}, eps_clip = {cm['eps_clip']:g};"
-        f" sdpo tau = {sd['tau']:g}, eps_clip = {sd['eps_clip']:g}.",
-        "masked = share of pairs with w < tau; clipped = share of the kept pairs whose weight lies",
-        "outside [1 - eps_clip, 1 + eps_clip] (the `clip_rate` metric).",
-        "",
-        "| model | D | policy = reference ... | pairs | dpo_cm masked | dpo_cm clipped | sdpo masked"
-        " | sdpo clipped | w < 1 | median w, t < 100 | median w, t >= 500 | 1%-99% of w |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        w, t = r["log_w"].exp(), r["t"]
-        a, b = shares(r["log_w"], cm["tau"], cm["eps_clip"]), shares(r["log_w"], sd["tau"], sd["eps_clip"])
-        lo, hi = torch.quantile(w, torch.tensor([0.01, 0.99])).tolist()
-        out.append(
-            f"| {r['name']} | {r['D']:,} | {r['how']} | {len(w)} | {a['masked']:.1%} | {a['clipped']:.1%}"
-            f" | {b['masked']:.1%} | {b['clipped']:.1%} | {(w < 1).float().mean():.1%}"
-            f" | {w[t < 100].median():.3f} | {w[t >= 500].median():.3f} | {lo:.3f} - {hi:.3f} |")
-    out += ["", "Share of pairs that dpo_cm masks or clips, by t (w < tau or outside the clip band):", "",
-            "| model | " + " | ".join(f"t {lo}-{lo + 99}" for lo in range(0, 1000, 100)) + " |",
-            "|---|" + "---|" * 10]
-    for r in rows:
-        w, t = r["log_w"].exp(), r["t"]
-        acts = (w < cm["tau"]) | (w < 1 - cm["eps_clip"]) | (w > 1 + cm["eps_clip"])
-        out.append(f"| {r['name']}, {r['how'].split(' + ')[1].split(' (')[0]} | " + " | ".join(
-            f"{acts[(t >= lo) & (t < lo + 100)].float().mean():.0%}" for lo in range(0, 1000, 100)) + " |")
-    out += ["", f"Runtime {seconds:.0f} s wall, {time.process_time():.0f} s CPU, on "
-            f"{torch.get_num_threads()} CPU thread(s) (wall > CPU: a busy, shared machine); seed {SEED}.", ""]
-    return "\n".join(out)
-
-
-def drift_and_measure(name, D, policy, reference, train_batches, eval_batches, n_eval, levels,
-                      lr, beta, schedule, gen, log, how) -> list[dict]:
-    """Diffusion-DPO updates up to each count in ``levels``, measuring the weights after each."""
-    rows, done = [], 0
-    for n in levels:
-        finetune(policy, reference, train_batches, n - done, lr, schedule, beta=beta, gen=gen)
-        done = n
-        t, log_w = measure(policy, reference, eval_batches, n_eval, schedule, gen)
-        rows.append(dict(name=name, D=D, t=t, log_w=log_w,
-                         how=f"{how} + {n} DPO updates (beta {beta:g}, lr {lr:g})"))
-        log(f"{name}: measured after {n} Diffusion-DPO updates")
-    return rows
-
-
-def main() -> None:
-    torch.set_num_threads(1)
-    start = time.perf_counter()
-    log = lambda msg: print(f"[{time.perf_counter() - start:5.0f} s] {msg}", flush=True)
-    gen = torch.Generator().manual_seed(SEED)
-    torch.manual_seed(SEED)
-
-    # (a) the digits model: the cached base, then Diffusion-DPO with the digits preset
-    bundle, reference, cfg = digits_models(log)
-    sc = bundle.scheduler_config
-    schedule = sspo.make_schedule(sc["num_train_timesteps"], sc["beta_start"], sc["beta_end"], sc["beta_schedule"])
-    ds = data.DigitsDataset("align", mode="pairs", seed=SEED)
-    rows = drift_and_measure("digits", 64, bundle.unet, reference, pair_batches(ds, bundle, cfg.batch_size, gen),
-                             pair_batches(ds, bundle, 64, gen), len(ds) // 64, DIGITS_DPO_UPDATES, cfg.lr,
-                             cfg.beta, schedule, gen, log, "cached base")
-
-    # (b) SD-1.5's latent shape with a reduced-width UNet (prompts: the digits base's encoder)
-    unet = sd_shape_unet()
-    sd_batches = pair_batches(ds, bundle, 8, gen, to_x0=to_sd_latents)
-    finetune(unet, None, sd_batches, SD_PRETRAIN_UPDATES, SD_PRETRAIN_LR, schedule, gen=gen)
-    log(f"SD-1.5 shape: reference pretrained, {SD_PRETRAIN_UPDATES} SFT updates")
-    sd_ref = copy.deepcopy(unet).requires_grad_(False).eval()
-    rows += drift_and_measure("SD-1.5 shape", 4 * 64 * 64, unet, sd_ref,
-                              pair_batches(ds, bundle, 4, gen, to_x0=to_sd_latents), sd_batches,
-                              SD_EVAL_BATCHES, SD_DPO_UPDATES, SD_LR, SD_BETA, schedule, gen, log,
-                              f"{SD_PRETRAIN_UPDATES} SFT updates")
-
     out = ROOT / "results"
-    out.mkdir(exist_ok=True)
-    last = [r for i, r in enumerate(rows) if i + 1 == len(rows) or rows[i + 1]["name"] != r["name"]]
-    plot([(f"{r['name']}, D = {r['D']:,} values per sample\n{r['how']}", r["t"], r["log_w"]) for r in last],
-         out / "pair_weights.png")
-    md = markdown(rows, time.perf_counter() - start)
-    (out / "pair_weights.md").write_text(md)
-    print(md)
+    fig.savefig(out / "pair_weights.png", dpi=110)
+    (out / "pair_weights.md").write_text(markdown(rows))
+    print((out / "pair_weights.md").read_text())
+
+
+def markdown(rows: list[dict]) -> str:
+    L = ["# The DPO-C&M / SDPO pair weight per family, at real latent sizes", "",
+         f"Written by `{COMMAND}` (do not edit by hand; a few seconds, no model loaded). The weight is",
+         "`importance.pair_log_weight` (this project's reading of the SDPO abstract; derivation in",
+         "`importance.py`): log E_q[w] = 2 kappa_t D (c_w + c_l), here written log w = -T kappa_t D g",
+         "for a per-value pair gap g (policy minus reference error summed over winner and loser, net of",
+         "the drift term), T the preset's `weight_temperature`, capped at +-60, and w = 1 where |g| / 2",
+         "is within the rounding floor of unit-variance predictions in the training dtype",
+         "(`importance.rounding_floor`; bf16: 2.0e-5 per value for the pair). g > 0: the policy fits the",
+         "pair worse than the reference (w < 1); g < 0: better (w > 1). See `pair_weights.png`.", "",
+         "Calibration: tau / eps_clip were set on digits; each family's temperature makes",
+         "c_t = 2 T kappa_t D / beta (the weight per unit of implicit reward, `importance.py` item 3)",
+         "equal digits' at the median over its training-t density. 'calibrated' is that value; the",
+         "presets hold it rounded.", "",
+         "| family | preset | D | dtype | kappa_t D: t = 0 .. max t (median over training t) | beta | T (preset) | T (calibrated) | dpo_cm tau / eps_clip | sdpo tau / eps_clip |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s = r["st"]
+        L.append(f"| {r['name']} | `{r['preset']}` | {r['D']:,} | {r['dtype']} | {r['kd'][0]:.3g} .. {r['kd'][1]:.3g} "
+                 f"({r['kd_med']:.3g}) | {r['beta']:g} | {r['temp']:.3g} | {r['calib']:.3g} | "
+                 f"{s['dpo_cm']['tau']:g} / {s['dpo_cm']['eps_clip']:g} | {s['sdpo']['tau']:g} / {s['sdpo']['eps_clip']:g} |")
+    L += ["", "Share of training timesteps (weighted by the family's t density) at which a pair with",
+          "per-value gap g is masked (w < tau) / clipped (kept, outside 1 +- eps_clip), with the",
+          "sdpo preset's settings; '1' = below the rounding floor (weight 1 at every t):", ""]
+    gaps = [s * g for s in (1, -1) for g in GAPS]
+    L.append("| family | " + " | ".join(f"g = {g:+.0e}" for g in gaps) + " |")
+    L.append("|---|" + "---|" * len(gaps))
+    for r in rows:
+        cells = []
+        for g in gaps:
+            (mk, cl), resolved = r["cells"][("sdpo", g)]
+            cells.append(f"{100 * mk:.0f}% / {100 * cl:.0f}%" if resolved else "1")
+        L.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    L += ["", "Reading: kappa_t D spans many decades over t at the video sizes, so for any fixed gap the",
+          "weight is a mask by timestep: masked or clipped at small t (near the data), 1 at large t. The",
+          "reading puts low weights at small t, never at the early noisy steps the SDPO abstract names.",
+          "In bf16 a gap under the rounding floor is not measurable at all; the weight is then 1.", ""]
+    return "\n".join(L)
 
 
 if __name__ == "__main__":

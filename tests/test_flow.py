@@ -225,22 +225,19 @@ def _posterior(x_t, x0, s_t, s_s):
     return mean, var_ts * s_s ** 2 / s_t ** 2
 
 
-def test_flow_importance_weight_closed_form():
+def test_flow_importance_kappa_closed_form():
     # hand-made: (0.5 -> 0.25): 0.25 * 0.5 / (2 * 0.0625) = 1;  (1 -> 0.5): SNR(0.5) / 2 = 0.5
     kappa = fl.flow_importance_kappa(torch.tensor([0.5, 1.0]), torch.tensor([0.25, 0.5]))
     assert torch.allclose(kappa, torch.tensor([1.0, 0.5]))
-    err = torch.tensor([0.2, 0.2])
-    lw = fl.flow_importance_log_weight(err, torch.tensor([0.5, 1.0]), torch.tensor([0.25, 0.5]))
-    assert torch.allclose(lw, torch.tensor([-0.2, -0.1]))
-    # = minus the KL between q(x_s|x_t,x0) and q(x_s|x_t,x0_hat), per value, written out by hand
+    # kappa ||v - v_hat||^2 = the KL between q(x_s|x_t,x0) and q(x_s|x_t,x0_hat), written out by hand
     x0, eps = _x0_eps(shape=(2, 64))
     s_t, s_s = torch.tensor([[0.6], [0.9]]), torch.tensor([[0.45], [0.2]])
     x_t, v_hat = fl.flow_q_sample(x0, s_t[:, 0], eps), torch.randn(2, 64)
     mu_q, var = _posterior(x_t, x0, s_t, s_s)
     mu_p, _ = _posterior(x_t, fl.flow_x0_from_v(x_t, v_hat, s_t[:, 0]), s_t, s_s)
-    kl = ((mu_q - mu_p) ** 2 / (2 * var)).mean(1)
-    err = sspo.per_sample_error(v_hat, fl.flow_target(x0, eps))
-    assert torch.allclose(fl.flow_importance_log_weight(err, s_t[:, 0], s_s[:, 0]), -kl, rtol=1e-4)
+    kl = ((mu_q - mu_p) ** 2 / (2 * var)).sum(1)
+    err = (v_hat - fl.flow_target(x0, eps)).pow(2).sum(1)
+    assert torch.allclose(fl.flow_importance_kappa(s_t[:, 0], s_s[:, 0]) * err, kl, rtol=1e-4)
     # = importance.py's DDPM lambda_t on eps errors, for the variance-preserving twin of the flow
     snr = lambda s: (1 - s) ** 2 / s ** 2
     abar_t, abar_s = snr(s_t) / (1 + snr(s_t)), snr(s_s) / (1 + snr(s_s))
@@ -250,26 +247,23 @@ def test_flow_importance_weight_closed_form():
     assert torch.allclose(kappa, (lam * (1 - s_t) ** 2)[:, 0], rtol=1e-4)
 
 
-def test_flow_importance_weight_finite_at_ends_and_plugs_into_losses():
+def test_flow_importance_kappa_finite_at_ends_and_plugs_into_losses():
     sigma = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.5])
     nxt = torch.tensor([0.0, 0.3, 0.0, 1.0, 0.0])
-    err = torch.full((5,), 0.3, requires_grad=True)
-    lw = fl.flow_importance_log_weight(err, sigma, nxt)
-    assert lw.shape == (5,) and lw.dtype == torch.float32 and not lw.requires_grad
-    assert torch.isfinite(lw).all() and (lw <= 0).all()
-    assert lw[0] == 0 and lw[1] == 0 and lw[3] == 0  # no step taken: weight 1
-    assert torch.allclose(fl.flow_importance_log_weight(err, sigma, nxt, scale=64.0), 64 * lw)
+    kappa = fl.flow_importance_kappa(sigma, nxt)
+    assert kappa.shape == (5,) and kappa.dtype == torch.float32
+    assert torch.isfinite(kappa).all() and (kappa >= 0).all()
+    assert kappa[0] == 0 and kappa[1] == 0 and kappa[3] == 0  # no step taken: weight 1
     table = fl.flow_sigmas(1000, 3.0)
     t = torch.tensor([0, 1, 999])
     assert torch.equal(fl.flow_sigma_next(t, table), torch.stack([torch.tensor(0.0), table[0], table[998]]))
-    # pair weight into sspo's losses: all-zero log weight gives DPO; a tiny weight is masked
+    # pair weight into the losses: all-zero log weight gives DPO; a tiny weight is masked
     _, _, sig, (m_w, m_l, r_w, r_l) = _flow_errors()
     m_w = m_w.detach()
     nxt = fl.flow_sigma_next(torch.tensor([100, 400, 700, 999]), table)
     assert torch.equal(nxt, table[[99, 399, 699, 998]])
-    lw_pair = fl.flow_pair_log_weight(m_w, m_l, sig, nxt)
-    expect = fl.flow_importance_log_weight(m_w, sig, nxt) + fl.flow_importance_log_weight(m_l, sig, nxt)
-    assert torch.allclose(lw_pair, expect) and (lw_pair < 0).all()
+    lw_pair = importance.pair_log_weight((r_w - m_w) / 2, (r_l - m_l) / 2, fl.flow_importance_kappa(sig, nxt), 64)
+    assert torch.isfinite(lw_pair).all() and (lw_pair > 0).all()  # the policy fits the winner better
     dpo, _ = sspo.dpo_loss(m_w, m_l, r_w, r_l, beta=500.0)
     assert torch.allclose(importance.sdpo_loss(m_w, m_l, r_w, r_l, torch.zeros(4), beta=500.0, tau=0.0,
                                          eps_clip=float("inf"))[0], dpo)

@@ -165,7 +165,8 @@ def test_sspo_indicator_drops_replayed_term_in_sft_mode():
 
 
 def test_sspo_gradient_is_the_analytic_one_with_the_ssr_sign_held_constant():
-    # d(loss)/d(m_w) must equal the analytic derivative with s held constant
+    # d(loss)/d(m_w) must equal the analytic derivative with s held constant: fails if s carries a
+    # gradient (e.g. a straight-through sign hard + (soft - soft.detach()) computed outside no_grad)
     m_w, m_l, r_w, r_l = _errs(seed=7)
     m_w = m_w.clone().requires_grad_(True)
     loss, _ = sspo.sspo_loss(m_w, m_l, r_w, r_l)
@@ -184,98 +185,8 @@ def test_sspo_rejects_unknown_ssr_and_bad_shapes():
 
 
 # --------------------------------------------------------------------------- importance-sampled DPO
-# The weight is this project's reading of [SDPO], derived in sspo.py's module docstring.
-
-def _reverse_step_mean_var(x_t, eps_hat, t, sch):
-    """A DDPM reverse step p(x_{t-1}|x_t) from an eps prediction: mean and the posterior
-    variance (abar_{-1} := abar_0 at t = 0, sspo.py's convention). float64, broadcast to x_t."""
-    b, a, ab = (sch[k].double() for k in ("betas", "alphas", "alphas_cumprod"))
-    ab_prev = torch.cat([ab[:1], ab[:-1]])
-    bt, at, abt, abp = (v[t].view(-1, *([1] * (x_t.ndim - 1))) for v in (b, a, ab, ab_prev))
-    mean = (x_t - bt / (1 - abt).sqrt() * eps_hat) / at.sqrt()
-    return mean, (bt * (1 - abp) / (1 - abt)).expand_as(x_t)
-
-
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_log_weight_is_expected_gaussian_log_ratio_summed_over_values(prediction_type):
-    """importance_log_weight == E_{x_{t-1} ~ q(.|x_t,x0)}[log p_theta(x_{t-1}|x_t) - log p_b(x_{t-1}|x_t)]
-    = KL(q || p_b) - KL(q || p_theta), summed over all D values, computed here with
-    torch.distributions from the two networks' reverse steps (eps or v predictions)."""
-    from torch.distributions import Normal, kl_divergence
-    sch = sspo.make_schedule()
-    abar = sch["alphas_cumprod"].double()
-    g = torch.Generator().manual_seed(12)
-    t = torch.tensor([0, 3, 50, 300, 700, 999])
-    x0, eps = torch.randn(6, 4, 8, 8, generator=g).double(), torch.randn(6, 4, 8, 8, generator=g).double()
-    x_t = sspo.q_sample(x0, t, eps, abar)
-    eps_b = eps + 0.3 * torch.randn(x0.shape, generator=g).double()     # behaviour = reference
-    eps_th = eps_b + 0.05 * torch.randn(x0.shape, generator=g).double()  # the policy, nearby
-    mu_q, var = _reverse_step_mean_var(x_t, eps, t, sch)
-    std = var.sqrt()
-    want = [(kl_divergence(Normal(mu_q, std), Normal(_reverse_step_mean_var(x_t, e, t, sch)[0], std))
-             .flatten(1).sum(1)) for e in (eps_b, eps_th)]
-    want = want[0] - want[1]  # KL(q||p_b) - KL(q||p_theta), (B,)
-
-    def as_pred(e_hat):  # the same prediction in the network's own parametrisation
-        if prediction_type == "epsilon":
-            return e_hat
-        a = abar[t].view(-1, 1, 1, 1)
-        x0_hat = (x_t - (1 - a).sqrt() * e_hat) / a.sqrt()
-        return a.sqrt() * e_hat - (1 - a).sqrt() * x0_hat
-    target = sspo.training_target(x0, eps, t, abar, prediction_type)
-    m = sspo.per_sample_error(as_pred(eps_th), target)
-    r = sspo.per_sample_error(as_pred(eps_b), target)
-    got = importance.importance_log_weight(m, r, t, sch, num_values=4 * 8 * 8, prediction_type=prediction_type)
-    assert torch.allclose(got.double(), want, rtol=1e-3, atol=1e-5), (got, want)
-    assert want.abs().min() > 1e-3 and want.abs().max() > 0.1  # non-trivial: weights not all ~1
-
-
-def test_importance_coef_closed_forms():
-    sch = sspo.make_schedule()
-    b, a, ab = sch["betas"].double(), sch["alphas"].double(), sch["alphas_cumprod"].double()
-    t = torch.tensor([1, 10, 500, 999])
-    lam = b[t] / (2 * a[t] * (1 - ab[t - 1]))
-    assert torch.allclose(importance.importance_coef(t, sch).double(), lam, rtol=1e-5)
-    assert torch.allclose(importance.importance_coef(t, sch, "v_prediction").double(), lam * ab[t], rtol=1e-5)
-    # lambda_t is largest near the data (~0.5 at t = 0, 1), ~1/(2t) for small t, smallest
-    # (~0.0033) near t = 420, 0.006 at t = 999 (SD-1.5's schedule)
-    lam_all = importance.importance_coef(torch.arange(1000), sch)
-    assert 0.4 < lam_all[0] < 0.6 and 0.005 < lam_all[999] < 0.007 and lam_all.argmax() <= 1
-    assert lam_all[50:].max() < 0.012 and lam_all.min() > 0.003
-    with pytest.raises(ValueError, match="prediction_type"):
-        importance.importance_coef(t, sch, "sample")
-
-
-def test_weight_is_low_where_policy_fits_worse_and_lowest_at_small_t():
-    """Derivation, item 6: w < 1 where the policy's errors exceed the reference's, and the same
-    per-value gap lowers w most at small t (lambda_t largest); w = 1 on-policy."""
-    sch = sspo.make_schedule()
-    t = torch.tensor([2, 10, 50, 200, 500, 999])
-    r = torch.full((6,), 0.1)
-    m = r + 1e-4  # policy worse than the reference (behaviour) on both images of each pair
-    kw = dict(schedule=sch, num_values=4 * 64 * 64)  # SD-1.5's latent size
-    lw = importance.pair_log_weight(m, m, r, r, t, **kw)
-    assert (lw < 0).all()
-    assert lw[0] < lw[1] < lw[2] < lw[3:].min()  # lowest at small t (lambda_t ~ 1/(2t) there)
-    assert lw[0].exp() < 0.5 and lw[3:].exp().min() > 0.97
-    assert torch.allclose(importance.pair_log_weight(r, r, m, m, t, **kw), -lw)  # roles swapped: 1/w
-    assert (importance.pair_log_weight(m, m, m, m, t, **kw) == 0).all()  # on-policy: exactly 1
-    # winner better, loser worse by the same gap: the pair weight is exactly 1
-    assert torch.allclose(importance.pair_log_weight(r - 1e-4, m, r, r, t, **kw), torch.zeros(6), atol=1e-5)
-
-
-def test_log_weight_detached_capped_and_checked():
-    sch = sspo.make_schedule()
-    m, r = torch.rand(8, requires_grad=True), torch.rand(8)
-    t = torch.randint(0, 1000, (8,))
-    lw = importance.importance_log_weight(m, r, t, sch, num_values=64)
-    assert not lw.requires_grad
-    assert torch.allclose(importance.pair_log_weight(m, m, r, r, t, sch, num_values=64), 2 * lw)
-    huge = importance.pair_log_weight(r + 10, r + 10, r, r, torch.zeros(8, dtype=torch.long), sch, num_values=10 ** 6)
-    assert (huge == -importance.LOG_WEIGHT_CAP).all()
-    with pytest.raises(ValueError, match="num_values"):
-        importance.importance_log_weight(m, r, t, sch, num_values=0)
-
+# The weight itself (estimator, cap, coefficients): tests/test_importance.py. Here: the two
+# losses that use it.
 
 @pytest.mark.parametrize("fn", [importance.dpo_cm_loss, importance.sdpo_loss])
 def test_unit_weights_give_dpo(fn):
@@ -371,7 +282,9 @@ def test_zero_terminal_snr_v_prediction_is_finite(fn):
     model_pred = (ref_pred + 0.05 * torch.randn(v.shape, generator=g)).requires_grad_(True)
     m_w, m_l = sspo.per_sample_error(model_pred, v).chunk(2)  # (2B,) -> (B,), (B,)
     r_w, r_l = sspo.per_sample_error(ref_pred, v).chunk(2)
-    log_w = importance.pair_log_weight(m_w, m_l, r_w, r_l, t, sch, num_values=256, prediction_type="v_prediction")
+    c_w, c_l = importance.cross_term(model_pred, ref_pred, v).chunk(2)
+    kappa = importance.importance_coef(t, sch, "v_prediction")
+    log_w = importance.pair_log_weight(c_w, c_l, kappa, num_values=256)
     assert torch.isfinite(log_w).all() and (log_w[:2] != 0).all()  # finite, and not switched off
     loss, met = fn(m_w, m_l, r_w, r_l, log_w, beta=5000.0, tau=0.5, eps_clip=0.2)
     loss.sum().backward()
@@ -405,7 +318,9 @@ def test_weights_change_the_gradient_at_default_settings(method, D, beta, small_
     import config
     cfg = config.resolve({"method": method})
     m_w, m_l, r_w, r_l, t = _drifted_batch(128, small_t_gap, floor_gap)
-    log_w = importance.pair_log_weight(m_w, m_l, r_w, r_l, t, sspo.make_schedule(), num_values=D)
+    # no drift term here (errors only): c = (r - m) / 2 per image, so log w = -lambda_t D (m - r) summed
+    kappa = importance.importance_coef(t, sspo.make_schedule())
+    log_w = importance.pair_log_weight((r_w - m_w) / 2, (r_l - m_l) / 2, kappa, num_values=D)
     grads = []
     for fn in (sspo.dpo_loss, getattr(importance, f"{method}_loss")):
         mw, ml = m_w.clone().requires_grad_(True), m_l.clone().requires_grad_(True)

@@ -141,6 +141,45 @@ def test_two_process_gloo_equals_one_process(cache, tmp_path):
         assert r["ssr_rate"] == q["ssr_rate"] and r["implicit_acc"] == q["implicit_acc"]
 
 
+def _flat(w: dict) -> torch.Tensor:
+    return torch.cat([w[k].flatten() for k in sorted(w)])
+
+
+def test_sdpo_normalises_over_the_update_at_batch_size_one(cache, tmp_path, monkeypatch):
+    """batch_size 1, grad_accum 4: SDPO's normaliser is the mean kept weight of the update's four
+    pairs, so its updates differ from Diffusion-DPO's (tau = 0: nothing masked). A normaliser
+    over each micro-batch alone would make every weight w / w = 1: exactly DPO."""
+    import loop
+    args = {**FAST, "cache_dir": cache, "batch_size": 1, "grad_accum": 4, "max_steps": 3, "tau": 0.0}
+    train.run({**args, "method": "dpo", "out_dir": str(tmp_path / "dpo")})
+    train.run({**args, "method": "sdpo", "out_dir": str(tmp_path / "sdpo")})
+    dpo, sdpo = _flat(_weights(tmp_path / "dpo", 2)), _flat(_weights(tmp_path / "sdpo", 2))
+    rows = [json.loads(l) for l in (tmp_path / "sdpo" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["mean_weight"] != 1.0  # update 2: the policy has moved, weights are not all 1
+    assert not torch.equal(dpo, sdpo), "SDPO at batch size 1 must not be Diffusion-DPO"
+    # the same run with the normaliser taken per micro-batch is Diffusion-DPO, bitwise
+    monkeypatch.setattr(loop, "sdpo_normaliser", lambda run, held, step: (
+        [loop.training_step(run, b, step, weights_only=True) for b in held], None))
+    train.run({**args, "method": "sdpo", "out_dir": str(tmp_path / "local")})
+    assert torch.equal(dpo, _flat(_weights(tmp_path / "local", 2)))
+
+
+def test_two_process_sdpo_equals_one_process(cache, tmp_path):
+    """SDPO's normaliser is all-reduced: 2 processes x 2 pairs x 2 micro-steps = 1 process x 4 x 2."""
+    common = {**FAST, "cache_dir": cache, "method": "sdpo", "grad_accum": 2, "tau": 0.0, "max_steps": 3,
+              "save_every": 3}
+    _torchrun(2, [f"--{k}={v}" for k, v in {**common, "batch_size": 2}.items()] + [f"--out_dir={tmp_path / 'ddp'}"])
+    train.run({**common, "batch_size": 4, "out_dir": str(tmp_path / "one")})
+    A, B = _flat(_weights(tmp_path / "ddp", 3)), _flat(_weights(tmp_path / "one", 3))
+    diff = (A - B).abs()
+    assert (diff > 1e-6).float().mean() < 0.01 and diff.max() < 0.2 * FAST["lr"], ((diff > 1e-6).float().mean(), diff.max())
+    rows_ddp = [json.loads(l) for l in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    rows_one = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert rows_one[2]["mean_weight"] != 1.0
+    for r, q in zip(rows_ddp, rows_one, strict=True):
+        assert r["loss"] == pytest.approx(q["loss"], rel=1e-4, abs=1e-6), (r["step"], r["loss"], q["loss"])
+
+
 # ------------------------------------------------------------------------------- resume, NaN, SIGTERM
 
 @pytest.mark.parametrize("losers", [{"loser_every": 1}, {"loser_every": 2},  # 2: the split at update 3 falls inside a cycle
@@ -353,7 +392,12 @@ def test_real_code_paths_under_torchrun(family, method, extra, compare, tmp_path
     out = tmp_path / "run"
     assert "global batch 1 x 1 accum x 2 procs = 2" in r.stdout
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows] == [1, 2] and all(math.isfinite(row["loss"]) for row in rows)
+    assert [row["step"] for row in rows] == [1, 2]
+    # update 1: the policy is its reference (checkpoint 0), so the loss is log 2 (SSPO's update 2 may
+    # replay checkpoint 1, the policy itself, and give log 2 again; DPO's fixed reference does not)
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    if method == "dpo":
+        assert rows[1]["loss"] != pytest.approx(math.log(2), abs=1e-6)
     w1, w2 = _weights(out, 1), _weights(out, 2)
     assert any(not torch.equal(w1[k], w2[k]) for k in w1)
     if family == "animatediff":

@@ -61,7 +61,7 @@ def test_cogvideo_and_wan_sampler_equals_pipeline(family, size, tiny):
 def test_cogvideo_zero_terminal_snr_is_safe_in_the_loop(tiny):
     """The loop's noise process for CogVideoX's config: v-prediction on CogVideoXDDIMScheduler's
     alphas_cumprod (abar_{T-1} = 0); at t = T-1, x_t = eps, target v = -x0, and the importance
-    weight (DPO-C&M / SDPO) is finite and <= 0 in log, equal to lambda_t abar_t elsewhere."""
+    weight's coefficient (DPO-C&M / SDPO) is finite and equal to lambda_t abar_t."""
     from diffusers import CogVideoXDDIMScheduler
     b = models.build_model("cogvideox", tiny["cogvideox"], num_frames=FRAMES)
     p = noise.Process.from_config(b.scheduler_config)
@@ -73,11 +73,10 @@ def test_cogvideo_zero_terminal_snr_is_safe_in_the_loop(tiny):
     x_t, target = p.q_sample(x0, t, eps), p.target(x0, eps, t)
     assert p.abar[-1] == 0 and torch.equal(x_t[2], eps[2]) and torch.equal(target[2], -x0[2])
     assert torch.equal(p.model_t(t), t)
-    err, ref = torch.tensor([0.3, 0.2, 0.5]), torch.tensor([0.1, 0.1, 0.1])
-    log_w = p.pair_log_weight(err, err, ref, ref, t, num_values=16)
-    assert torch.isfinite(log_w).all() and (log_w <= 0).all()
-    lam_abar = importance.importance_coef(t[:2], p.schedule, "v_prediction")  # = lambda_t * abar_t
-    torch.testing.assert_close(log_w[:2], -2 * 16 * lam_abar * (err - ref)[:2])
+    kappa = p.importance_kappa(t)
+    assert torch.isfinite(kappa).all() and (kappa > 0).all()
+    lam_abar = importance.importance_coef(t, p.schedule, "v_prediction")  # = lambda_t * abar_t
+    torch.testing.assert_close(kappa, lam_abar)
     # eps from v stays finite at the terminal step (eps = x_t there)
     assert torch.equal(sspo.eps_from_v(target, x_t, t, p.abar)[2], x_t[2])
 
@@ -85,7 +84,7 @@ def test_cogvideo_zero_terminal_snr_is_safe_in_the_loop(tiny):
 def test_wan_flow_noise_process_matches_scheduler(tiny):
     """Wan's config (UniPC, flow_prediction, flow_shift 3) gives flow matching: x_t and the
     model's timestep equal FlowMatchEulerDiscreteScheduler(shift=3).scale_noise / timesteps at
-    the same sigma; the target is eps - x0; the weight is sspo_flow's."""
+    the same sigma; the target is eps - x0; the weight's coefficient is flow.py's."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     b = models.build_model("wan", tiny["wan"], num_frames=FRAMES)
     p = noise.Process.from_config(b.scheduler_config)
@@ -99,9 +98,7 @@ def test_wan_flow_noise_process_matches_scheduler(tiny):
     for i in range(3):
         torch.testing.assert_close(p.q_sample(x0, t, eps)[i:i + 1], ref.scale_noise(x0[i:i + 1], ts[i:i + 1], eps[i:i + 1]))
     torch.testing.assert_close(p.target(x0, eps, t), eps - x0)
-    err, ref = torch.tensor([0.3, 0.2, 0.5]), torch.tensor([0.1, 0.25, 0.1])
-    torch.testing.assert_close(p.pair_log_weight(err, err, ref, ref, t, num_values=8), flow.flow_pair_log_weight(
-        err - ref, err - ref, p.sigmas[t], flow.flow_sigma_next(t, p.sigmas), scale=8))
+    torch.testing.assert_close(p.importance_kappa(t), flow.flow_importance_kappa(p.sigmas[t], flow.flow_sigma_next(t, p.sigmas)))
 
 
 def _write_videos(root: Path, n: int = 2, frames: int = FRAMES, hw: tuple = (32, 48)):
