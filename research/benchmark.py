@@ -293,12 +293,14 @@ def cmd_claims(args) -> None:
     tuned = _load_tuned(out, args.quick)
     if args.from_json:  # re-derive tables, verdicts and pictures from a finished run, no training
         results = json.loads(Path(args.from_json).read_text())
+        if args.methods:  # a subset of the recorded runs
+            results["runs"] = {name: results["runs"][name] for name in args.methods}
         size, tuned = results["size"], results.get("tuned", {})
         command = results.get("command", f"(a run recorded in {args.from_json})")
     else:
         t0 = time.time()
         results = run_table(out, size, args.methods, args.keep_checkpoints, args.jobs, tuned)
-        command = "python -m research.benchmark " + shlex.join(sys.argv[1:])
+        command = "python -m research.benchmark " + shlex.join(args.argv)
         results.update(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), seconds=time.time() - t0,
                        command=command)
     results["summary"] = summary = report.summarize(results)
@@ -312,7 +314,7 @@ def cmd_claims(args) -> None:
               f"Frechet distance is more than {report.REALISM_RATIO}x the other side's is a trade-off "
               "(research/report.py, realism_verdict)."
               + (f" Rewritten from {args.from_json} on {datetime.datetime.now():%Y-%m-%d %H:%M} (no "
-                 "retraining) by the command with `--from-json`." if args.from_json else ""))
+                 f"retraining) by `python -m research.benchmark {shlex.join(args.argv)}`." if args.from_json else ""))
     body = report.claims_markdown(rows, header)
     if args.calibrated:  # the main condition first: pairs as noisy as Pick-a-Pic's, then clean pairs
         noisy = json.loads(Path(args.calibrated).read_text())
@@ -344,7 +346,7 @@ def cmd_sweep(args) -> None:
     out = Path(args.out)
     sweep = run_sweep(out, size, args.jobs)
     (out / "sweep.json").write_text(json.dumps(sweep, indent=1))
-    report.write_sweep_md(sweep, out / "sweep.md", "python -m research.benchmark " + shlex.join(sys.argv[1:]), VALIDATION_SEED)
+    report.write_sweep_md(sweep, out / "sweep.md", "python -m research.benchmark " + shlex.join(args.argv), VALIDATION_SEED)
     print((out / "sweep.md").read_text())
 
 
@@ -369,7 +371,7 @@ def cmd_frontier(args) -> None:
     results.update(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), seconds=time.time() - t0,
                    costs=costs, cost_batch=batch, cost_repeats=repeats, summary=report.summarize(results))
     (out / "loser_frontier.json").write_text(json.dumps(results, indent=1))
-    loser_frontier.write(results, out, "python -m research.benchmark " + shlex.join(sys.argv[1:]))
+    loser_frontier.write(results, out, "python -m research.benchmark " + shlex.join(args.argv))
     print((out / "loser_frontier.md").read_text())
     print(f"wrote {out / 'loser_frontier.md'}, loser_frontier.png, loser_frontier.json in "
           f"{results['seconds'] / 60:.1f} min")
@@ -397,7 +399,7 @@ def cmd_noise(args) -> None:
         done = [q for q in levels if f"{q:g}" in per_level]
         results = {"levels": done, "size": size, "tuned": tuned, "per_level": per_level,
                    "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "seconds": time.time() - t0,
-                   "command": "python -m research.benchmark " + shlex.join(sys.argv[1:])}
+                   "command": "python -m research.benchmark " + shlex.join(args.argv)}
         (out / "noise.json").write_text(json.dumps(results, indent=1))
         if len(done) >= 2:
             report.write_noise(results, out)
@@ -449,6 +451,7 @@ def main(argv=None) -> None:
     c.add_argument("--run", default="runs/digits_sspo", help="a finished `python train.py` run")
     c.add_argument("--out", default="results", help="output folder")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in every report's header
     args.fn(args)
 
 

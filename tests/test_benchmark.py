@@ -120,6 +120,7 @@ def test_claims_from_json_rewrites_reports_without_training(tmp_path, capsys):
     benchmark.main(["claims", "--quick", "--from-json", str(src), "--out", str(out)])
     claims = (out / "claims.md").read_text()
     assert "`python -m research.benchmark claims --jobs 2`" in claims and "Rewritten from" in claims
+    assert f"by `python -m research.benchmark claims --quick --from-json {src} --out {out}`" in claims
     assert "Table 1: SSPO beats sft (training templates, no guidance)" in claims
     assert (out / "curve_accuracy.png").exists() and not (out / "samples_grid.png").exists()
     assert "not rewritten" in capsys.readouterr().out
