@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +50,10 @@ class Config:
     eps_clip: float = _f(0.05, "dpo_cm/sdpo: clip kept weights into [1-eps_clip, 1+eps_clip]; inf = no "
                               "clip (with tau=0: plain importance weighting)")
     # ---- Random Checkpoint Replay and loser generation (sspo, sspo_r, spin)
-    save_every: int = _f(50, "optimizer updates between checkpoints (= replay pool snapshots)")
+    replay_every: int = _f(50, "K, the checkpoint interval of RCR: optimizer updates between replay pool snapshots "
+                              "(sspo, sspo_r, spin; a multiple of loser_every)")
+    save_every: int = _f(50, "optimizer updates between training checkpoints (saving only; the replay pool "
+                             "grows every replay_every)")
     pool_storage: str = _f("memory", "replay snapshots: memory (fp32) | memory_bf16 (checkpoint 0 exact) | disk (safetensors)")
     loser_steps: int = _f(10, "DDIM steps to sample a replayed (losing) sample")
     loser_guidance: float = _f(3.0, "classifier-free guidance scale for replayed samples")
@@ -176,9 +180,12 @@ ALIASES = {
     "gradient_accumulation_steps": "grad_accum", "learning_rate": "lr", "max_train_steps": "max_steps",
     "checkpointing_steps": "save_every", "checkpoints_total_limit": "keep_checkpoints",
     "lr_warmup_steps": "warmup_steps", "adam_weight_decay": "weight_decay", "rank": "lora_rank",
-    "beta_dpo": "beta", "train_data_dir": "data_path", "dataloader_num_workers": "num_workers",
+    "train_data_dir": "data_path", "dataloader_num_workers": "num_workers",
     "random_flip": "hflip", "validation_steps": "sample_every", "validation_prompt": "validation_prompts",
 }
+# Aliases whose value converts: the diffusers DPO script's loss is -logsigmoid(beta_dpo * (...)),
+# this project's -logsigmoid(-beta/2 * (...)) (sspo.py), so beta = 2 x beta_dpo (2500 -> 5000).
+CONVERTED = {"beta_dpo": ("beta", lambda v: repr(2.0 * float(v)))}
 
 
 
@@ -236,6 +243,57 @@ def load_preset(name_or_path: str) -> dict:
     return dict(mod.CONFIG)
 
 
+# The preset a command line without --config starts from, per family, and the family that each
+# diffusers pipeline class (model_index.json's "_class_name") belongs to.
+FAMILY_PRESET = {"digits": "digits", "sd15": "sd15_pickapic", "sdxl": "sdxl_pickapic",
+                 "animatediff": "animatediff_magictime", "cogvideox": "cogvideox_sdpo", "wan": "wan21_sdpo"}
+PIPELINE_FAMILY = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl",
+                   "AnimateDiffPipeline": "animatediff", "CogVideoXPipeline": "cogvideox", "WanPipeline": "wan"}
+
+
+def infer_family(model_path: str, motion_adapter_path: str = "") -> str:
+    """The family of a local pipeline directory, read from its model_index.json (the pipeline class,
+    or the ``_sspo_family`` that models.save_model adds); an SD-1.5 directory with a motion adapter
+    is AnimateDiff. Raises ValueError when the directory does not say."""
+    index = Path(model_path) / "model_index.json"
+    ask = ("name the family with --model=digits|sd15|sdxl|animatediff|cogvideox|wan or a preset "
+           "with --config=NAME (configs/README.md)")
+    if not index.is_file():
+        raise ValueError(f"no --config and no --model: cannot infer the model family, {index} "
+                         f"{'does not exist' if not Path(model_path).is_dir() else 'is missing'}; {ask}")
+    try:
+        meta = json.loads(index.read_text())
+    except ValueError:
+        raise ValueError(f"no --config and no --model: {index} is not JSON; {ask}") from None
+    family = meta.get("_sspo_family") or PIPELINE_FAMILY.get(meta.get("_class_name"))
+    if family is None:
+        raise ValueError(f"no --config and no --model: {index} names pipeline {meta.get('_class_name')!r}, "
+                         f"which no family here trains (known: {', '.join(PIPELINE_FAMILY)}); {ask}")
+    return "animatediff" if family == "sd15" and motion_adapter_path else family
+
+
+def infer_preset(updates: dict) -> str:
+    """The preset of a command line that names none: the family's (``--model``, else the one
+    ``model_path``'s model_index.json names), announced with one InferredPresetWarning; digits
+    when neither is given. ``init=scratch`` is the digits model's own pretraining."""
+    if updates.get("init") == "scratch":
+        return "digits"
+    family = updates.get("model")
+    source = f"--model={family}"
+    if family is None and updates.get("model_path"):
+        family = infer_family(updates["model_path"], updates.get("motion_adapter_path", ""))
+        source = f"{Path(updates['model_path']) / 'model_index.json'} (family {family})"
+    if family is None or family == "digits":
+        return "digits"
+    if family not in FAMILY_PRESET:
+        raise ValueError(f"config key 'model' must be one of {tuple(FAMILY_PRESET)}, got {family!r}")
+    updates.setdefault("model", family)
+    preset = FAMILY_PRESET[family]
+    warnings.warn(f"no --config: starting from preset {preset} (configs/{preset}.py), from {source}; "
+                  f"pass --config to choose another", InferredPresetWarning, stacklevel=3)
+    return preset
+
+
 def parse_args(argv: list[str]) -> dict:
     """``--key=value`` / ``--key value`` / bare ``--flag`` (a bool set to true) -> dict of strings.
     The diffusers scripts' flag names (``ALIASES``) become the project's keys."""
@@ -252,17 +310,32 @@ def parse_args(argv: list[str]) -> dict:
                 val, i = argv[i + 1], i + 1
             else:
                 val = "true"
+        if key in CONVERTED:
+            name, convert = CONVERTED[key]
+            try:
+                key, val = name, convert(val)
+            except ValueError:
+                raise ValueError(f"--{arg[2:].partition('=')[0]} expects a number, got {val!r}") from None
         out[key] = val
         i += 1
     return out
 
 
 def resolve(overrides: dict | None = None, argv: list[str] | None = None) -> Config:
-    """Build the resolved Config from presets, ``overrides`` (a dict) and ``argv`` (strings)."""
+    """Build the resolved Config from presets, ``overrides`` (a dict) and ``argv`` (strings).
+
+    The preset is ``config`` when given; else, for a command line (``argv`` not None), the one of
+    the family that ``--model`` or ``model_path``'s model_index.json names (``infer_preset``);
+    else the embedded digits default."""
     updates = dict(overrides or {})
     updates.update(parse_args(list(argv or [])))
     cfg = Config()
-    preset = updates.pop("config", "digits")  # the embedded default
+    if "config" in updates:
+        preset = updates.pop("config")
+    elif argv is not None:  # a command line: the family's preset (models/ has the families)
+        preset = infer_preset(updates)
+    else:
+        preset = "digits"  # the embedded default of Python callers that name no preset
     if preset:
         _apply(cfg, load_preset(preset), f"preset {preset}")
     if "method" in updates:
@@ -307,11 +380,12 @@ def validate(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"config key {key!r} must be one of {allowed}, got {getattr(cfg, key)!r}")
-    for key in ("max_steps", "batch_size", "grad_accum", "save_every", "loser_steps", "log_every", "loser_every"):
+    for key in ("max_steps", "batch_size", "grad_accum", "save_every", "replay_every", "loser_steps", "log_every",
+                "loser_every"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"config key {key!r} must be >= 1, got {getattr(cfg, key)}")
-    if METHODS[cfg.method].losers == "replayed" and cfg.save_every % cfg.loser_every:  # the pool must not change within a cycle (see loop.update)
-        raise ValueError(f"config key 'save_every' ({cfg.save_every}) must be a multiple of "
+    if METHODS[cfg.method].losers == "replayed" and cfg.replay_every % cfg.loser_every:  # the pool must not change within a cycle (see loop.update)
+        raise ValueError(f"config key 'replay_every' ({cfg.replay_every}) must be a multiple of "
                          f"'loser_every' ({cfg.loser_every})")
     if cfg.loser_batch < 0:
         raise ValueError(f"config key 'loser_batch' must be >= 0, got {cfg.loser_batch}")
@@ -336,12 +410,31 @@ def validate(cfg: Config) -> None:
     if tracker and importlib.util.find_spec(tracker) is None:
         raise ValueError(f"report_to={cfg.report_to} needs the {tracker} package: pip install {tracker} "
                          f"(or --report_to=none)")
+    if looks_like_missing_file(cfg.validation_prompts):
+        raise ValueError(f"validation_prompts {cfg.validation_prompts!r} looks like a file but does not exist; "
+                         f"pass a text file (one prompt per line) or prompts separated by '|'")
     if cfg.data != "digits" and not cfg.data_path:
         raise ValueError(f"data {cfg.data!r} needs --data_path=<local directory>")
 
 
+PROMPT_FILE_SUFFIXES = (".txt", ".csv", ".tsv", ".json", ".jsonl", ".parquet", ".md", ".lst", ".prompts")
+
+
+def looks_like_missing_file(value: str) -> bool:
+    """A prompts value that names a file (a directory part, or a file suffix, and no '|') which is
+    not there: a typo, not prompt text."""
+    if not value or "|" in value or Path(value).expanduser().is_file():
+        return False
+    v = value.strip()
+    return (" " not in v and ("/" in v or "\\" in v or v.startswith("~"))) or v.lower().endswith(PROMPT_FILE_SUFFIXES)
+
+
 class IgnoredSettingWarning(UserWarning):
     """A setting that has no effect for the chosen method, model or data (train.py prints one line)."""
+
+
+class InferredPresetWarning(IgnoredSettingWarning):
+    """The preset a command line without --config starts from, and why (one line, as above)."""
 
 
 PAIR_DATA = ("digits", "pickapic", "videopairs")  # data sets with a winner and a loser per prompt
@@ -391,6 +484,8 @@ def ignored_settings(cfg: Config, given: set[str] | None = None) -> list[str]:
                         + ("has no reference" if loss == "sft" else "uses the initial model as reference"))
     elif cfg.grad_accum == 1:
         why["loser_batch"] = "with grad_accum 1 an update has one micro-batch, whose losers are sampled in one call"
+    if not replayed:
+        why["replay_every"] = f"only sspo, sspo_r and spin grow a replay pool; {cfg.method} does not"
     if loss == "sft":
         why["beta"] = "sft has no preference term"
         why["pool_storage"] = "sft keeps no checkpoint pool"
@@ -427,9 +522,9 @@ def ignored_settings(cfg: Config, given: set[str] | None = None) -> list[str]:
         why["resolution"] = f"height and width ({cfg.height}x{cfg.width}) are both set"
     out = [f"setting {key}={getattr(cfg, key)!r} has no effect: {reason}" for key, reason in why.items()
            if getattr(cfg, key) != getattr(defaults, key) and (given is None or key in given)]
-    if (replayed and cfg.replay != "initial" and cfg.save_every >= cfg.max_steps
+    if (replayed and cfg.replay != "initial" and cfg.replay_every >= cfg.max_steps
             and (given is None or "replay" in given)):
-        out.append(f"setting replay={cfg.replay!r} has no effect: save_every={cfg.save_every} >= max_steps="
+        out.append(f"setting replay={cfg.replay!r} has no effect: replay_every={cfg.replay_every} >= max_steps="
                    f"{cfg.max_steps}, so the pool never holds more than checkpoint 0")
     return out
 
@@ -442,6 +537,7 @@ def help_text() -> str:
     lines = ["usage: [torchrun ...] train.py [--config=PRESET] [--key=value ...]", "", "keys:"]
     for f in dataclasses.fields(Config):
         lines.append(f"  --{f.name}={f.default!r:<24} {f.metadata['help']}")
-    lines += ["", "aliases (diffusers training scripts): " + ", ".join(f"--{a} = --{k}" for a, k in ALIASES.items())]
+    lines += ["", "aliases (diffusers training scripts): " + ", ".join(f"--{a} = --{k}" for a, k in ALIASES.items())
+              + ", --beta_dpo=X = --beta=2X (diffusers' DPO loss has no 1/2)"]
     lines += ["", "methods: " + "; ".join(f"{n} = {m}" for n, m in METHODS.items())]
     return "\n".join(lines)

@@ -50,8 +50,8 @@ def train(cfg: Config, ctx: runtime.Dist) -> Path:
     """Train until max_steps and return the output dir; on SIGTERM save and raise Preempted.
 
     SSPO's Algorithm 1: each update draws a reference checkpoint from the pool, samples the
-    losers with it and takes one optimizer step (loop.update); every save_every updates the
-    policy joins the pool as a new checkpoint (Random Checkpoint Replay) and a training
+    losers with it and takes one optimizer step (loop.update); every replay_every updates (K) the
+    policy joins the pool as a new checkpoint (Random Checkpoint Replay); every save_every a training
     checkpoint is written."""
     run = loop.setup(cfg, ctx)
     step = loop.start(run)
@@ -67,7 +67,7 @@ def train(cfg: Config, ctx: runtime.Dist) -> Path:
                 lr = float(metrics.pop("lr"))
                 run.logger.step(step, metrics, lr, time.perf_counter() - t0)
             stopping = metrics is None or ctx.any_flag(stop.requested)
-            if step % cfg.save_every == 0 and metrics is not None and run.method.losers == "replayed":
+            if step % cfg.replay_every == 0 and metrics is not None and run.method.losers == "replayed":
                 run.pool.add(run.bundle.trainable_state_dict(), step)
             if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
                 checkpoints.save_checkpoint(run.out, step, run.bundle, run.opt, run.lr_sched, run.scaler,

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 import config as config_mod
 import models
 from models import sharding
+from infra import export
 from infra.runtime import Dist
 
 # ---------------------------------------------------------------------------------------------
@@ -101,6 +102,8 @@ def save_checkpoint(out: Path, step: int, bundle, opt, lr_sched, scaler, pool, c
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
+            if bundle.lora and bundle.family in export.ADAPTER_FAMILIES:  # load_lora_weights(step_N) works
+                export.save_lora(weights, tmp, bundle.family)
             tensors: dict = {}
             tree = pack_state({"optimizer": optim, "lr_scheduler": lr_sched.state_dict(),
                                "scaler": scaler.state_dict(), "rng": _rng_state(),
@@ -153,19 +156,29 @@ def read_checkpoint(d: Path) -> tuple[dict, dict]:
     return weights, manifest
 
 
-def chosen_step(out: Path, which: str) -> int:
-    """The step of checkpoint ``which`` (step_N, or a path to out/checkpoints/step_N)."""
+def step_number(which: str) -> int | None:
+    """The step a checkpoint name spells: ``step_000004``, ``step_4``, diffusers' ``checkpoint-4``,
+    ``4``, or a path ending in one of them; None if it spells none."""
     name = Path(which).name
-    if not name.startswith("step_") or not (Path(out) / "checkpoints" / name).is_dir():
+    for prefix in ("step_", "checkpoint-", ""):
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            return int(name[len(prefix):])
+    return None
+
+
+def chosen_step(out: Path, which: str) -> int:
+    """The step of checkpoint ``which`` (any spelling of ``step_number``)."""
+    step = step_number(which)
+    if step is None or not (Path(out) / "checkpoints" / f"step_{step:06d}").is_dir():
         have = sorted(p.name for p in (Path(out) / "checkpoints").glob("step_*"))
         raise FileNotFoundError(f"resume_from_checkpoint={which!r}: no such checkpoint in {Path(out) / 'checkpoints'} "
-                                f"(have: {', '.join(have) or 'none'})")
-    return int(name.split("_")[-1])
+                                f"(have: {', '.join(have) or 'none'}; step_N, checkpoint-N or N)")
+    return step
 
 
 # Keys whose change breaks "a resumed run equals an uninterrupted one" (max_steps may grow).
 TRAJECTORY_KEYS = ("method", "ssr", "replay", "model", "model_path", "data", "data_path", "beta",
-                   "tau", "eps_clip", "save_every", "loser_steps", "loser_guidance", "loser_scheduler",
+                   "tau", "eps_clip", "replay_every", "loser_steps", "loser_guidance", "loser_scheduler",
                    "loser_every", "loser_batch", "batch_size",  # loser_batch: rounding of batched calls
                    "grad_accum", "lr", "warmup_steps", "lr_scheduler", "seed", "lora_rank", "mixed_precision", "cfg_drop", "fsdp")  # fsdp: the optimizer state's layout
 
@@ -173,6 +186,7 @@ TRAJECTORY_KEYS = ("method", "ssr", "replay", "model", "model_path", "data", "da
 def check_resume_config(saved: dict, now: dict) -> None:
     keys = TRAJECTORY_KEYS + (("max_steps",) if now.get("lr_scheduler") in ("linear", "cosine") else ())
     default = config_mod.to_dict(config_mod.Config())  # a key newer than the checkpoint had its default
+    saved = {"replay_every": saved.get("save_every"), **saved}  # before replay_every, saving was replaying
     diff = {k: (saved.get(k, default.get(k)), now.get(k)) for k in keys if saved.get(k, default.get(k)) != now.get(k)}
     if diff:
         raise ValueError("--resume with a config that changes the run: " + ", ".join(

@@ -169,7 +169,7 @@ def test_animatediff_lora_loads_in_animatediff_pipeline(tmp_path):
 
 def test_diffusers_flag_aliases():
     cfg = config.resolve(argv=[
-        "--pretrained_model_name_or_path=/m", "--output_dir", "/o", "--train_batch_size=3",
+        "--config=digits", "--pretrained_model_name_or_path=/m", "--output_dir", "/o", "--train_batch_size=3",
         "--gradient_accumulation_steps=5", "--learning_rate=2e-5", "--max_train_steps=7", "--checkpointing_steps=4",
         "--resume_from_checkpoint=latest", "--report_to=none", "--mixed_precision=bf16", "--seed=9",
         "--lr_scheduler=cosine", "--lr_warmup_steps=2", "--validation_prompt=a|b"])
@@ -353,3 +353,141 @@ def test_progress_lines_when_stdout_is_not_a_terminal(tmp_path):
     steps = [int(m.group(1)) for m in map(line.match, r.stdout.splitlines()) if m]
     assert steps == [1, 2, 3], r.stdout
     assert "it/s" not in r.stderr and "\r" not in r.stderr + r.stdout
+
+
+# ----------------------------------------------------------------------------- a diffusers user's command line
+
+def _cli(*argv, timeout=300):
+    """``python train.py ARGV`` as a user runs it: a subprocess, stdout and stderr piped."""
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, argv)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _errors(r) -> list[str]:
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    return [line for line in r.stderr.splitlines() if line.startswith("error:")]
+
+
+# small, fast settings on top of whichever preset a run starts from
+SMALL = ["--max_steps=2", "--resolution=16", "--grad_accum=1", "--warmup_steps=0", "--num_workers=0",
+         "--sample_every=0", "--num_sample_prompts=1", "--mixed_precision=no", "--batch_size=1", "--log_every=1",
+         "--gradient_checkpointing=false"]
+
+
+@pytest.fixture(scope="module")
+def tiny_sd15(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    sd = sd15.write_tiny(str(tmp / "sd15"))
+    _write_pickapic(tmp / "pickapic")
+    return sd, tmp / "pickapic"
+
+
+@pytest.fixture(scope="module")
+def cli_run(tiny_sd15, tmp_path_factory):
+    """The diffusers DPO script's flags, no --config: a LoRA DPO run on the tiny SD-1.5 stand-in."""
+    sd, pick = tiny_sd15
+    out = tmp_path_factory.mktemp("cli_run") / "run"
+    r = _cli(f"--pretrained_model_name_or_path={sd}", f"--train_data_dir={pick}", "--method=dpo", "--rank=4",
+             "--beta_dpo=2500", "--checkpointing_steps=1", "--learning_rate=1e-2", *SMALL, f"--output_dir={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r, out
+
+
+def test_family_and_preset_are_inferred_from_model_index(cli_run, tiny_sd15, tmp_path):
+    """No --config with an SD-1.5 directory: the sd15 preset (one line says so), not digits'; a
+    directory that names no pipeline is refused in one line."""
+    r, out = cli_run
+    assert "starting from preset sd15_pickapic" in r.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["model"], cfg["data"], cfg["loser_guidance"]) == ("sd15", "pickapic", 7.5)
+    (tmp_path / "empty").mkdir()
+    bad = _cli(f"--pretrained_model_name_or_path={tmp_path / 'empty'}", f"--train_data_dir={tiny_sd15[1]}",
+               f"--output_dir={tmp_path / 'run'}")
+    assert bad.returncode == 2
+    [line] = _errors(bad)
+    assert "cannot infer the model family" in line and "--model=" in line and "--config=" in line
+    # --model=sd15 without a preset: the sd15 preset too
+    cfg = config.resolve(argv=["--model=sd15", f"--data_path={tiny_sd15[1]}"])
+    assert (cfg.beta, cfg.out_dir, cfg.loser_guidance) == (5000.0, "runs/sd15_pickapic", 7.5)
+
+
+def test_beta_dpo_means_what_it_means_in_diffusers(cli_run):
+    """diffusers: -logsigmoid(beta_dpo * (...)); here -logsigmoid(-beta/2 * (...)): beta = 2 beta_dpo."""
+    _, out = cli_run
+    assert json.loads((out / "config.json").read_text())["beta"] == 5000.0
+    assert config.resolve(argv=["--beta_dpo=100"]).beta == 200.0
+    with pytest.raises(ValueError, match="--beta_dpo expects a number"):
+        config.resolve(argv=["--beta_dpo=high"])
+
+
+def test_every_lora_checkpoint_loads_in_plain_diffusers(cli_run, tiny_sd15):
+    _, out = cli_run
+    step = out / "checkpoints" / "step_000001"
+    assert (step / export.LORA_FILE).is_file()
+    r = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS, tiny_sd15[0], str(step)], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert float(r.stdout.split("DIFF")[-1]) > 1e-4
+
+
+def test_resume_from_checkpoint_in_every_spelling(cli_run, tiny_sd15, tmp_path):
+    """step_000002, step_2, checkpoint-2 (diffusers), 2, or a path: all resume from step 2."""
+    _, out = cli_run
+    sd, pick = tiny_sd15
+    for which in ("step_2", "checkpoint-2", "2", str(out / "checkpoints" / "step_000002")):
+        run = tmp_path / which.replace("/", "_")
+        shutil.copytree(out, run)
+        r = _cli(f"--pretrained_model_name_or_path={sd}", f"--train_data_dir={pick}", "--method=dpo", "--rank=4",
+                 "--beta_dpo=2500", "--learning_rate=1e-2", *SMALL, f"--output_dir={run}",
+                 f"--resume_from_checkpoint={which}")
+        assert r.returncode == 0, (which, r.stderr[-3000:])
+        assert "resumed from step 2" in r.stdout, which
+    r = _cli(f"--pretrained_model_name_or_path={sd}", f"--train_data_dir={pick}", "--method=dpo", "--rank=4",
+             "--beta_dpo=2500", "--learning_rate=1e-2", *SMALL, f"--output_dir={run}", "--resume_from_checkpoint=step_9")
+    assert r.returncode == 2 and "checkpoint-N" in _errors(r)[0]
+
+
+def test_saving_does_not_change_the_replay_interval(tiny_sd15, tmp_path):
+    """--checkpointing_steps is saving only: the pool grows every replay_every (K), and saving need
+    not be a multiple of loser_every."""
+    sd, pick = tiny_sd15
+    base = [f"--pretrained_model_name_or_path={sd}", f"--train_data_dir={pick}", "--method=sspo", "--rank=4",
+            "--loser_steps=2", "--loser_batch=0", "--learning_rate=1e-2", *SMALL]
+    a = _cli(*base, "--checkpointing_steps=1", "--loser_every=2", "--replay_every=2", f"--output_dir={tmp_path / 'a'}")
+    assert a.returncode == 0, a.stderr[-3000:]
+    b = _cli(*base, "--checkpointing_steps=2", "--loser_every=2", "--replay_every=2", f"--output_dir={tmp_path / 'b'}")
+    assert b.returncode == 0, b.stderr[-3000:]
+    wa = load_file(str(tmp_path / "a" / "checkpoints" / "step_000002" / "trainable.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "checkpoints" / "step_000002" / "trainable.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # saving every update changed nothing
+    assert config.resolve(argv=["--config=digits"]).replay_every == 25  # the presets keep their K
+    assert config.resolve(argv=["--config=sd15_pickapic", "--data_path=x"]).replay_every == 200
+    r = _cli(*base, "--loser_every=2", "--replay_every=3", f"--output_dir={tmp_path / 'c'}")
+    assert r.returncode == 2 and "'replay_every' (3) must be a multiple of 'loser_every' (2)" in _errors(r)[0]
+
+
+def test_a_missing_validation_prompts_file_is_an_error(tmp_path):
+    r = _cli("--validation_prompts=promts.txt", f"--out_dir={tmp_path / 'run'}")
+    assert r.returncode == 2
+    [line] = _errors(r)
+    assert "'promts.txt' looks like a file but does not exist" in line
+    assert config.resolve(argv=["--validation_prompts=a cat|a dog"]).validation_prompts == "a cat|a dog"
+    assert config.resolve(argv=["--validation_prompts=a photo of a 1/2 cat"])  # prompt text with a slash
+
+
+def test_full_fine_tune_checkpoint_exports_like_final(tiny_sd15, tmp_path):
+    """A full fine-tune's checkpoints/step_N exports to the layout of final/, which plain diffusers loads."""
+    from diffusers import StableDiffusionPipeline
+    sd, pick = tiny_sd15
+    r = _cli(f"--pretrained_model_name_or_path={sd}", f"--train_data_dir={pick}", "--method=sft",
+             "--learning_rate=1e-2", "--checkpointing_steps=1", *SMALL, f"--output_dir={tmp_path / 'run'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "run"
+    for step in (1, 2):
+        export.export_checkpoint(run / "checkpoints" / f"step_{step:06d}", tmp_path / f"exp{step}")
+    kw = dict(safety_checker=None, requires_safety_checker=False, local_files_only=True)
+    final = StableDiffusionPipeline.from_pretrained(run / "final", **kw).unet.state_dict()
+    two = StableDiffusionPipeline.from_pretrained(tmp_path / "exp2", **kw).unet.state_dict()
+    one = StableDiffusionPipeline.from_pretrained(tmp_path / "exp1", **kw).unet.state_dict()
+    assert all(torch.equal(final[k], two[k]) for k in final)
+    assert any(not torch.equal(final[k], one[k]) for k in final)

@@ -388,7 +388,7 @@ def test_generate_from_full_finetune_checkpoints(tmp_path):
     sd = sd15.write_tiny(str(tmp_path / "sd15"))
     _write_pickapic(tmp_path / "pickapic")
     run = tmp_path / "run"
-    assert train.main(["--model=sd15", f"--model_path={sd}", "--data=pickapic", f"--data_path={tmp_path / 'pickapic'}",
+    assert train.main(["--config=digits", "--model=sd15", f"--model_path={sd}", "--data=pickapic", f"--data_path={tmp_path / 'pickapic'}",
                        "--method=dpo", "--max_steps=2", "--batch_size=1", "--save_every=1", "--loser_steps=2",
                        "--resolution=16", "--sample_every=0", "--learning_rate=1e-2", "--num_workers=0",
                        f"--out_dir={run}"]) == 0
