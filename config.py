@@ -50,8 +50,9 @@ class Config:
     eps_clip: float = _f(0.05, "dpo_cm/sdpo: clip kept weights into [1-eps_clip, 1+eps_clip]; inf = no "
                               "clip (with tau=0: plain importance weighting)")
     # ---- Random Checkpoint Replay and loser generation (sspo, sspo_r, spin)
-    replay_every: int = _f(50, "K, the checkpoint interval of RCR: optimizer updates between replay pool snapshots "
-                              "(sspo, sspo_r, spin; a multiple of loser_every)")
+    replay_every: int = _f(0, "K, the checkpoint interval of RCR: optimizer updates between replay pool snapshots "
+                              "(sspo, sspo_r, spin; a multiple of loser_every). The real-scale presets set it, so that "
+                              "--save_every/--checkpointing_steps only save; 0 = save_every (the digits preset)")
     save_every: int = _f(50, "optimizer updates between training checkpoints (saving only; the replay pool "
                              "grows every replay_every)")
     pool_storage: str = _f("memory", "replay snapshots: memory (fp32) | memory_bf16 (checkpoint 0 exact) | disk (safetensors)")
@@ -353,6 +354,11 @@ def resolve(overrides: dict | None = None, argv: list[str] | None = None) -> Con
     return cfg
 
 
+def replay_interval(cfg) -> int:
+    """K, the updates between replay pool snapshots: replay_every, or save_every where it is 0."""
+    return cfg.replay_every or cfg.save_every
+
+
 INFINITE_OK = ("eps_clip", "max_grad_norm")  # inf = no clipping
 
 
@@ -380,12 +386,14 @@ def validate(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"config key {key!r} must be one of {allowed}, got {getattr(cfg, key)!r}")
-    for key in ("max_steps", "batch_size", "grad_accum", "save_every", "replay_every", "loser_steps", "log_every",
-                "loser_every"):
+    for key in ("max_steps", "batch_size", "grad_accum", "save_every", "loser_steps", "log_every", "loser_every"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"config key {key!r} must be >= 1, got {getattr(cfg, key)}")
-    if METHODS[cfg.method].losers == "replayed" and cfg.replay_every % cfg.loser_every:  # the pool must not change within a cycle (see loop.update)
-        raise ValueError(f"config key 'replay_every' ({cfg.replay_every}) must be a multiple of "
+    if cfg.replay_every < 0:
+        raise ValueError(f"config key 'replay_every' must be >= 0 (0 = save_every), got {cfg.replay_every}")
+    if METHODS[cfg.method].losers == "replayed" and replay_interval(cfg) % cfg.loser_every:  # the pool must not change within a cycle (see loop.update)
+        key = "replay_every" if cfg.replay_every else "save_every"
+        raise ValueError(f"config key {key!r} ({replay_interval(cfg)}) must be a multiple of "
                          f"'loser_every' ({cfg.loser_every})")
     if cfg.loser_batch < 0:
         raise ValueError(f"config key 'loser_batch' must be >= 0, got {cfg.loser_batch}")
@@ -484,8 +492,6 @@ def ignored_settings(cfg: Config, given: set[str] | None = None) -> list[str]:
                         + ("has no reference" if loss == "sft" else "uses the initial model as reference"))
     elif cfg.grad_accum == 1:
         why["loser_batch"] = "with grad_accum 1 an update has one micro-batch, whose losers are sampled in one call"
-    if not replayed:
-        why["replay_every"] = f"only sspo, sspo_r and spin grow a replay pool; {cfg.method} does not"
     if loss == "sft":
         why["beta"] = "sft has no preference term"
         why["pool_storage"] = "sft keeps no checkpoint pool"
@@ -522,9 +528,9 @@ def ignored_settings(cfg: Config, given: set[str] | None = None) -> list[str]:
         why["resolution"] = f"height and width ({cfg.height}x{cfg.width}) are both set"
     out = [f"setting {key}={getattr(cfg, key)!r} has no effect: {reason}" for key, reason in why.items()
            if getattr(cfg, key) != getattr(defaults, key) and (given is None or key in given)]
-    if (replayed and cfg.replay != "initial" and cfg.replay_every >= cfg.max_steps
+    if (replayed and cfg.replay != "initial" and replay_interval(cfg) >= cfg.max_steps
             and (given is None or "replay" in given)):
-        out.append(f"setting replay={cfg.replay!r} has no effect: replay_every={cfg.replay_every} >= max_steps="
+        out.append(f"setting replay={cfg.replay!r} has no effect: replay_every={replay_interval(cfg)} >= max_steps="
                    f"{cfg.max_steps}, so the pool never holds more than checkpoint 0")
     return out
 

@@ -67,7 +67,7 @@ def train(cfg: Config, ctx: runtime.Dist) -> Path:
                 lr = float(metrics.pop("lr"))
                 run.logger.step(step, metrics, lr, time.perf_counter() - t0)
             stopping = metrics is None or ctx.any_flag(stop.requested)
-            if step % cfg.replay_every == 0 and metrics is not None and run.method.losers == "replayed":
+            if step % config_mod.replay_interval(cfg) == 0 and metrics is not None and run.method.losers == "replayed":
                 run.pool.add(run.bundle.trainable_state_dict(), step)
             if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
                 checkpoints.save_checkpoint(run.out, step, run.bundle, run.opt, run.lr_sched, run.scaler,

@@ -36,7 +36,7 @@ CONFIG = dict(
     loser_scheduler="unipc",
     loser_steps=6,
     loser_guidance=7.5,     # SD-1.5 default guidance (assumed; digits' frontier used its own 3)
-    loser_every=2,          # replay_every (200) must stay a multiple of it
+    loser_every=2,          # K (200) must stay a multiple of it
     loser_batch=16,         # pairs per sampling call = 16 micro-steps of batch 1
     mixed_precision="bf16",
     gradient_checkpointing=True,

@@ -186,7 +186,9 @@ TRAJECTORY_KEYS = ("method", "ssr", "replay", "model", "model_path", "data", "da
 def check_resume_config(saved: dict, now: dict) -> None:
     keys = TRAJECTORY_KEYS + (("max_steps",) if now.get("lr_scheduler") in ("linear", "cosine") else ())
     default = config_mod.to_dict(config_mod.Config())  # a key newer than the checkpoint had its default
-    saved = {"replay_every": saved.get("save_every"), **saved}  # before replay_every, saving was replaying
+    # K as it acted (replay_every 0, or a checkpoint older than it: save_every)
+    saved = {**saved, "replay_every": saved.get("replay_every") or saved.get("save_every")}
+    now = {**now, "replay_every": now.get("replay_every") or now.get("save_every")}
     diff = {k: (saved.get(k, default.get(k)), now.get(k)) for k in keys if saved.get(k, default.get(k)) != now.get(k)}
     if diff:
         raise ValueError("--resume with a config that changes the run: " + ", ".join(

@@ -156,7 +156,7 @@ def model_card(cfg: dict, step: int, evaluation: dict | None = None) -> str:
              f"| resolution | {_frame(cfg)} |", f"| mixed precision | {cfg['mixed_precision']} |",
              f"| seed | {cfg['seed']} |"]
     if cfg["method"] in ("sspo", "sspo_r", "spin"):
-        lines.append(f"| replay | {cfg['replay']}, checkpoint interval {cfg.get('replay_every', cfg['save_every'])}, SSR {cfg['ssr']} |")
+        lines.append(f"| replay | {cfg['replay']}, checkpoint interval {cfg.get('replay_every') or cfg['save_every']}, SSR {cfg['ssr']} |")
     if cfg["method"] in ("dpo_cm", "sdpo"):
         lines.append(f"| importance weights | tau {cfg['tau']:g}, eps_clip {cfg['eps_clip']:g} |")
     if lora:

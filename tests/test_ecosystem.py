@@ -460,8 +460,8 @@ def test_saving_does_not_change_the_replay_interval(tiny_sd15, tmp_path):
     wa = load_file(str(tmp_path / "a" / "checkpoints" / "step_000002" / "trainable.safetensors"))
     wb = load_file(str(tmp_path / "b" / "checkpoints" / "step_000002" / "trainable.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)  # saving every update changed nothing
-    assert config.resolve(argv=["--config=digits"]).replay_every == 25  # the presets keep their K
-    assert config.resolve(argv=["--config=sd15_pickapic", "--data_path=x"]).replay_every == 200
+    cfg = config.resolve(argv=["--config=sd15_pickapic", "--data_path=x", "--checkpointing_steps=50"])
+    assert (cfg.save_every, config.replay_interval(cfg)) == (50, 200)  # the preset keeps its K
     r = _cli(*base, "--loser_every=2", "--replay_every=3", f"--output_dir={tmp_path / 'c'}")
     assert r.returncode == 2 and "'replay_every' (3) must be a multiple of 'loser_every' (2)" in _errors(r)[0]
 
