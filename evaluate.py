@@ -38,13 +38,16 @@ def report_digits_run(run_dir, n_per_condition: int = 100, num_inference_steps: 
     res = {"judge_real_accuracy": judge.real_accuracy}
     rf = digits.judge.second_judge()
     prompts, labels = digits.judge.digit_prompts(digits.TRAIN_TEMPLATES, n_per_condition)
+    bundles = {}
     for name, path in (("base", base), ("final", run_dir / "final")):
-        bundle = models.build_model("digits", str(path))
+        bundle = bundles[name] = models.build_model("digits", str(path))
         res[name] = digits.judge.evaluate_model(bundle, judge, seed=seed, n_per_condition=n_per_condition,
                                           num_inference_steps=num_inference_steps)
         x = digits.judge.generate_digits(bundle, prompts, num_inference_steps=num_inference_steps, seed=seed)
         res[name]["id_cfg/accuracy_rf"] = float((rf(x) == labels).mean())  # the independent check
     (run_dir / "eval.json").write_text(json.dumps(res, indent=1))
+    compare_picture(run_dir / PICTURE, bundles, {k: res[k]["id_cfg/accuracy"] for k in bundles}, saved["method"],
+                    num_inference_steps=num_inference_steps, seed=seed)
     export.write_model_card(run_dir)  # the card in final/ now carries these numbers
     rows = ["condition              metric      base    final"]
     for key in res["final"]:
@@ -53,6 +56,44 @@ def report_digits_run(run_dir, n_per_condition: int = 100, num_inference_steps: 
           f"generated digits per condition; id/ood = training/held-out caption templates, "
           f"cfg/nocfg = guidance 3 / none; accuracy_rf = an independent RandomForest judge:\n" + "\n".join(rows))
     return res
+
+
+PICTURE = "base_vs_aligned.png"  # what a digits run shows a person: train.py prints its path last
+
+
+def compare_picture(path: Path, bundles: dict, accuracy: dict, method: str, *, per_digit: int = 3,
+                    num_inference_steps: int = 20, seed: int = 0, cell: int = 40) -> Path:
+    """One labelled picture: a column per prompted digit ("a handwritten digit three", the first
+    training template, guidance 3), ``per_digit`` samples of the base model above the same noise
+    through the aligned one, each block under a caption row with the judge's accuracy."""
+    from PIL import Image, ImageDraw
+    from infra.runtime import _font
+    words = digits.DIGIT_WORDS
+    prompts = [digits.digit_caption(d, digits.TRAIN_TEMPLATES[0]) for _ in range(per_digit) for d in range(len(words))]
+    left, head, caption = 70, 18, 20
+    width = left + cell * len(words)
+    height = head + len(bundles) * (caption + cell * per_digit + 6)
+    img = Image.new("RGB", (width, height), "white")
+    draw, font = ImageDraw.Draw(img), _font(11)
+    draw.text((4, 3), "prompt:", fill="black", font=font)
+    for d, word in enumerate(words):
+        draw.text((left + d * cell + 3, 3), word, fill="black", font=font)
+    y = head
+    for name, bundle in bundles.items():
+        label = "base" if name == "base" else f"after {method}"
+        draw.text((4, y + 4), f"{label}: the judge reads the prompted digit in {accuracy[name]:.0%} of its samples",
+                  fill="black", font=font)
+        y += caption
+        x = digits.judge.generate_digits(bundle, prompts, num_inference_steps=num_inference_steps, seed=seed)
+        px = ((x[:, 0] + 1) * 127.5).round().clamp(0, 255).byte().numpy()  # (N,8,8)
+        for i, a in enumerate(px):
+            row, d = divmod(i, len(words))
+            im = Image.fromarray(a).resize((cell - 4, cell - 4), Image.NEAREST).convert("RGB")
+            img.paste(im, (left + d * cell + 2, y + row * cell + 2))
+        draw.text((4, y + 4), label, fill="black", font=font)
+        y += cell * per_digit + 6
+    img.save(path)
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------- real-scale generation

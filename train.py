@@ -122,6 +122,8 @@ def main(argv: list[str]) -> int:
             evaluate.report_digits_run(out)  # the independent judge: how well it follows prompts
         print(f"done: {out} (samples/, metrics.jsonl, checkpoints/, final/"
               f"{', eval.json' if (out / 'eval.json').exists() else ''})")
+        if (out / evaluate.PICTURE).is_file():  # the last line: what to look at
+            print(f"picture: {out / evaluate.PICTURE} (base above, aligned below, one column per prompted digit)")
     return 0
 
 

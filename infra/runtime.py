@@ -223,7 +223,8 @@ def _main_thread() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sample grids: fixed prompts, fixed seed, the policy itself, 20 DDIM steps
+# Sample grids: fixed prompts, fixed seed, the policy itself, 20 DDIM steps; each cell's prompt
+# written under it
 # ---------------------------------------------------------------------------------------------
 
 SAMPLE_PROMPTS = [
@@ -248,20 +249,54 @@ def sample_prompts(cfg, n: int) -> list[str]:
     return SAMPLE_PROMPTS[:n]
 
 
-def _grid(x: torch.Tensor, upscale: int = 1) -> Image.Image:
-    """(N,C,H,W) in [-1,1] -> one row-major grid image (5 columns; black cells pad the last row)."""
+def _grid(x: torch.Tensor, upscale: int = 1, labels: list[str] | None = None) -> Image.Image:
+    """(N,C,H,W) in [-1,1] -> one row-major grid image (5 columns; black cells pad the last row);
+    with ``labels``, each cell carries its text (the prompt) underneath."""
     from diffusers.utils import make_image_grid
     n, c, h, w = x.shape
     cols = min(5, n)
     rows = math.ceil(n / cols)
     arr = ((x + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()  # (N,H,W,C)
     cells = [Image.fromarray(a[..., 0] if c == 1 else a[..., :3]) for a in arr]
+    if upscale > 1:
+        cells = [im.resize((w * upscale, h * upscale), Image.NEAREST) for im in cells]
+    if labels is not None:
+        cells = [labelled(im, text) for im, text in zip(cells, list(labels) + [""] * n)]
     cells += [Image.new(cells[0].mode, cells[0].size)] * (rows * cols - n)
-    img = make_image_grid(cells, rows, cols)
-    return img.resize((img.width * upscale, img.height * upscale), Image.NEAREST) if upscale > 1 else img
+    return make_image_grid(cells, rows, cols)
 
 
-@torch.no_grad()
+def _font(size: int = 10):
+    from PIL import ImageFont
+    return ImageFont.load_default(size=size)  # Pillow's bundled FreeType font: no font file needed
+
+
+def text_lines(text: str, width_px: int, max_lines: int = 3, size: int = 10) -> list[str]:
+    """``text`` wrapped by words to ``width_px`` in the default font; the last line is cut."""
+    font, lines, cur = _font(size), [], ""
+    for word in text.split():
+        trial = f"{cur} {word}".strip()
+        if cur and font.getlength(trial) > width_px:
+            lines.append(cur)
+            cur = word
+        else:
+            cur = trial
+    lines.append(cur)
+    return lines[:max_lines]
+
+
+def labelled(image: Image.Image, text: str, max_lines: int = 3) -> Image.Image:
+    """``image`` above a white band holding ``text`` (wrapped; the same band height for every text)."""
+    from PIL import ImageDraw
+    w = max(image.width, 96)
+    out = Image.new("RGB", (w, image.height + 12 * max_lines + 4), "white")
+    out.paste(image.convert("RGB"), ((w - image.width) // 2, 0))
+    draw = ImageDraw.Draw(out)
+    for i, line in enumerate(text_lines(text, w - 6, max_lines)):
+        draw.text((3, image.height + 2 + 12 * i), line, fill="black", font=_font())
+    return out
+
+
 def save_samples(cfg, bundle: models.Bundle, out: Path, step: int, shape: tuple, write: bool = True) -> Path:
     prompts = sample_prompts(cfg, cfg.num_sample_prompts)
     z = torch.randn((len(prompts), *shape), generator=torch.Generator().manual_seed(cfg.seed))
@@ -273,7 +308,7 @@ def save_samples(cfg, bundle: models.Bundle, out: Path, step: int, shape: tuple,
         return path
     px = models.decode_latents(bundle, lat).float().clamp(-1, 1).cpu()  # (N,C,H,W) or (N,C,F,H,W)
     frames = [px] if px.ndim == 4 else [px[:, :, f] for f in range(px.shape[2])]
-    grids = [_grid(f, upscale=8 if bundle.family == "digits" else 1) for f in frames]
+    grids = [_grid(f, upscale=8 if bundle.family == "digits" else 1, labels=prompts) for f in frames]
     d.mkdir(parents=True, exist_ok=True)
     grids[0].save(path)
     if len(grids) > 1:

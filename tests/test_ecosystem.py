@@ -333,7 +333,7 @@ def test_validation_prompts_and_steps_reach_the_sample_grids(cache, tmp_path, mo
     grids = sorted((tmp_path / "run" / "samples").glob("*.png"))
     assert [g.name for g in grids] == ["step_000000.png", "step_000002.png", "step_000004.png"]
     with Image.open(grids[0]) as im:
-        assert im.width == 3 * im.height  # one row of three square cells
+        assert im.size == (3 * 96, 64 + 40)  # one row of three 64 px cells, each above its prompt (96 px wide)
 
 
 def test_progress_lines_when_stdout_is_not_a_terminal(tmp_path):
@@ -491,3 +491,23 @@ def test_full_fine_tune_checkpoint_exports_like_final(tiny_sd15, tmp_path):
     one = StableDiffusionPipeline.from_pretrained(tmp_path / "exp1", **kw).unet.state_dict()
     assert all(torch.equal(final[k], two[k]) for k in final)
     assert any(not torch.equal(final[k], one[k]) for k in final)
+
+
+def test_main_job_ends_with_a_labelled_base_vs_aligned_picture(cache, tmp_path):
+    """python train.py (small): the last line names one picture, base above and aligned below, a
+    column per prompted digit; the periodic grids write each prompt under its image."""
+    from PIL import Image
+    out = tmp_path / "run"
+    r = _cli(*[f"--{k}={v}" for k, v in FAST.items() if k != "sample_every"], "--sample_every=2",
+             "--num_sample_prompts=3", f"--cache_dir={cache}", "--method=sft", f"--out_dir={out}", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"picture: {out / evaluate.PICTURE}"), last
+    with Image.open(out / evaluate.PICTURE) as im:
+        assert im.width >= 10 * 40 and im.height >= 2 * 3 * 40  # 10 digits x (base, aligned) x 3 samples
+    with Image.open(out / "samples" / "step_000002.png") as im:
+        a = np.asarray(im.convert("L"), dtype=float)
+    band = a[64:]  # under the 64 px cells: the prompts, black on white
+    assert band.min() < 100 and (band > 200).mean() > 0.5
+    cells = [band[:, 96 * i:96 * (i + 1)] for i in range(3)]  # three prompts, three different texts
+    assert not np.array_equal(cells[0], cells[1]) and not np.array_equal(cells[1], cells[2])
