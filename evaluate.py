@@ -319,8 +319,8 @@ SCORER_FLAGS = ("clip", "pickscore", "pickscore_processor", "aesthetic_clip", "a
 
 def check_score_args(args) -> None:
     """One-line refusals of a score command that would compute nothing or crash on a missing path."""
-    for key in SCORER_FLAGS + ("generated",):
-        v = getattr(args, key, None)
+    for key in SCORER_FLAGS + ("generated",):  # (ImageReward is skipped with its own reason: see --help)
+        v = getattr(args, key, None) if key != "imagereward" else None
         if v and not Path(v).exists():
             raise ValueError(f"--{key.replace('_', '-')} {v}: no such file or directory")
     if not (Path(args.generated) / "manifest.json").is_file():
@@ -332,8 +332,6 @@ def check_score_args(args) -> None:
     kind = json.loads((Path(args.generated) / "manifest.json").read_text()).get("kind")
     if args.reference and not (args.clip_fid_model or args.i3d or kind == "video"):
         raise ValueError("--reference is compared only by --clip-fid (and --i3d / PSNR for videos): pass --clip-fid CLIP_DIR")
-    if args.pickscore and not args.pickscore_processor:
-        raise ValueError("--pickscore needs --pickscore-processor (the CLIP-ViT-H-14 processor directory)")
 
 
 # ----------------------------------------------------------------------------- CLI
