@@ -180,6 +180,7 @@ def start(run: Run) -> int:
     cfg, ctx, out = run.cfg, run.ctx, run.out
     resumed = checkpoints.load_latest(out, run.bundle, run.opt, run.lr_sched, run.scaler, run.pool, cfg,
                                   cfg.resume_from_checkpoint or "latest") if cfg.resume else None
+    run.logger.open_tracker(resumed)  # after the resume checks, which may refuse
     if resumed is not None:
         if ctx.rank == 0:
             checkpoints.truncate_metrics(out, resumed)  # rows after the checkpoint are logged again

@@ -141,8 +141,15 @@ class Logger:
         if ctx.rank == 0 and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=cfg.max_steps, desc=cfg.method, dynamic_ncols=True)
-        self.tracker = trackers.make(cfg.report_to, out, config_mod.to_dict(cfg), cfg.tracker_project_name) \
-            if ctx.rank == 0 else None
+        self.tracker, self._tracker_due = None, ctx.rank == 0 and cfg.report_to != "none"
+
+    def open_tracker(self, resumed: int | None = None) -> None:
+        """Rank 0: open the ``report_to`` tracker, once the run is known to start or resume (a
+        refused resume leaves no empty event file); resumed at step N, TensorBoard purges from N+1."""
+        if self._tracker_due:
+            self._tracker_due = False
+            self.tracker = trackers.make(self.cfg.report_to, self.out, config_mod.to_dict(self.cfg),
+                                         self.cfg.tracker_project_name, None if resumed is None else resumed + 1)
 
     def info(self, msg: str):
         if self.ctx.rank == 0:
@@ -160,6 +167,7 @@ class Logger:
         row = {k: self.ctx.mean(v) for k, v in sorted(metrics.items())}  # collective on all ranks
         if self.ctx.rank != 0:
             return
+        self.open_tracker()
         sec = sum(self.window) / len(self.window)
         self.window = []
         rate = self.cfg.batch_size * self.cfg.grad_accum * self.ctx.world / sec
@@ -186,6 +194,7 @@ class Logger:
         path = save_samples(self.cfg, bundle, self.out, step, shape, write=self.ctx.rank == 0)
         if self.ctx.rank != 0:
             return
+        self.open_tracker()
         if self.tracker:
             with Image.open(path) as im:
                 self.tracker.image("samples", im.convert("RGB"), step)

@@ -511,3 +511,25 @@ def test_main_job_ends_with_a_labelled_base_vs_aligned_picture(cache, tmp_path):
     assert band.min() < 100 and (band > 200).mean() > 0.5
     cells = [band[:, 96 * i:96 * (i + 1)] for i in range(3)]  # three prompts, three different texts
     assert not np.array_equal(cells[0], cells[1]) and not np.array_equal(cells[1], cells[2])
+
+
+def test_tensorboard_resume_purges_and_a_refused_resume_writes_nothing(tiny_sd15, tmp_path):
+    """A refused resume leaves no event file; a resumed run's points replace the earlier run's from
+    the resume step on (purge_step); the loss is also under `loss`, the diffusers DPO script's tag."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    sd, pick = tiny_sd15
+    out = tmp_path / "run"
+    base = [f"--pretrained_model_name_or_path={sd}", f"--train_data_dir={pick}", "--method=dpo", "--rank=4",
+            "--checkpointing_steps=1", *SMALL, "--report_to=tensorboard", f"--output_dir={out}"]
+    r = _cli(*base, "--learning_rate=1e-2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    events = sorted((out / "logs").glob("events.out.tfevents.*"))
+    refused = _cli(*base, "--learning_rate=5e-2", "--resume_from_checkpoint=1")
+    assert refused.returncode == 2 and sorted((out / "logs").glob("events.out.tfevents.*")) == events
+    resumed = _cli(*base, "--learning_rate=1e-2", "--resume_from_checkpoint=1")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    acc = EventAccumulator(str(out / "logs"), size_guidance={"scalars": 0})  # as the tensorboard UI reads
+    acc.Reload()
+    assert "loss" in acc.Tags()["scalars"]
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2]
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
