@@ -69,11 +69,17 @@ class Config:
     grad_accum: int = _f(1, "micro-steps per update; global batch = batch_size * grad_accum * world")
     lr: float = _f(1e-4, "AdamW learning rate (after warmup)")
     warmup_steps: int = _f(0, "linear learning-rate warmup, in updates")
-    lr_scheduler: str = _f("constant_with_warmup", "diffusers.optimization.get_scheduler: constant | "
-                           "constant_with_warmup | linear | cosine (linear/cosine decay to 0 at max_steps)")
+    lr_scheduler: str = _f("constant_with_warmup", "diffusers.optimization.get_scheduler, every choice: constant | "
+                           "constant_with_warmup | linear | cosine | cosine_with_restarts | polynomial | "
+                           "piecewise_constant (the decaying ones reach their end at max_steps)")
+    num_train_epochs: int = _f(0, "> 0: train this many passes over the data set; sets max_steps "
+                               "(updates per epoch = items // (batch_size x processes) // grad_accum)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon")
+    use_8bit_adam: bool = _f(False, "bitsandbytes' AdamW8bit instead of torch's AdamW (needs the bitsandbytes package)")
+    allow_tf32: bool = _f(False, "let CUDA matmuls and convolutions use TF32 on Ampere or newer GPUs")
     max_grad_norm: float = _f(1.0, "gradient clipping (<= 0 disables)")
     mixed_precision: str = _f("no", "no | bf16 | fp16 (fp16 uses a GradScaler)")
     gradient_checkpointing: bool = _f(False, "recompute UNet activations in backward")
@@ -170,7 +176,8 @@ CHOICES = {
     "data": ("digits", "pickapic", "imagefolder", "videofolder", "videopairs"),
     "pool_storage": ("memory", "memory_bf16", "disk"), "mixed_precision": ("no", "bf16", "fp16"),
     "init": ("pretrained", "scratch"), "data_split": ("pretrain", "align"),
-    "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine"),
+    "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+                     "piecewise_constant"),  # = diffusers.optimization.SchedulerType
     "report_to": ("none", "tensorboard", "wandb"),
     "loser_scheduler": ("ddim", "dpmsolver++", "unipc", "euler"),  # = models.sampling.SCHEDULERS
 }
@@ -414,6 +421,12 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"config key 'digits_classes' must be comma-separated digits, got {cfg.digits_classes!r}") from None
     if any(not 0 <= c <= 9 for c in classes):
         raise ValueError(f"config key 'digits_classes' must hold digits 0-9, got {cfg.digits_classes!r}")
+    if cfg.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("use_8bit_adam needs the bitsandbytes package (pip install bitsandbytes, on a CUDA "
+                         "machine); or drop --use_8bit_adam")
+    if cfg.num_train_epochs < 0 or cfg.adam_epsilon <= 0:
+        raise ValueError(f"config keys 'num_train_epochs' (>= 0) and 'adam_epsilon' (> 0) got "
+                         f"{cfg.num_train_epochs}, {cfg.adam_epsilon}")
     tracker = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(cfg.report_to)
     if tracker and importlib.util.find_spec(tracker) is None:
         raise ValueError(f"report_to={cfg.report_to} needs the {tracker} package: pip install {tracker} "

@@ -145,8 +145,17 @@ def setup(cfg: Config, ctx: runtime.Dist) -> Run:
         if reference is not None:
             sharding.shard(reference.unet, cfg.model, device)
     params = bundle.trainable_parameters()  # after sharding, which replaces the Parameters
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                            weight_decay=cfg.weight_decay)
+    if cfg.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if cfg.num_train_epochs:  # epochs -> updates, as the diffusers scripts derive max_train_steps
+        cfg.max_steps = max(1, cfg.num_train_epochs * batches_per_epoch // cfg.grad_accum)
+    if cfg.use_8bit_adam:
+        import bitsandbytes as bnb
+        adamw = bnb.optim.AdamW8bit
+    else:
+        adamw = torch.optim.AdamW
+    opt = adamw(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                weight_decay=cfg.weight_decay)
     # diffusers' schedules (a LambdaLR whose state_dict holds no lambdas, so checkpoints stay data)
     from diffusers.optimization import get_scheduler
     lr_sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)

@@ -180,11 +180,12 @@ def chosen_step(out: Path, which: str) -> int:
 TRAJECTORY_KEYS = ("method", "ssr", "replay", "model", "model_path", "data", "data_path", "beta",
                    "tau", "eps_clip", "replay_every", "loser_steps", "loser_guidance", "loser_scheduler",
                    "loser_every", "loser_batch", "batch_size",  # loser_batch: rounding of batched calls
-                   "grad_accum", "lr", "warmup_steps", "lr_scheduler", "seed", "lora_rank", "mixed_precision", "cfg_drop", "fsdp")  # fsdp: the optimizer state's layout
+                   "grad_accum", "lr", "warmup_steps", "lr_scheduler", "seed", "adam_epsilon", "use_8bit_adam", "lora_rank", "mixed_precision", "cfg_drop", "fsdp")  # fsdp: the optimizer state's layout
 
 
 def check_resume_config(saved: dict, now: dict) -> None:
-    keys = TRAJECTORY_KEYS + (("max_steps",) if now.get("lr_scheduler") in ("linear", "cosine") else ())
+    decaying = now.get("lr_scheduler") not in ("constant", "constant_with_warmup")  # reach their end at max_steps
+    keys = TRAJECTORY_KEYS + (("max_steps",) if decaying else ())
     default = config_mod.to_dict(config_mod.Config())  # a key newer than the checkpoint had its default
     # K as it acted (replay_every 0, or a checkpoint older than it: save_every)
     saved = {**saved, "replay_every": saved.get("replay_every") or saved.get("save_every")}

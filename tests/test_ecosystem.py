@@ -179,7 +179,7 @@ def test_diffusers_flag_aliases():
     assert runtime.sample_prompts(cfg, 10) == ["a", "b"]
     assert "--learning_rate = --lr" in config.help_text()
     with pytest.raises(ValueError, match="'lr_scheduler' must be one of"):
-        config.resolve(argv=["--lr_scheduler=polynomial"])
+        config.resolve(argv=["--lr_scheduler=exponential"])
 
 
 def test_missing_tracker_package_is_one_clear_error(monkeypatch):
@@ -533,3 +533,24 @@ def test_tensorboard_resume_purges_and_a_refused_resume_writes_nothing(tiny_sd15
     assert "loss" in acc.Tags()["scalars"]
     assert [e.step for e in acc.Scalars("loss")] == [1, 2]
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
+
+
+def test_settings_diffusers_users_reach_for(tiny_sd15, tmp_path):
+    """--num_train_epochs (converted to updates), every get_scheduler choice, --adam_epsilon,
+    --allow_tf32; --use_8bit_adam without bitsandbytes is one line and exit 2."""
+    import importlib.util
+    sd, pick = tiny_sd15
+    out = tmp_path / "run"
+    small = [a for a in SMALL if not a.startswith(("--max_steps", "--batch_size"))]
+    r = _cli(f"--pretrained_model_name_or_path={sd}", f"--train_data_dir={pick}", "--method=dpo", "--rank=4",
+             "--train_batch_size=8", "--num_train_epochs=1", "--lr_scheduler=polynomial", "--adam_epsilon=1e-6",
+             "--allow_tf32", *small, f"--output_dir={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["max_steps"], cfg["lr_scheduler"], cfg["adam_epsilon"]) == (2, "polynomial", 1e-6)  # 16 pairs / 8
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    from diffusers.optimization import SchedulerType
+    assert set(config.CHOICES["lr_scheduler"]) == {s.value for s in SchedulerType}
+    if importlib.util.find_spec("bitsandbytes") is None:
+        r = _cli("--use_8bit_adam", f"--out_dir={tmp_path / 'b'}")
+        assert r.returncode == 2 and "needs the bitsandbytes package" in _errors(r)[0]
