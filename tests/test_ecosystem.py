@@ -554,3 +554,14 @@ def test_settings_diffusers_users_reach_for(tiny_sd15, tmp_path):
     if importlib.util.find_spec("bitsandbytes") is None:
         r = _cli("--use_8bit_adam", f"--out_dir={tmp_path / 'b'}")
         assert r.returncode == 2 and "needs the bitsandbytes package" in _errors(r)[0]
+
+
+def test_digits_base_build_prints_progress_when_piped(tmp_path):
+    """The first command's base build, piped (CI, nohup): progress lines, no silent minutes."""
+    code = f"import digits; digits.ensure_base({str(tmp_path)!r}, 20, 0.65)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [line for line in r.stdout.splitlines() if line.startswith("digits base, stage")]
+    assert len(lines) == 20 and lines[-1].startswith("digits base, stage 2: 10/10 updates")
+    assert "\r" not in r.stderr
