@@ -81,6 +81,9 @@ class Config:
     use_8bit_adam: bool = _f(False, "bitsandbytes' AdamW8bit instead of torch's AdamW (needs the bitsandbytes package)")
     allow_tf32: bool = _f(False, "let CUDA matmuls and convolutions use TF32 on Ampere or newer GPUs")
     max_grad_norm: float = _f(1.0, "gradient clipping (<= 0 disables)")
+    use_ema: bool = _f(False, "keep an exponential moving average of the trained weights (diffusers.training_utils."
+                              "EMAModel, in every checkpoint); final/ holds the average")
+    ema_decay: float = _f(0.9999, "EMAModel's decay (its warm-up (1 + n) / (10 + n) caps it early on)")
     mixed_precision: str = _f("no", "no | bf16 | fp16 (fp16 uses a GradScaler)")
     gradient_checkpointing: bool = _f(False, "recompute UNet activations in backward")
     lora_rank: int = _f(0, "0 = full fine-tuning (of the UNet, or motion modules); >0 = LoRA rank")
@@ -381,7 +384,7 @@ def validate_numbers(cfg: Config) -> None:
     for key in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(cfg, key) < 1.0:
             raise ValueError(f"config key {key!r} must be in [0, 1), got {getattr(cfg, key)}")
-    for key in ("digits_corrupt", "digits_loser_wrong", "pair_noise"):
+    for key in ("digits_corrupt", "digits_loser_wrong", "pair_noise", "ema_decay"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise ValueError(f"config key {key!r} must be in [0, 1], got {getattr(cfg, key)}")
     if cfg.loser_guidance < 0:
@@ -475,6 +478,9 @@ def check_consistency(cfg: Config) -> None:
     if cfg.fsdp and cfg.model not in ("cogvideox", "wan"):
         raise ValueError(f"fsdp shards the cogvideox and wan transformers; model {cfg.model!r} trains with DDP "
                          f"(drop --fsdp)")
+    if cfg.fsdp and cfg.use_ema:
+        raise ValueError("use_ema keeps a full copy of the trained weights per process; with fsdp they are "
+                         "sharded: drop --use_ema or --fsdp")
     if cfg.fsdp and cfg.lora_rank > 0:
         raise ValueError("fsdp is for full fine-tuning (a LoRA adapter's weights and moments fit one GPU): "
                          "drop --fsdp or set --lora_rank=0")

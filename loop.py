@@ -109,6 +109,7 @@ class Run:
     batches_per_epoch: int
     params: list
     logger: runtime.Logger
+    ema: object = None                 # diffusers.training_utils.EMAModel of the trainable weights (use_ema)
 
 
 def setup(cfg: Config, ctx: runtime.Dist) -> Run:
@@ -177,7 +178,11 @@ def setup(cfg: Config, ctx: runtime.Dist) -> Run:
         sample=dict(num_inference_steps=cfg.loser_steps, guidance_scale=cfg.loser_guidance,
                     scheduler=cfg.loser_scheduler),
         seed=cfg.seed, shape=shape, process=process, device=device, autocast=autocast)
-    return Run(cfg=cfg, ctx=ctx, out=out, bundle=bundle, policy=policy, reference=reference, pool=pool, opt=opt,
+    ema = None
+    if cfg.use_ema:
+        from diffusers.training_utils import EMAModel
+        ema = EMAModel(params, decay=cfg.ema_decay)
+    return Run(cfg=cfg, ctx=ctx, out=out, bundle=bundle, policy=policy, reference=reference, pool=pool, opt=opt, ema=ema,
                lr_sched=lr_sched, scaler=torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16"),
                autocast=autocast, noise=process, shape=shape, method=method, losers=losers, loader=loader,
                sampler=sampler, dataset=dataset, batches_per_epoch=batches_per_epoch, params=params,
@@ -188,7 +193,7 @@ def start(run: Run) -> int:
     """Resume from the latest checkpoint, or begin: config.json, checkpoint 0, first samples."""
     cfg, ctx, out = run.cfg, run.ctx, run.out
     resumed = checkpoints.load_latest(out, run.bundle, run.opt, run.lr_sched, run.scaler, run.pool, cfg,
-                                  cfg.resume_from_checkpoint or "latest") if cfg.resume else None
+                                  cfg.resume_from_checkpoint or "latest", ema=run.ema) if cfg.resume else None
     run.logger.open_tracker(resumed)  # after the resume checks, which may refuse
     if resumed is not None:
         if ctx.rank == 0:
@@ -325,8 +330,13 @@ def finish(run: Run, step: int) -> None:
     if step >= cfg.max_steps and sharding.is_sharded(bundle.unet):  # gathered: rank 0 writes a plain model
         bundle = dataclasses.replace(bundle, unet=sharding.plain_copy(bundle.unet))
     if step >= cfg.max_steps and run.ctx.rank == 0:
+        if run.ema is not None:  # final/ holds the average; the weights return after
+            run.ema.store(run.params)
+            run.ema.copy_to(run.params)
         export.write_final(cfg, bundle, out, step)
         if not cfg.sample_every or step % cfg.sample_every:
             run.logger.samples(bundle, step, run.shape)
+        if run.ema is not None:
+            run.ema.restore(run.params)
     run.logger.close()
     run.ctx.barrier()

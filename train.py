@@ -64,6 +64,8 @@ def train(cfg: Config, ctx: runtime.Dist) -> Path:
             metrics = loop.update(run, stream, step, stop)
             if metrics is not None:
                 step += 1
+                if run.ema is not None:
+                    run.ema.step(run.params)
                 lr = float(metrics.pop("lr"))
                 run.logger.step(step, metrics, lr, time.perf_counter() - t0)
             stopping = metrics is None or ctx.any_flag(stop.requested)
@@ -71,7 +73,7 @@ def train(cfg: Config, ctx: runtime.Dist) -> Path:
                 run.pool.add(run.bundle.trainable_state_dict(), step)
             if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
                 checkpoints.save_checkpoint(run.out, step, run.bundle, run.opt, run.lr_sched, run.scaler,
-                                            run.pool, cfg, ctx)
+                                            run.pool, cfg, ctx, ema=run.ema)
             if cfg.sample_every and step % cfg.sample_every == 0 and metrics is not None:
                 run.logger.samples(run.bundle, step, run.shape)
             if stopping:

@@ -88,7 +88,7 @@ def unpack_state(obj, tensors: dict):
     return {k: unpack_state(v, tensors) for k, v in obj.items()}
 
 
-def save_checkpoint(out: Path, step: int, bundle, opt, lr_sched, scaler, pool, cfg, ctx: Dist) -> None:
+def save_checkpoint(out: Path, step: int, bundle, opt, lr_sched, scaler, pool, cfg, ctx: Dist, ema=None) -> None:
     ckdir = out / "checkpoints"
     # Under FSDP the weights and Adam moments are gathered first, a collective on every rank.
     sharded = sharding.is_sharded(bundle.unet)
@@ -107,7 +107,8 @@ def save_checkpoint(out: Path, step: int, bundle, opt, lr_sched, scaler, pool, c
             tensors: dict = {}
             tree = pack_state({"optimizer": optim, "lr_scheduler": lr_sched.state_dict(),
                                "scaler": scaler.state_dict(), "rng": _rng_state(),
-                               "pool": pool.state_dict() if pool is not None else None}, tensors)
+                               "pool": pool.state_dict() if pool is not None else None,
+                               "ema": ema.state_dict() if ema is not None else None}, tensors)
             save_file(tensors, str(tmp / "state.safetensors"))
             sizes = {n: (tmp / n).stat().st_size for n in ("trainable.safetensors", "state.safetensors")}
             (tmp / "state.json").write_text(json.dumps({"format": 1, "step": step, "files": sizes, "state": tree,
@@ -180,7 +181,7 @@ def chosen_step(out: Path, which: str) -> int:
 TRAJECTORY_KEYS = ("method", "ssr", "replay", "model", "model_path", "data", "data_path", "beta",
                    "tau", "eps_clip", "replay_every", "loser_steps", "loser_guidance", "loser_scheduler",
                    "loser_every", "loser_batch", "batch_size",  # loser_batch: rounding of batched calls
-                   "grad_accum", "lr", "warmup_steps", "lr_scheduler", "seed", "adam_epsilon", "use_8bit_adam", "lora_rank", "mixed_precision", "cfg_drop", "fsdp")  # fsdp: the optimizer state's layout
+                   "grad_accum", "lr", "warmup_steps", "lr_scheduler", "seed", "adam_epsilon", "use_8bit_adam", "use_ema", "ema_decay", "lora_rank", "mixed_precision", "cfg_drop", "fsdp")  # fsdp: the optimizer state's layout
 
 
 def check_resume_config(saved: dict, now: dict) -> None:
@@ -196,7 +197,7 @@ def check_resume_config(saved: dict, now: dict) -> None:
             f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()) + "; use a new --out_dir instead")
 
 
-def load_latest(out: Path, bundle, opt, lr_sched, scaler, pool, cfg, which: str = "latest") -> int | None:
+def load_latest(out: Path, bundle, opt, lr_sched, scaler, pool, cfg, which: str = "latest", ema=None) -> int | None:
     """Restore everything from the newest complete checkpoint; returns its step, or None if
     out/checkpoints holds no checkpoint at all. A damaged newest checkpoint is skipped with one
     warning line; if none is usable, a ValueError says why (train.py: exit code 2). ``which``
@@ -225,6 +226,8 @@ def load_latest(out: Path, bundle, opt, lr_sched, scaler, pool, cfg, which: str 
             scaler.load_state_dict(state["scaler"])
             if pool is not None and state["pool"] is not None:
                 pool.load_state_dict(state["pool"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])  # use_ema is a trajectory key: the checkpoint has one
             _set_rng_state(state["rng"])
         except Exception as e:  # an older checkpoint, if usable, overwrites all of the above
             skipped.append(f"{d.name} ({type(e).__name__}: {e})")

@@ -565,3 +565,28 @@ def test_digits_base_build_prints_progress_when_piped(tmp_path):
     lines = [line for line in r.stdout.splitlines() if line.startswith("digits base, stage")]
     assert len(lines) == 20 and lines[-1].startswith("digits base, stage 2: 10/10 updates")
     assert "\r" not in r.stderr
+
+
+def test_use_ema_is_diffusers_emamodel_in_checkpoints_and_final(tiny_sd15, tmp_path):
+    """--use_ema: final/ holds diffusers' EMAModel average of the updates' weights (its warm-up:
+    decay 0 after update 1, 1/(10+1) ... min(decay, (1+n)/(10+n)) after update n+1); the average
+    is in every checkpoint, so a resumed run ends with the same final/."""
+    sd, pick = tiny_sd15
+    args = [f"--pretrained_model_name_or_path={sd}", f"--train_data_dir={pick}", "--method=dpo", "--rank=4",
+            "--checkpointing_steps=1", "--learning_rate=1e-2", "--use_ema", "--ema_decay=0.5", *SMALL]
+    r = _cli(*args, f"--output_dir={tmp_path / 'a'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = tmp_path / "a"
+    w1, w2 = (export.lora_layers(load_file(str(a / "checkpoints" / f"step_00000{i}" / "trainable.safetensors")))
+              for i in (1, 2))
+    final = load_file(str(a / "final" / export.LORA_FILE))
+    d = min(0.5, 2 / 11)  # EMAModel.get_decay at its second update
+    for k in w1:
+        assert torch.allclose(final[f"unet.{k}"], d * w1[k] + (1 - d) * w2[k], atol=1e-6), k
+    assert any(not torch.equal(final[f"unet.{k}"], w2[k]) for k in w2)
+    shutil.copytree(a, tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_000002")
+    r = _cli(*args, f"--output_dir={tmp_path / 'b'}", "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = load_file(str(tmp_path / "b" / "final" / export.LORA_FILE))
+    assert all(torch.equal(final[k], again[k]) for k in final)
