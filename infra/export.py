@@ -181,5 +181,13 @@ def write_model_card(run_dir, step: int | None = None) -> Path | None:
     ev = run_dir / "eval.json"
     card = model_card(cfg, cfg["max_steps"] if step is None else step,
                       json.loads(ev.read_text()) if ev.is_file() else None)
-    (run_dir / "final" / "README.md").write_text(card)
-    return run_dir / "final" / "README.md"
+    grids = sorted((run_dir / "samples").glob("step_*.png")) if (run_dir / "samples").is_dir() else []
+    if grids:  # the last sample grid, each prompt under its image
+        shutil.copyfile(grids[-1], run_dir / "final" / "samples.png")
+        card += f"\n## Samples\n\n![samples at {grids[-1].stem}](samples.png)\n"
+    path = run_dir / "final" / "README.md"
+    path.write_text(card)
+    # diffusers' own card helpers: read back (locally, the path exists) and completed as its scripts do
+    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+    populate_model_card(load_or_create_model_card(str(path)), tags=[]).save(path)
+    return path

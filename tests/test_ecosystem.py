@@ -590,3 +590,12 @@ def test_use_ema_is_diffusers_emamodel_in_checkpoints_and_final(tiny_sd15, tmp_p
     assert r.returncode == 0, r.stderr[-3000:]
     again = load_file(str(tmp_path / "b" / "final" / export.LORA_FILE))
     assert all(torch.equal(final[k], again[k]) for k in final)
+
+
+def test_model_card_holds_the_last_sample_grid(lora_run):
+    _, run = lora_run
+    from diffusers.utils.hub_utils import load_or_create_model_card
+    export.write_model_card(run)
+    card = (run / "final" / "README.md").read_text()
+    assert "![samples at step_000004](samples.png)" in card and (run / "final" / "samples.png").is_file()
+    assert load_or_create_model_card(str(run / "final" / "README.md")).data.library_name == "diffusers"
