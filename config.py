@@ -191,7 +191,7 @@ ALIASES = {
     "gradient_accumulation_steps": "grad_accum", "learning_rate": "lr", "max_train_steps": "max_steps",
     "checkpointing_steps": "save_every", "checkpoints_total_limit": "keep_checkpoints",
     "lr_warmup_steps": "warmup_steps", "adam_weight_decay": "weight_decay", "rank": "lora_rank",
-    "train_data_dir": "data_path", "dataloader_num_workers": "num_workers",
+    "train_data_dir": "data_path", "dataset_name": "data_path", "dataloader_num_workers": "num_workers",
     "random_flip": "hflip", "validation_steps": "sample_every", "validation_prompt": "validation_prompts",
 }
 # Aliases whose value converts: the diffusers DPO script's loss is -logsigmoid(beta_dpo * (...)),

@@ -178,6 +178,7 @@ def test_diffusers_flag_aliases():
     assert got == ("/m", "/o", 3, 5, 2e-5, 7, 4, True, "latest", "bf16", 9, "cosine", 2)
     assert runtime.sample_prompts(cfg, 10) == ["a", "b"]
     assert "--learning_rate = --lr" in config.help_text()
+    assert config.resolve(argv=["--config=sd15_pickapic", "--dataset_name=/snap"]).data_path == "/snap"
     with pytest.raises(ValueError, match="'lr_scheduler' must be one of"):
         config.resolve(argv=["--lr_scheduler=exponential"])
 
