@@ -113,8 +113,8 @@ class Config:
     seed: int = _f(0, "seed for init, data order, noise and replay choices")
     out_dir: str = _f("runs/digits_sspo", "output directory")
     resume: bool = _f(False, "continue from the newest complete checkpoint in out_dir/checkpoints")
-    resume_from_checkpoint: str = _f("", "'latest' (= --resume) or a checkpoint: step_N or a path to "
-                                     "out_dir/checkpoints/step_N")
+    resume_from_checkpoint: str = _f("", "'latest' (= --resume) or a checkpoint: step_N, step_00000N, "
+                                     "checkpoint-N (diffusers' name), N, or a path to out_dir/checkpoints/step_N")
     overwrite: bool = _f(False, "a fresh run may clear an out_dir that holds an earlier run")
     keep_checkpoints: int = _f(0, "training-state checkpoints to keep (0 = all)")
     log_every: int = _f(10, "updates between log lines / metrics.jsonl rows")
