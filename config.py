@@ -52,7 +52,11 @@ class Config:
     weight_temperature: float = _f(1.0, "dpo_cm/sdpo: the pair log weight is multiplied by this (w^T); 1 = the "
                                         "ratio's own scale; presets set it per family (results/pair_weights.md)")
     # ---- Random Checkpoint Replay and loser generation (sspo, sspo_r, spin)
-    save_every: int = _f(50, "optimizer updates between checkpoints (= replay pool snapshots)")
+    replay_every: int = _f(0, "K, the checkpoint interval of RCR: optimizer updates between replay pool snapshots "
+                              "(sspo, sspo_r, spin; a multiple of loser_every). The real-scale presets set it, so that "
+                              "--save_every/--checkpointing_steps only save; 0 = save_every (the digits preset)")
+    save_every: int = _f(50, "optimizer updates between training checkpoints (saving only; the replay pool "
+                             "grows every replay_every)")
     pool_storage: str = _f("memory", "replay snapshots: memory (fp32) | memory_bf16 (checkpoint 0 exact) | disk (safetensors)")
     loser_steps: int = _f(10, "DDIM steps to sample a replayed (losing) sample")
     loser_guidance: float = _f(3.0, "classifier-free guidance scale for replayed samples")
@@ -67,13 +71,21 @@ class Config:
     grad_accum: int = _f(1, "micro-steps per update; global batch = batch_size * grad_accum * world")
     lr: float = _f(1e-4, "AdamW learning rate (after warmup)")
     warmup_steps: int = _f(0, "linear learning-rate warmup, in updates")
-    lr_scheduler: str = _f("constant_with_warmup", "diffusers.optimization.get_scheduler: constant | "
-                           "constant_with_warmup | linear | cosine (linear/cosine decay to 0 at max_steps)")
+    lr_scheduler: str = _f("constant_with_warmup", "diffusers.optimization.get_scheduler, every choice: constant | "
+                           "constant_with_warmup | linear | cosine | cosine_with_restarts | polynomial | "
+                           "piecewise_constant (the decaying ones reach their end at max_steps)")
+    num_train_epochs: int = _f(0, "> 0: train this many passes over the data set; sets max_steps "
+                               "(updates per epoch = items // (batch_size x processes) // grad_accum)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon (diffusers' --adam_epsilon)")
+    use_8bit_adam: bool = _f(False, "bitsandbytes' AdamW8bit instead of torch's AdamW (needs the bitsandbytes package)")
+    allow_tf32: bool = _f(False, "let CUDA matmuls and convolutions use TF32 on Ampere or newer GPUs")
     max_grad_norm: float = _f(1.0, "gradient clipping (<= 0 disables)")
+    use_ema: bool = _f(False, "keep an exponential moving average of the trained weights (diffusers.training_utils."
+                              "EMAModel, in every checkpoint); final/ holds the average")
+    ema_decay: float = _f(0.9999, "EMAModel's decay (its warm-up (1 + n) / (10 + n) caps it early on)")
     mixed_precision: str = _f("no", "no | bf16 | fp16 (fp16 uses a GradScaler)")
     gradient_checkpointing: bool = _f(False, "recompute UNet activations in backward")
     lora_rank: int = _f(0, "0 = full fine-tuning (of the UNet, or motion modules); >0 = LoRA rank")
@@ -107,8 +119,8 @@ class Config:
     seed: int = _f(0, "seed for init, data order, noise and replay choices")
     out_dir: str = _f("runs/digits_sspo", "output directory")
     resume: bool = _f(False, "continue from the newest complete checkpoint in out_dir/checkpoints")
-    resume_from_checkpoint: str = _f("", "'latest' (= --resume) or a checkpoint: step_N or a path to "
-                                     "out_dir/checkpoints/step_N")
+    resume_from_checkpoint: str = _f("", "'latest' (= --resume) or a checkpoint: step_N, step_00000N, "
+                                     "checkpoint-N (diffusers' name), N, or a path to out_dir/checkpoints/step_N")
     overwrite: bool = _f(False, "a fresh run may clear an out_dir that holds an earlier run")
     keep_checkpoints: int = _f(0, "training-state checkpoints to keep (0 = all)")
     log_every: int = _f(10, "updates between log lines / metrics.jsonl rows")
@@ -173,7 +185,8 @@ CHOICES = {
     "data": ("digits", "pickapic", "imagefolder", "videofolder", "videopairs"),
     "pool_storage": ("memory", "memory_bf16", "disk"), "mixed_precision": ("no", "bf16", "fp16"),
     "init": ("pretrained", "scratch"), "data_split": ("pretrain", "align"),
-    "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine"),
+    "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+                     "piecewise_constant"),  # = diffusers.optimization.SchedulerType
     "report_to": ("none", "tensorboard", "wandb"),
     "loser_scheduler": ("ddim", "dpmsolver++", "unipc", "euler"),  # = models.sampling.SCHEDULERS
 }
@@ -184,9 +197,12 @@ ALIASES = {
     "gradient_accumulation_steps": "grad_accum", "learning_rate": "lr", "max_train_steps": "max_steps",
     "checkpointing_steps": "save_every", "checkpoints_total_limit": "keep_checkpoints",
     "lr_warmup_steps": "warmup_steps", "adam_weight_decay": "weight_decay", "rank": "lora_rank",
-    "beta_dpo": "beta", "train_data_dir": "data_path", "dataloader_num_workers": "num_workers",
+    "train_data_dir": "data_path", "dataset_name": "data_path", "dataloader_num_workers": "num_workers",
     "random_flip": "hflip", "validation_steps": "sample_every", "validation_prompt": "validation_prompts",
 }
+# Aliases whose value converts: the diffusers DPO script's loss is -logsigmoid(beta_dpo * (...)),
+# this project's -logsigmoid(-beta/2 * (...)) (sspo.py), so beta = 2 x beta_dpo (2500 -> 5000).
+CONVERTED = {"beta_dpo": ("beta", lambda v: repr(2.0 * float(v)))}
 
 
 
@@ -262,6 +278,57 @@ def load_preset(name_or_path: str) -> dict:
     return dict(mod.CONFIG)
 
 
+# The preset a command line without --config starts from, per family, and the family that each
+# diffusers pipeline class (model_index.json's "_class_name") belongs to.
+FAMILY_PRESET = {"digits": "digits", "sd15": "sd15_pickapic", "sdxl": "sdxl_pickapic",
+                 "animatediff": "animatediff_magictime", "cogvideox": "cogvideox_sdpo", "wan": "wan21_sdpo"}
+PIPELINE_FAMILY = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl",
+                   "AnimateDiffPipeline": "animatediff", "CogVideoXPipeline": "cogvideox", "WanPipeline": "wan"}
+
+
+def infer_family(model_path: str, motion_adapter_path: str = "") -> str:
+    """The family of a local pipeline directory, read from its model_index.json (the pipeline class,
+    or the ``_sspo_family`` that models.save_model adds); an SD-1.5 directory with a motion adapter
+    is AnimateDiff. Raises ValueError when the directory does not say."""
+    index = Path(model_path) / "model_index.json"
+    ask = ("name the family with --model=digits|sd15|sdxl|animatediff|cogvideox|wan or a preset "
+           "with --config=NAME (configs/README.md)")
+    if not index.is_file():
+        raise ValueError(f"no --config and no --model: cannot infer the model family, {index} "
+                         f"{'does not exist' if not Path(model_path).is_dir() else 'is missing'}; {ask}")
+    try:
+        meta = json.loads(index.read_text())
+    except ValueError:
+        raise ValueError(f"no --config and no --model: {index} is not JSON; {ask}") from None
+    family = meta.get("_sspo_family") or PIPELINE_FAMILY.get(meta.get("_class_name"))
+    if family is None:
+        raise ValueError(f"no --config and no --model: {index} names pipeline {meta.get('_class_name')!r}, "
+                         f"which no family here trains (known: {', '.join(PIPELINE_FAMILY)}); {ask}")
+    return "animatediff" if family == "sd15" and motion_adapter_path else family
+
+
+def infer_preset(updates: dict) -> str:
+    """The preset of a command line that names none: the family's (``--model``, else the one
+    ``model_path``'s model_index.json names), announced with one InferredPresetWarning; digits
+    when neither is given. ``init=scratch`` is the digits model's own pretraining."""
+    if updates.get("init") == "scratch":
+        return "digits"
+    family = updates.get("model")
+    source = f"--model={family}"
+    if family is None and updates.get("model_path"):
+        family = infer_family(updates["model_path"], updates.get("motion_adapter_path", ""))
+        source = f"{Path(updates['model_path']) / 'model_index.json'} (family {family})"
+    if family is None or family == "digits":
+        return "digits"
+    if family not in FAMILY_PRESET:
+        raise ValueError(f"config key 'model' must be one of {tuple(FAMILY_PRESET)}, got {family!r}")
+    updates.setdefault("model", family)
+    preset = FAMILY_PRESET[family]
+    warnings.warn(f"no --config: starting from preset {preset} (configs/{preset}.py), from {source}; "
+                  f"pass --config to choose another", InferredPresetWarning, stacklevel=3)
+    return preset
+
+
 def parse_args(argv: list[str]) -> dict:
     """``--key=value`` / ``--key value`` / bare ``--flag`` (a bool set to true) -> dict of strings.
     The diffusers scripts' flag names (``ALIASES``) become the project's keys."""
@@ -278,17 +345,32 @@ def parse_args(argv: list[str]) -> dict:
                 val, i = argv[i + 1], i + 1
             else:
                 val = "true"
+        if key in CONVERTED:
+            name, convert = CONVERTED[key]
+            try:
+                key, val = name, convert(val)
+            except ValueError:
+                raise ValueError(f"--{arg[2:].partition('=')[0]} expects a number, got {val!r}") from None
         out[key] = val
         i += 1
     return out
 
 
 def resolve(overrides: dict | None = None, argv: list[str] | None = None) -> Config:
-    """Build the resolved Config from presets, ``overrides`` (a dict) and ``argv`` (strings)."""
+    """Build the resolved Config from presets, ``overrides`` (a dict) and ``argv`` (strings).
+
+    The preset is ``config`` when given; else, for a command line (``argv`` not None), the one of
+    the family that ``--model`` or ``model_path``'s model_index.json names (``infer_preset``);
+    else the embedded digits default."""
     updates = dict(overrides or {})
     updates.update(parse_args(list(argv or [])))
     cfg = Config()
-    preset = updates.pop("config", "digits")  # the embedded default
+    if "config" in updates:
+        preset = updates.pop("config")
+    elif argv is not None:  # a command line: the family's preset (models/ has the families)
+        preset = infer_preset(updates)
+    else:
+        preset = "digits"  # the embedded default of Python callers that name no preset
     if preset:
         _apply(cfg, load_preset(preset), f"preset {preset}")
     if "method" in updates:
@@ -306,6 +388,11 @@ def resolve(overrides: dict | None = None, argv: list[str] | None = None) -> Con
     return cfg
 
 
+def replay_interval(cfg) -> int:
+    """K, the updates between replay pool snapshots: replay_every, or save_every where it is 0."""
+    return cfg.replay_every or cfg.save_every
+
+
 INFINITE_OK = ("eps_clip", "max_grad_norm")  # inf = no clipping
 
 
@@ -321,7 +408,7 @@ def validate_numbers(cfg: Config) -> None:
     for key in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(cfg, key) < 1.0:
             raise ValueError(f"config key {key!r} must be in [0, 1), got {getattr(cfg, key)}")
-    for key in ("digits_corrupt", "digits_loser_wrong", "pair_noise"):
+    for key in ("digits_corrupt", "digits_loser_wrong", "pair_noise", "ema_decay"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise ValueError(f"config key {key!r} must be in [0, 1], got {getattr(cfg, key)}")
     if cfg.loser_guidance < 0:
@@ -337,8 +424,11 @@ def validate(cfg: Config) -> None:
                 "max_image_pixels", "dist_timeout"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"config key {key!r} must be >= 1, got {getattr(cfg, key)}")
-    if METHODS[cfg.method].losers == "replayed" and cfg.save_every % cfg.loser_every:  # the pool must not change within a cycle (see loop.update)
-        raise ValueError(f"config key 'save_every' ({cfg.save_every}) must be a multiple of "
+    if cfg.replay_every < 0:
+        raise ValueError(f"config key 'replay_every' must be >= 0 (0 = save_every), got {cfg.replay_every}")
+    if METHODS[cfg.method].losers == "replayed" and replay_interval(cfg) % cfg.loser_every:  # the pool must not change within a cycle (see loop.update)
+        key = "replay_every" if cfg.replay_every else "save_every"
+        raise ValueError(f"config key {key!r} ({replay_interval(cfg)}) must be a multiple of "
                          f"'loser_every' ({cfg.loser_every})")
     if cfg.loser_batch < 0:
         raise ValueError(f"config key 'loser_batch' must be >= 0, got {cfg.loser_batch}")
@@ -361,16 +451,41 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"config key 'digits_classes' must be comma-separated digits, got {cfg.digits_classes!r}") from None
     if any(not 0 <= c <= 9 for c in classes):
         raise ValueError(f"config key 'digits_classes' must hold digits 0-9, got {cfg.digits_classes!r}")
+    if cfg.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("use_8bit_adam needs the bitsandbytes package (pip install bitsandbytes, on a CUDA "
+                         "machine); or drop --use_8bit_adam")
+    if cfg.num_train_epochs < 0 or cfg.adam_epsilon <= 0:
+        raise ValueError(f"config keys 'num_train_epochs' (>= 0) and 'adam_epsilon' (> 0) got "
+                         f"{cfg.num_train_epochs}, {cfg.adam_epsilon}")
     tracker = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(cfg.report_to)
     if tracker and importlib.util.find_spec(tracker) is None:
         raise ValueError(f"report_to={cfg.report_to} needs the {tracker} package: pip install {tracker} "
                          f"(or --report_to=none)")
+    if looks_like_missing_file(cfg.validation_prompts):
+        raise ValueError(f"validation_prompts {cfg.validation_prompts!r} looks like a file but does not exist; "
+                         f"pass a text file (one prompt per line) or prompts separated by '|'")
     if cfg.data != "digits" and not cfg.data_path:
         raise ValueError(f"data {cfg.data!r} needs --data_path=<local directory>")
 
 
+PROMPT_FILE_SUFFIXES = (".txt", ".csv", ".tsv", ".json", ".jsonl", ".parquet", ".md", ".lst", ".prompts")
+
+
+def looks_like_missing_file(value: str) -> bool:
+    """A prompts value that names a file (a directory part, or a file suffix, and no '|') which is
+    not there: a typo, not prompt text."""
+    if not value or "|" in value or Path(value).expanduser().is_file():
+        return False
+    v = value.strip()
+    return (" " not in v and ("/" in v or "\\" in v or v.startswith("~"))) or v.lower().endswith(PROMPT_FILE_SUFFIXES)
+
+
 class IgnoredSettingWarning(UserWarning):
     """A setting that has no effect for the chosen method, model or data (train.py prints one line)."""
+
+
+class InferredPresetWarning(IgnoredSettingWarning):
+    """The preset a command line without --config starts from, and why (one line, as above)."""
 
 
 PAIR_DATA = ("digits", "pickapic", "videopairs")  # data sets with a winner and a loser per prompt
@@ -390,6 +505,9 @@ def check_consistency(cfg: Config) -> None:
     if cfg.fsdp and cfg.model not in ("cogvideox", "wan"):
         raise ValueError(f"fsdp shards the cogvideox and wan transformers; model {cfg.model!r} trains with DDP "
                          f"(drop --fsdp)")
+    if cfg.fsdp and cfg.use_ema:
+        raise ValueError("use_ema keeps a full copy of the trained weights per process; with fsdp they are "
+                         "sharded: drop --use_ema or --fsdp")
     if cfg.fsdp and cfg.lora_rank > 0:
         raise ValueError("fsdp is for full fine-tuning (a LoRA adapter's weights and moments fit one GPU): "
                          "drop --fsdp or set --lora_rank=0")
@@ -456,9 +574,9 @@ def ignored_settings(cfg: Config, given: set[str] | None = None) -> list[str]:
         why["resolution"] = f"height and width ({cfg.height}x{cfg.width}) are both set"
     out = [f"setting {key}={getattr(cfg, key)!r} has no effect: {reason}" for key, reason in why.items()
            if getattr(cfg, key) != getattr(defaults, key) and (given is None or key in given)]
-    if (replayed and cfg.replay != "initial" and cfg.save_every >= cfg.max_steps
+    if (replayed and cfg.replay != "initial" and replay_interval(cfg) >= cfg.max_steps
             and (given is None or "replay" in given)):
-        out.append(f"setting replay={cfg.replay!r} has no effect: save_every={cfg.save_every} >= max_steps="
+        out.append(f"setting replay={cfg.replay!r} has no effect: replay_every={replay_interval(cfg)} >= max_steps="
                    f"{cfg.max_steps}, so the pool never holds more than checkpoint 0")
     return out
 
@@ -473,6 +591,7 @@ def help_text() -> str:
              "keys:"]
     for f in dataclasses.fields(Config):
         lines.append(f"  --{f.name}={f.default!r:<24} {f.metadata['help']}")
-    lines += ["", "aliases (diffusers training scripts): " + ", ".join(f"--{a} = --{k}" for a, k in ALIASES.items())]
+    lines += ["", "aliases (diffusers training scripts): " + ", ".join(f"--{a} = --{k}" for a, k in ALIASES.items())
+              + ", --beta_dpo=X = --beta=2X (diffusers' DPO loss has no 1/2)"]
     lines += ["", "methods: " + "; ".join(f"{n} = {m}" for n, m in METHODS.items())]
     return "\n".join(lines)

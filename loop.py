@@ -149,6 +149,7 @@ class Run:
     batches_per_epoch: int
     params: list
     logger: runtime.Logger
+    ema: object = None                 # diffusers.training_utils.EMAModel of the trainable weights (use_ema)
 
 
 def setup(cfg: Config, ctx: runtime.Dist) -> Run:
@@ -185,8 +186,17 @@ def setup(cfg: Config, ctx: runtime.Dist) -> Run:
         if reference is not None:
             sharding.shard(reference.unet, cfg.model, device)
     params = bundle.trainable_parameters()  # after sharding, which replaces the Parameters
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                            eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    if cfg.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if cfg.num_train_epochs:  # epochs -> updates, as the diffusers scripts derive max_train_steps
+        cfg.max_steps = max(1, cfg.num_train_epochs * batches_per_epoch // cfg.grad_accum)
+    if cfg.use_8bit_adam:
+        import bitsandbytes as bnb
+        adamw = bnb.optim.AdamW8bit
+    else:
+        adamw = torch.optim.AdamW
+    opt = adamw(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                weight_decay=cfg.weight_decay)
     # diffusers' schedules (a LambdaLR whose state_dict holds no lambdas, so checkpoints stay data)
     from diffusers.optimization import get_scheduler
     lr_sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
@@ -208,7 +218,11 @@ def setup(cfg: Config, ctx: runtime.Dist) -> Run:
         sample=dict(num_inference_steps=cfg.loser_steps, guidance_scale=cfg.loser_guidance,
                     scheduler=cfg.loser_scheduler),
         seed=cfg.seed, shape=shape, process=process, device=device, autocast=autocast)
-    return Run(cfg=cfg, ctx=ctx, out=out, bundle=bundle, policy=policy, reference=reference, pool=pool, opt=opt,
+    ema = None
+    if cfg.use_ema:
+        from diffusers.training_utils import EMAModel
+        ema = EMAModel(params, decay=cfg.ema_decay)
+    return Run(cfg=cfg, ctx=ctx, out=out, bundle=bundle, policy=policy, reference=reference, pool=pool, opt=opt, ema=ema,
                lr_sched=lr_sched, scaler=torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16"),
                autocast=autocast, noise=process, shape=shape, method=method, losers=losers, loader=loader,
                sampler=sampler, dataset=dataset, batches_per_epoch=batches_per_epoch, params=params,
@@ -219,7 +233,8 @@ def start(run: Run) -> int:
     """Resume from the latest checkpoint, or begin: config.json, checkpoint 0, first samples."""
     cfg, ctx, out = run.cfg, run.ctx, run.out
     resumed = checkpoints.load_latest(out, run.bundle, run.opt, run.lr_sched, run.scaler, run.pool, cfg,
-                                  cfg.resume_from_checkpoint or "latest") if cfg.resume else None
+                                  cfg.resume_from_checkpoint or "latest", ema=run.ema) if cfg.resume else None
+    run.logger.open_tracker(resumed)  # after the resume checks, which may refuse
     if resumed is not None:
         if ctx.rank == 0:
             checkpoints.truncate_metrics(out, resumed)  # rows after the checkpoint are logged again
@@ -405,8 +420,13 @@ def finish(run: Run, step: int) -> None:
     if step >= cfg.max_steps and sharding.is_sharded(bundle.unet):  # gathered: rank 0 writes a plain model
         bundle = dataclasses.replace(bundle, unet=sharding.plain_copy(bundle.unet))
     if step >= cfg.max_steps and run.ctx.rank == 0:
+        if run.ema is not None:  # final/ holds the average; the weights return after
+            run.ema.store(run.params)
+            run.ema.copy_to(run.params)
         export.write_final(cfg, bundle, out, step)
         if not cfg.sample_every or step % cfg.sample_every:
             run.logger.samples(bundle, step, run.shape)
+        if run.ema is not None:
+            run.ema.restore(run.params)
     run.logger.close()
     run.ctx.barrier()

@@ -8,7 +8,7 @@ Per SSPO update (``Losers`` does the first three lines, loop.training_step the r
     x0_l = models.sampling.sample(bundle, reference, prompts, latents=z_T, latent_shape=(C,H,W))
     # the training step scores [x0_w; x0_l] with the policy and with that same reference
 
-and every ``save_every`` optimizer updates ``pool.add(bundle.trainable_state_dict(), step)``.
+and every ``replay_every`` optimizer updates ``pool.add(bundle.trainable_state_dict(), step)``.
 
 Snapshots hold only the trainable weights (full UNet, motion modules, or the LoRA adapter).
 With LoRA the reference is the policy UNet itself running a second peft adapter "ref"
@@ -283,7 +283,7 @@ class Losers:
       ``gen_step`` draws c = pool.choose(gen_step), takes fresh batches and samples their losers
       with c; the next k-1 updates retrain on those same (prompt, winner, loser) pairs with fresh
       (t, eps), and c stays their reference, so every pair is scored by the checkpoint that made
-      its loser. The pool only grows at multiples of save_every, which config.validate makes a
+      its loser. The pool only grows at multiples of replay_every, which config.validate makes a
       multiple of k, so c is a function of gen_step alone and a resume inside a cycle samples the
       very same losers.
     - ``group = g > 1`` (cfg.loser_batch // batch_size): the losers of g micro-batches of an

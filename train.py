@@ -54,8 +54,8 @@ def train(cfg: Config, ctx: runtime.Dist) -> Path:
     """Train until max_steps and return the output dir; on SIGTERM save and raise Preempted.
 
     SSPO's Algorithm 1: each update draws a reference checkpoint from the pool, samples the
-    losers with it and takes one optimizer step (loop.update); every save_every updates the
-    policy joins the pool as a new checkpoint (Random Checkpoint Replay) and a training
+    losers with it and takes one optimizer step (loop.update); every replay_every updates (K) the
+    policy joins the pool as a new checkpoint (Random Checkpoint Replay); every save_every a training
     checkpoint is written."""
     run = loop.setup(cfg, ctx)
     step = loop.start(run)
@@ -68,14 +68,16 @@ def train(cfg: Config, ctx: runtime.Dist) -> Path:
             metrics = loop.update(run, stream, step, stop)
             if metrics is not None:
                 step += 1
+                if run.ema is not None:
+                    run.ema.step(run.params)
                 lr = float(metrics.pop("lr"))
                 run.logger.step(step, metrics, lr, time.perf_counter() - t0)
             stopping = metrics is None or ctx.any_flag(stop.requested)
-            if step % cfg.save_every == 0 and metrics is not None and run.method.losers == "replayed":
+            if step % config_mod.replay_interval(cfg) == 0 and metrics is not None and run.method.losers == "replayed":
                 run.pool.add(run.bundle.trainable_state_dict(), step)
             if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
                 checkpoints.save_checkpoint(run.out, step, run.bundle, run.opt, run.lr_sched, run.scaler,
-                                            run.pool, cfg, ctx)
+                                            run.pool, cfg, ctx, ema=run.ema)
             if cfg.sample_every and step % cfg.sample_every == 0 and metrics is not None:
                 run.logger.samples(run.bundle, step, run.shape)
             if stopping:
@@ -150,6 +152,8 @@ def main(argv: list[str]) -> int:
     if rank0:
         print(f"done: {out} (samples/, metrics.jsonl, checkpoints/, final/"
               f"{', eval.json' if (out / 'eval.json').exists() else ''})")
+        if (out / evaluate.PICTURE).is_file():  # the last line: what to look at
+            print(f"picture: {out / evaluate.PICTURE} (base above, aligned below, one column per prompted digit)")
     return 0
 
 

@@ -26,7 +26,8 @@ CONFIG = dict(
     lr=1e-8 * 1024,         # Diffusion-DPO scales 1e-8 per sample by the global batch (assumed)
     warmup_steps=500,       # assumed
     max_steps=2000,         # assumed
-    save_every=200,         # K, the checkpoint interval of RCR (assumed; paper's Fig. 4 varies it)
+    replay_every=200,       # K, the checkpoint interval of RCR (assumed; paper's Fig. 4 varies it)
+    save_every=200,         # training checkpoints (saving only)
     pool_storage="disk",    # 1.7-3.4 GB per full-UNet snapshot: keep them as safetensors files
     keep_checkpoints=2,
     # Loser sampling (issue 15): a full SSPO step within 1.8x a Diffusion-DPO step (results/bench.md),
@@ -38,7 +39,7 @@ CONFIG = dict(
     loser_scheduler="unipc",
     loser_steps=6,
     loser_guidance=7.5,     # SD-1.5 default guidance (assumed; digits' frontier used its own 3)
-    loser_every=2,          # save_every (200) must stay a multiple of it
+    loser_every=2,          # K (200) must stay a multiple of it
     loser_batch=16,         # pairs per sampling call = 16 micro-steps of batch 1
     mixed_precision="bf16",
     gradient_checkpointing=True,

@@ -42,7 +42,8 @@ CONFIG = dict(
     weight_decay=1e-2,      # [DPO-py] --adam_weight_decay default 1e-2
     max_grad_norm=1.0,      # [DPO-py] --max_grad_norm default
     cfg_drop=0.2,           # [DPO-py] --proportion_empty_prompts default 0.2
-    save_every=200,         # K of RCR: assumed = [DPO-sh] --checkpointing_steps 200
+    replay_every=200,       # K of RCR: assumed = [DPO-sh] --checkpointing_steps 200
+    save_every=200,         # training checkpoints (saving only)
     pool_storage="disk",    # a full SDXL UNet snapshot is 10.3 GB in fp32: safetensors files
     keep_checkpoints=2,
     loser_steps=20,         # assumed; DDIM with guidance, as for SD-1.5

@@ -16,6 +16,7 @@ from typing import Sequence
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -285,6 +286,8 @@ def build_base(out: Path, *, steps: int, corrupt: float, seed: int = 0, batch_si
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()  # a frozen text encoder has no gradient: AdamW skips it
             sched.step()
+            if not sys.stderr.isatty() and ((step + 1) % max(1, n // 10) == 0):  # piped: tqdm is off
+                print(f"digits base, stage {stage + 1}: {step + 1}/{n} updates, loss {loss.item():.4f}", flush=True)
     te.requires_grad_(False).eval()  # frozen from here on, as SD-1.5's
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

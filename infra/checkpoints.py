@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 import config as config_mod
 import models
 from models import sharding
+from infra import export
 from infra.runtime import Dist
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +99,7 @@ def unpack_state(obj, tensors: dict):
     return {k: unpack_state(v, tensors) for k, v in obj.items()}
 
 
-def save_checkpoint(out: Path, step: int, bundle, opt, lr_sched, scaler, pool, cfg, ctx: Dist) -> None:
+def save_checkpoint(out: Path, step: int, bundle, opt, lr_sched, scaler, pool, cfg, ctx: Dist, ema=None) -> None:
     ckdir = out / "checkpoints"
     # Under FSDP the weights and Adam moments are gathered first, a collective on every rank.
     sharded = sharding.is_sharded(bundle.unet)
@@ -112,10 +113,13 @@ def save_checkpoint(out: Path, step: int, bundle, opt, lr_sched, scaler, pool, c
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
+            if bundle.lora and bundle.family in export.ADAPTER_FAMILIES:  # load_lora_weights(step_N) works
+                export.save_lora(weights, tmp, bundle.family)
             tensors: dict = {}
             tree = pack_state({"optimizer": optim, "lr_scheduler": lr_sched.state_dict(),
                                "scaler": scaler.state_dict(), "rng": _rng_state(),
-                               "pool": pool.state_dict() if pool is not None else None}, tensors)
+                               "pool": pool.state_dict() if pool is not None else None,
+                               "ema": ema.state_dict() if ema is not None else None}, tensors)
             save_file(tensors, str(tmp / "state.safetensors"))
             names = ("trainable.safetensors", "state.safetensors")
             sizes = {n: (tmp / n).stat().st_size for n in names}
@@ -175,39 +179,53 @@ def read_checkpoint(d: Path) -> tuple[dict, dict]:
     return weights, manifest
 
 
-def chosen_step(out: Path, which: str) -> int:
-    """The step of checkpoint ``which`` (step_N, or a path to out/checkpoints/step_N)."""
+def step_number(which: str) -> int | None:
+    """The step a checkpoint name spells: ``step_000004``, ``step_4``, diffusers' ``checkpoint-4``,
+    ``4``, or a path ending in one of them; None if it spells none."""
     name = Path(which).name
-    if not name.startswith("step_") or not (Path(out) / "checkpoints" / name).is_dir():
+    for prefix in ("step_", "checkpoint-", ""):
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            return int(name[len(prefix):])
+    return None
+
+
+def chosen_step(out: Path, which: str) -> int:
+    """The step of checkpoint ``which`` (any spelling of ``step_number``)."""
+    step = step_number(which)
+    if step is None or not (Path(out) / "checkpoints" / f"step_{step:06d}").is_dir():
         have = sorted(p.name for p in (Path(out) / "checkpoints").glob("step_*"))
         raise FileNotFoundError(f"resume_from_checkpoint={which!r}: no such checkpoint in {Path(out) / 'checkpoints'} "
-                                f"(have: {', '.join(have) or 'none'})")
-    return int(name.split("_")[-1])
+                                f"(have: {', '.join(have) or 'none'}; step_N, checkpoint-N or N)")
+    return step
 
 
 # Keys whose change breaks "a resumed run equals an uninterrupted one" (max_steps may grow).
 TRAJECTORY_KEYS = ("method", "ssr", "replay", "model", "model_path", "data", "data_path", "beta",
-                   "tau", "eps_clip", "save_every", "loser_steps", "loser_guidance", "loser_scheduler",
+                   "tau", "eps_clip", "replay_every", "loser_steps", "loser_guidance", "loser_scheduler",
                    "loser_every", "loser_batch", "batch_size",  # loser_batch: rounding of batched calls
-                   "grad_accum", "lr", "warmup_steps", "lr_scheduler", "seed", "lora_rank", "mixed_precision", "cfg_drop", "fsdp",  # fsdp: the optimizer state's layout
+                   "grad_accum", "lr", "warmup_steps", "lr_scheduler", "seed", "adam_epsilon", "use_8bit_adam", "use_ema",
+                   "ema_decay", "lora_rank", "mixed_precision", "cfg_drop", "fsdp",  # fsdp: the optimizer state's layout
                    "adam_beta1", "adam_beta2", "weight_decay",  # the optimizer state's param_groups would override them
-                   "resolution", "height", "width", "num_frames")
+                   "weight_temperature", "resolution", "height", "width", "num_frames")
 # The digits model and data: another base (a different frozen text encoder) or another data split.
 DIGITS_KEYS = ("init", "digits_base_steps", "digits_corrupt", "digits_classes", "digits_align_per_class",
                "digits_loser_wrong", "pair_noise", "data_split")
 
 
 def check_resume_config(saved: dict, now: dict) -> None:
-    keys = TRAJECTORY_KEYS + (("max_steps",) if now.get("lr_scheduler") in ("linear", "cosine") else ()) \
-        + (DIGITS_KEYS if now.get("model") == "digits" else ())
+    decaying = now.get("lr_scheduler") not in ("constant", "constant_with_warmup")  # reach their end at max_steps
+    keys = TRAJECTORY_KEYS + (("max_steps",) if decaying else ()) + (DIGITS_KEYS if now.get("model") == "digits" else ())
     default = config_mod.to_dict(config_mod.Config())  # a key newer than the checkpoint had its default
+    # K as it acted (replay_every 0, or a checkpoint older than it: save_every)
+    saved = {**saved, "replay_every": saved.get("replay_every") or saved.get("save_every")}
+    now = {**now, "replay_every": now.get("replay_every") or now.get("save_every")}
     diff = {k: (saved.get(k, default.get(k)), now.get(k)) for k in keys if saved.get(k, default.get(k)) != now.get(k)}
     if diff:
         raise ValueError("--resume with a config that changes the run: " + ", ".join(
             f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()) + "; use a new --out_dir instead")
 
 
-def load_latest(out: Path, bundle, opt, lr_sched, scaler, pool, cfg, which: str = "latest") -> int | None:
+def load_latest(out: Path, bundle, opt, lr_sched, scaler, pool, cfg, which: str = "latest", ema=None) -> int | None:
     """Restore everything from the newest complete checkpoint; returns its step, or None if
     out/checkpoints holds no checkpoint at all. A damaged newest checkpoint is skipped with one
     warning line; if none is usable, a ValueError says why (train.py: exit code 2). ``which``
@@ -240,6 +258,8 @@ def load_latest(out: Path, bundle, opt, lr_sched, scaler, pool, cfg, which: str 
                 opt.load_state_dict(state["optimizer"])
             lr_sched.load_state_dict(state["lr_scheduler"])
             scaler.load_state_dict(state["scaler"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])  # use_ema is a trajectory key: the checkpoint has one
             _set_rng_state(state["rng"])
         except Exception as e:  # an older checkpoint, if usable, overwrites all of the above
             skipped.append(f"{d.name} ({type(e).__name__}: {e})")

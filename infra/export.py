@@ -8,8 +8,10 @@ as metadata), so that plain diffusers loads it onto the base model::
     pipe = StableDiffusionPipeline.from_pretrained(BASE)      # or AnimateDiff/SDXL/CogVideoX/WanPipeline
     pipe.load_lora_weights("RUN/final")
 
-Every training checkpoint (``checkpoints/step_N/trainable.safetensors``, the trainable weights
-under their peft parameter names) exports the same way with ``export_checkpoint``. A full
+Every LoRA training checkpoint holds the same file beside ``trainable.safetensors`` (the
+trainable weights under their peft parameter names), so ``load_lora_weights("RUN/checkpoints/step_N")``
+works too; ``export_checkpoint`` turns any ``checkpoints/step_N``, LoRA or full, into what
+``final/`` would hold at that step. A full
 fine-tune's ``final/`` is the whole pipeline (models.save_model); with ``save_merged_pipeline``
 a LoRA run also writes the merged pipeline to ``final/merged/``.
 """
@@ -66,15 +68,28 @@ def save_lora(weights: dict, path, family: str) -> Path:
 
 
 def export_checkpoint(step_dir, out, family: str | None = None) -> Path:
-    """``checkpoints/step_N`` of a LoRA run -> ``out/pytorch_lora_weights.safetensors``.
-    The family defaults to the run's config.json (two levels up)."""
+    """``checkpoints/step_N`` -> what ``final/`` would hold at that step: a LoRA run's
+    ``out/pytorch_lora_weights.safetensors`` (returned), or, for a full (or motion-module) fine-tune,
+    the run's base model with the checkpoint's weights in the full pipeline layout
+    (``models.save_model``; ``out`` returned). The family and base default to the run's
+    config.json (two levels up)."""
     step_dir = Path(step_dir)
     f = step_dir / "trainable.safetensors"
     if not f.is_file():
         raise FileNotFoundError(f"{f} not found: expected a checkpoints/step_N directory of a run")
-    if family is None:
-        family = run_config(step_dir)["model"]
-    return save_lora(load_file(str(f)), out, family)
+    cfg = run_config(step_dir)
+    family = family or cfg["model"]
+    weights = load_file(str(f))
+    if any(".lora_A." in k for k in weights):
+        return save_lora(weights, out, family)
+    from infra import builders
+    import config as config_mod
+    run_cfg = config_mod.Config(**{k: v for k, v in cfg.items() if k in config_mod.Config.__dataclass_fields__})
+    run_cfg.model, run_cfg.lora_rank, run_cfg.gradient_checkpointing = family, 0, False
+    bundle = builders.build_bundle(run_cfg)
+    models.load_trainable(bundle, weights)
+    models.save_model(bundle, str(out))
+    return Path(out)
 
 
 def run_config(path) -> dict:
@@ -141,7 +156,7 @@ def model_card(cfg: dict, step: int, evaluation: dict | None = None) -> str:
              f"| resolution | {_frame(cfg)} |", f"| mixed precision | {cfg['mixed_precision']} |",
              f"| seed | {cfg['seed']} |"]
     if cfg["method"] in ("sspo", "sspo_r", "spin"):
-        lines.append(f"| replay | {cfg['replay']}, checkpoint interval {cfg['save_every']}, SSR {cfg['ssr']} |")
+        lines.append(f"| replay | {cfg['replay']}, checkpoint interval {cfg.get('replay_every') or cfg['save_every']}, SSR {cfg['ssr']} |")
     if cfg["method"] in ("dpo_cm", "sdpo"):
         lines.append(f"| importance weights | tau {cfg['tau']:g}, eps_clip {cfg['eps_clip']:g} |")
     if lora:
@@ -166,5 +181,13 @@ def write_model_card(run_dir, step: int | None = None) -> Path | None:
     ev = run_dir / "eval.json"
     card = model_card(cfg, cfg["max_steps"] if step is None else step,
                       json.loads(ev.read_text()) if ev.is_file() else None)
-    (run_dir / "final" / "README.md").write_text(card)
-    return run_dir / "final" / "README.md"
+    grids = sorted((run_dir / "samples").glob("step_*.png")) if (run_dir / "samples").is_dir() else []
+    if grids:  # the last sample grid, each prompt under its image
+        shutil.copyfile(grids[-1], run_dir / "final" / "samples.png")
+        card += f"\n## Samples\n\n![samples at {grids[-1].stem}](samples.png)\n"
+    path = run_dir / "final" / "README.md"
+    path.write_text(card)
+    # diffusers' own card helpers: read back (locally, the path exists) and completed as its scripts do
+    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+    populate_model_card(load_or_create_model_card(str(path)), tags=[]).save(path)
+    return path

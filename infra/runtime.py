@@ -181,8 +181,15 @@ class Logger:
         if ctx.rank == 0 and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=cfg.max_steps, desc=cfg.method, dynamic_ncols=True)
-        self.tracker = trackers.make(cfg.report_to, out, config_mod.to_dict(cfg), cfg.tracker_project_name) \
-            if ctx.rank == 0 else None
+        self.tracker, self._tracker_due = None, ctx.rank == 0 and cfg.report_to != "none"
+
+    def open_tracker(self, resumed: int | None = None) -> None:
+        """Rank 0: open the ``report_to`` tracker, once the run is known to start or resume (a
+        refused resume leaves no empty event file); resumed at step N, TensorBoard purges from N+1."""
+        if self._tracker_due:
+            self._tracker_due = False
+            self.tracker = trackers.make(self.cfg.report_to, self.out, config_mod.to_dict(self.cfg),
+                                         self.cfg.tracker_project_name, None if resumed is None else resumed + 1)
 
     def info(self, msg: str):
         if self.ctx.rank == 0:
@@ -200,6 +207,7 @@ class Logger:
         row = {k: self.ctx.mean(v) for k, v in sorted(metrics.items())}  # collective on all ranks
         if self.ctx.rank != 0:
             return
+        self.open_tracker()
         sec = sum(self.window) / len(self.window)
         self.window = []
         rate = self.cfg.batch_size * self.cfg.grad_accum * self.ctx.world / sec
@@ -226,6 +234,7 @@ class Logger:
         path = save_samples(self.cfg, bundle, self.out, step, shape, write=self.ctx.rank == 0)
         if self.ctx.rank != 0:
             return
+        self.open_tracker()
         if self.tracker:
             with Image.open(path) as im:
                 self.tracker.image("samples", im.convert("RGB"), step)
@@ -270,7 +279,8 @@ def _main_thread() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sample grids: fixed prompts, fixed seed, the policy itself, 20 DDIM steps
+# Sample grids: fixed prompts, fixed seed, the policy itself, 20 DDIM steps; each cell's prompt
+# written under it
 # ---------------------------------------------------------------------------------------------
 
 SAMPLE_PROMPTS = [
@@ -295,20 +305,54 @@ def sample_prompts(cfg, n: int) -> list[str]:
     return SAMPLE_PROMPTS[:n]
 
 
-def _grid(x: torch.Tensor, upscale: int = 1) -> Image.Image:
-    """(N,C,H,W) in [-1,1] -> one row-major grid image (5 columns; black cells pad the last row)."""
+def _grid(x: torch.Tensor, upscale: int = 1, labels: list[str] | None = None) -> Image.Image:
+    """(N,C,H,W) in [-1,1] -> one row-major grid image (5 columns; black cells pad the last row);
+    with ``labels``, each cell carries its text (the prompt) underneath."""
     from diffusers.utils import make_image_grid
     n, c, h, w = x.shape
     cols = min(5, n)
     rows = math.ceil(n / cols)
     arr = ((x + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()  # (N,H,W,C)
     cells = [Image.fromarray(a[..., 0] if c == 1 else a[..., :3]) for a in arr]
+    if upscale > 1:
+        cells = [im.resize((w * upscale, h * upscale), Image.NEAREST) for im in cells]
+    if labels is not None:
+        cells = [labelled(im, text) for im, text in zip(cells, list(labels) + [""] * n)]
     cells += [Image.new(cells[0].mode, cells[0].size)] * (rows * cols - n)
-    img = make_image_grid(cells, rows, cols)
-    return img.resize((img.width * upscale, img.height * upscale), Image.NEAREST) if upscale > 1 else img
+    return make_image_grid(cells, rows, cols)
 
 
-@torch.no_grad()
+def _font(size: int = 10):
+    from PIL import ImageFont
+    return ImageFont.load_default(size=size)  # Pillow's bundled FreeType font: no font file needed
+
+
+def text_lines(text: str, width_px: int, max_lines: int = 3, size: int = 10) -> list[str]:
+    """``text`` wrapped by words to ``width_px`` in the default font; the last line is cut."""
+    font, lines, cur = _font(size), [], ""
+    for word in text.split():
+        trial = f"{cur} {word}".strip()
+        if cur and font.getlength(trial) > width_px:
+            lines.append(cur)
+            cur = word
+        else:
+            cur = trial
+    lines.append(cur)
+    return lines[:max_lines]
+
+
+def labelled(image: Image.Image, text: str, max_lines: int = 3) -> Image.Image:
+    """``image`` above a white band holding ``text`` (wrapped; the same band height for every text)."""
+    from PIL import ImageDraw
+    w = max(image.width, 96)
+    out = Image.new("RGB", (w, image.height + 12 * max_lines + 4), "white")
+    out.paste(image.convert("RGB"), ((w - image.width) // 2, 0))
+    draw = ImageDraw.Draw(out)
+    for i, line in enumerate(text_lines(text, w - 6, max_lines)):
+        draw.text((3, image.height + 2 + 12 * i), line, fill="black", font=_font())
+    return out
+
+
 def save_samples(cfg, bundle: models.Bundle, out: Path, step: int, shape: tuple, write: bool = True) -> Path:
     prompts = sample_prompts(cfg, cfg.num_sample_prompts)
     z = torch.randn((len(prompts), *shape), generator=torch.Generator().manual_seed(cfg.seed))
@@ -320,7 +364,7 @@ def save_samples(cfg, bundle: models.Bundle, out: Path, step: int, shape: tuple,
         return path
     px = models.decode_latents(bundle, lat).float().clamp(-1, 1).cpu()  # (N,C,H,W) or (N,C,F,H,W)
     frames = [px] if px.ndim == 4 else [px[:, :, f] for f in range(px.shape[2])]
-    grids = [_grid(f, upscale=8 if bundle.family == "digits" else 1) for f in frames]
+    grids = [_grid(f, upscale=8 if bundle.family == "digits" else 1, labels=prompts) for f in frames]
     d.mkdir(parents=True, exist_ok=True)
     grids[0].save(path)
     if len(grids) > 1:

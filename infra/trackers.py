@@ -4,7 +4,7 @@ Imported lazily, so neither package is needed unless chosen (config.validate nam
 one in one line). Rank 0 only: ``runtime.Logger`` owns the tracker and hands it every row it
 writes to metrics.jsonl and every sample grid.
 
-    tensorboard --logdir RUN/logs          # curves under train/, grids under validation/
+    tensorboard --logdir RUN/logs          # curves under train/ (and `loss`, the diffusers DPO script's tag), grids under validation/
     WANDB_MODE=offline python train.py ... --report_to=wandb    # then: wandb sync RUN/wandb/offline-run-*
 """
 from __future__ import annotations
@@ -15,20 +15,25 @@ import numpy as np
 
 
 class TensorBoard:
-    """Scalars as ``train/<name>``, images as ``validation/<name>``, in ``out/logs``."""
+    """Scalars as ``train/<name>`` (the loss also as ``loss``, as the diffusers DPO script logs it),
+    images as ``validation/<name>``, in ``out/logs``. A resumed run opens its writer with
+    ``purge_step`` = the first step it logs again, so the earlier run's later points are hidden."""
 
-    def __init__(self, out: Path, config: dict):
+    def __init__(self, out: Path, config: dict, purge_step: int | None = None):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise ValueError("report_to=tensorboard needs the tensorboard package: pip install tensorboard") from None
-        self.writer = SummaryWriter(log_dir=str(Path(out) / "logs"))
-        self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in config.items()), 0)
+        self.writer = SummaryWriter(log_dir=str(Path(out) / "logs"), purge_step=purge_step)
+        if purge_step is None:
+            self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in config.items()), 0)
 
     def log(self, row: dict, step: int) -> None:
         for k, v in row.items():
             if k not in ("step", "time"):
                 self.writer.add_scalar(f"train/{k}", float(v), step)
+        if "loss" in row:
+            self.writer.add_scalar("loss", float(row["loss"]), step)
         self.writer.flush()
 
     def image(self, name: str, image, step: int) -> None:
@@ -61,10 +66,10 @@ class WandB:
         self.run.finish()
 
 
-def make(report_to: str, out: Path, config: dict, project: str = "sspo"):
-    """The tracker for ``report_to``, or None for "none"."""
+def make(report_to: str, out: Path, config: dict, project: str = "sspo", purge_step: int | None = None):
+    """The tracker for ``report_to``, or None for "none"; ``purge_step``: a resumed run's first step."""
     if report_to == "tensorboard":
-        return TensorBoard(out, config)
+        return TensorBoard(out, config, purge_step)
     if report_to == "wandb":
         return WandB(out, config, project)
     if report_to != "none":

@@ -169,7 +169,7 @@ def test_animatediff_lora_loads_in_animatediff_pipeline(tmp_path):
 
 def test_diffusers_flag_aliases():
     cfg = config.resolve(argv=[
-        "--pretrained_model_name_or_path=/m", "--output_dir", "/o", "--train_batch_size=3",
+        "--config=digits", "--pretrained_model_name_or_path=/m", "--output_dir", "/o", "--train_batch_size=3",
         "--gradient_accumulation_steps=5", "--learning_rate=2e-5", "--max_train_steps=7", "--checkpointing_steps=4",
         "--resume_from_checkpoint=latest", "--report_to=none", "--mixed_precision=bf16", "--seed=9",
         "--lr_scheduler=cosine", "--lr_warmup_steps=2", "--validation_prompt=a|b"])
@@ -178,8 +178,9 @@ def test_diffusers_flag_aliases():
     assert got == ("/m", "/o", 3, 5, 2e-5, 7, 4, True, "latest", "bf16", 9, "cosine", 2)
     assert runtime.sample_prompts(cfg, 10) == ["a", "b"]
     assert "--learning_rate = --lr" in config.help_text()
+    assert config.resolve(argv=["--config=sd15_pickapic", "--dataset_name=/snap"]).data_path == "/snap"
     with pytest.raises(ValueError, match="'lr_scheduler' must be one of"):
-        config.resolve(argv=["--lr_scheduler=polynomial"])
+        config.resolve(argv=["--lr_scheduler=exponential"])
 
 
 def test_missing_tracker_package_is_one_clear_error(monkeypatch):
@@ -333,7 +334,7 @@ def test_validation_prompts_and_steps_reach_the_sample_grids(cache, tmp_path, mo
     grids = sorted((tmp_path / "run" / "samples").glob("*.png"))
     assert [g.name for g in grids] == ["step_000000.png", "step_000002.png", "step_000004.png"]
     with Image.open(grids[0]) as im:
-        assert im.width == 3 * im.height  # one row of three square cells
+        assert im.size == (3 * 96, 64 + 40)  # one row of three 64 px cells, each above its prompt (96 px wide)
 
 
 def test_progress_lines_when_stdout_is_not_a_terminal(tmp_path):
@@ -353,3 +354,249 @@ def test_progress_lines_when_stdout_is_not_a_terminal(tmp_path):
     steps = [int(m.group(1)) for m in map(line.match, r.stdout.splitlines()) if m]
     assert steps == [1, 2, 3], r.stdout
     assert "it/s" not in r.stderr and "\r" not in r.stderr + r.stdout
+
+
+# ----------------------------------------------------------------------------- a diffusers user's command line
+
+def _cli(*argv, timeout=300):
+    """``python train.py ARGV`` as a user runs it: a subprocess, stdout and stderr piped."""
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, argv)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _errors(r) -> list[str]:
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    return [line for line in r.stderr.splitlines() if line.startswith("error:")]
+
+
+# small, fast settings on top of whichever preset a run starts from
+SMALL = ["--max_steps=2", "--resolution=16", "--grad_accum=1", "--warmup_steps=0", "--num_workers=0",
+         "--sample_every=0", "--num_sample_prompts=1", "--mixed_precision=no", "--batch_size=1", "--log_every=1",
+         "--gradient_checkpointing=false"]
+
+
+@pytest.fixture(scope="module")
+def tiny_sd15(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    sd = sd15.write_tiny(str(tmp / "sd15"))
+    _write_pickapic(tmp / "pickapic")
+    return sd, tmp / "pickapic"
+
+
+@pytest.fixture(scope="module")
+def cli_run(tiny_sd15, tmp_path_factory):
+    """The diffusers DPO script's flags, no --config: a LoRA DPO run on the tiny SD-1.5 stand-in."""
+    sd, pick = tiny_sd15
+    out = tmp_path_factory.mktemp("cli_run") / "run"
+    r = _cli(f"--pretrained_model_name_or_path={sd}", f"--train_data_dir={pick}", "--method=dpo", "--rank=4",
+             "--beta_dpo=2500", "--checkpointing_steps=1", "--learning_rate=1e-2", *SMALL, f"--output_dir={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r, out
+
+
+def test_family_and_preset_are_inferred_from_model_index(cli_run, tiny_sd15, tmp_path):
+    """No --config with an SD-1.5 directory: the sd15 preset (one line says so), not digits'; a
+    directory that names no pipeline is refused in one line."""
+    r, out = cli_run
+    assert "starting from preset sd15_pickapic" in r.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["model"], cfg["data"], cfg["loser_guidance"]) == ("sd15", "pickapic", 7.5)
+    (tmp_path / "empty").mkdir()
+    bad = _cli(f"--pretrained_model_name_or_path={tmp_path / 'empty'}", f"--train_data_dir={tiny_sd15[1]}",
+               f"--output_dir={tmp_path / 'run'}")
+    assert bad.returncode == 2
+    [line] = _errors(bad)
+    assert "cannot infer the model family" in line and "--model=" in line and "--config=" in line
+    # --model=sd15 without a preset: the sd15 preset too
+    cfg = config.resolve(argv=["--model=sd15", f"--data_path={tiny_sd15[1]}"])
+    assert (cfg.beta, cfg.out_dir, cfg.loser_guidance) == (5000.0, "runs/sd15_pickapic", 7.5)
+
+
+def test_beta_dpo_means_what_it_means_in_diffusers(cli_run):
+    """diffusers: -logsigmoid(beta_dpo * (...)); here -logsigmoid(-beta/2 * (...)): beta = 2 beta_dpo."""
+    _, out = cli_run
+    assert json.loads((out / "config.json").read_text())["beta"] == 5000.0
+    assert config.resolve(argv=["--beta_dpo=100"]).beta == 200.0
+    with pytest.raises(ValueError, match="--beta_dpo expects a number"):
+        config.resolve(argv=["--beta_dpo=high"])
+
+
+def test_every_lora_checkpoint_loads_in_plain_diffusers(cli_run, tiny_sd15):
+    _, out = cli_run
+    step = out / "checkpoints" / "step_000001"
+    assert (step / export.LORA_FILE).is_file()
+    r = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS, tiny_sd15[0], str(step)], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert float(r.stdout.split("DIFF")[-1]) > 1e-4
+
+
+def test_resume_from_checkpoint_in_every_spelling(cli_run, tiny_sd15, tmp_path):
+    """step_000002, step_2, checkpoint-2 (diffusers), 2, or a path: all resume from step 2."""
+    _, out = cli_run
+    sd, pick = tiny_sd15
+    for which in ("step_2", "checkpoint-2", "2", str(out / "checkpoints" / "step_000002")):
+        run = tmp_path / which.replace("/", "_")
+        shutil.copytree(out, run)
+        r = _cli(f"--pretrained_model_name_or_path={sd}", f"--train_data_dir={pick}", "--method=dpo", "--rank=4",
+                 "--beta_dpo=2500", "--learning_rate=1e-2", *SMALL, f"--output_dir={run}",
+                 f"--resume_from_checkpoint={which}")
+        assert r.returncode == 0, (which, r.stderr[-3000:])
+        assert "resumed from step 2" in r.stdout, which
+    r = _cli(f"--pretrained_model_name_or_path={sd}", f"--train_data_dir={pick}", "--method=dpo", "--rank=4",
+             "--beta_dpo=2500", "--learning_rate=1e-2", *SMALL, f"--output_dir={run}", "--resume_from_checkpoint=step_9")
+    assert r.returncode == 2 and "checkpoint-N" in _errors(r)[0]
+
+
+def test_saving_does_not_change_the_replay_interval(tiny_sd15, tmp_path):
+    """--checkpointing_steps is saving only: the pool grows every replay_every (K), and saving need
+    not be a multiple of loser_every."""
+    sd, pick = tiny_sd15
+    base = [f"--pretrained_model_name_or_path={sd}", f"--train_data_dir={pick}", "--method=sspo", "--rank=4",
+            "--loser_steps=2", "--loser_batch=0", "--learning_rate=1e-2", *SMALL]
+    a = _cli(*base, "--checkpointing_steps=1", "--loser_every=2", "--replay_every=2", f"--output_dir={tmp_path / 'a'}")
+    assert a.returncode == 0, a.stderr[-3000:]
+    b = _cli(*base, "--checkpointing_steps=2", "--loser_every=2", "--replay_every=2", f"--output_dir={tmp_path / 'b'}")
+    assert b.returncode == 0, b.stderr[-3000:]
+    wa = load_file(str(tmp_path / "a" / "checkpoints" / "step_000002" / "trainable.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "checkpoints" / "step_000002" / "trainable.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # saving every update changed nothing
+    cfg = config.resolve(argv=["--config=sd15_pickapic", "--data_path=x", "--checkpointing_steps=50"])
+    assert (cfg.save_every, config.replay_interval(cfg)) == (50, 200)  # the preset keeps its K
+    r = _cli(*base, "--loser_every=2", "--replay_every=3", f"--output_dir={tmp_path / 'c'}")
+    assert r.returncode == 2 and "'replay_every' (3) must be a multiple of 'loser_every' (2)" in _errors(r)[0]
+
+
+def test_a_missing_validation_prompts_file_is_an_error(tmp_path):
+    r = _cli("--validation_prompts=promts.txt", f"--out_dir={tmp_path / 'run'}")
+    assert r.returncode == 2
+    [line] = _errors(r)
+    assert "'promts.txt' looks like a file but does not exist" in line
+    assert config.resolve(argv=["--validation_prompts=a cat|a dog"]).validation_prompts == "a cat|a dog"
+    assert config.resolve(argv=["--validation_prompts=a photo of a 1/2 cat"])  # prompt text with a slash
+
+
+def test_full_fine_tune_checkpoint_exports_like_final(tiny_sd15, tmp_path):
+    """A full fine-tune's checkpoints/step_N exports to the layout of final/, which plain diffusers loads."""
+    from diffusers import StableDiffusionPipeline
+    sd, pick = tiny_sd15
+    r = _cli(f"--pretrained_model_name_or_path={sd}", f"--train_data_dir={pick}", "--method=sft",
+             "--learning_rate=1e-2", "--checkpointing_steps=1", *SMALL, f"--output_dir={tmp_path / 'run'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "run"
+    for step in (1, 2):
+        export.export_checkpoint(run / "checkpoints" / f"step_{step:06d}", tmp_path / f"exp{step}")
+    kw = dict(safety_checker=None, requires_safety_checker=False, local_files_only=True)
+    final = StableDiffusionPipeline.from_pretrained(run / "final", **kw).unet.state_dict()
+    two = StableDiffusionPipeline.from_pretrained(tmp_path / "exp2", **kw).unet.state_dict()
+    one = StableDiffusionPipeline.from_pretrained(tmp_path / "exp1", **kw).unet.state_dict()
+    assert all(torch.equal(final[k], two[k]) for k in final)
+    assert any(not torch.equal(final[k], one[k]) for k in final)
+
+
+def test_main_job_ends_with_a_labelled_base_vs_aligned_picture(cache, tmp_path):
+    """python train.py (small): the last line names one picture, base above and aligned below, a
+    column per prompted digit; the periodic grids write each prompt under its image."""
+    from PIL import Image
+    out = tmp_path / "run"
+    r = _cli(*[f"--{k}={v}" for k, v in FAST.items() if k != "sample_every"], "--sample_every=2",
+             "--num_sample_prompts=3", f"--cache_dir={cache}", "--method=sft", f"--out_dir={out}", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"picture: {out / evaluate.PICTURE}"), last
+    with Image.open(out / evaluate.PICTURE) as im:
+        assert im.width >= 10 * 40 and im.height >= 2 * 3 * 40  # 10 digits x (base, aligned) x 3 samples
+    with Image.open(out / "samples" / "step_000002.png") as im:
+        a = np.asarray(im.convert("L"), dtype=float)
+    band = a[64:]  # under the 64 px cells: the prompts, black on white
+    assert band.min() < 100 and (band > 200).mean() > 0.5
+    cells = [band[:, 96 * i:96 * (i + 1)] for i in range(3)]  # three prompts, three different texts
+    assert not np.array_equal(cells[0], cells[1]) and not np.array_equal(cells[1], cells[2])
+
+
+def test_tensorboard_resume_purges_and_a_refused_resume_writes_nothing(tiny_sd15, tmp_path):
+    """A refused resume leaves no event file; a resumed run's points replace the earlier run's from
+    the resume step on (purge_step); the loss is also under `loss`, the diffusers DPO script's tag."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    sd, pick = tiny_sd15
+    out = tmp_path / "run"
+    base = [f"--pretrained_model_name_or_path={sd}", f"--train_data_dir={pick}", "--method=dpo", "--rank=4",
+            "--checkpointing_steps=1", *SMALL, "--report_to=tensorboard", f"--output_dir={out}"]
+    r = _cli(*base, "--learning_rate=1e-2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    events = sorted((out / "logs").glob("events.out.tfevents.*"))
+    refused = _cli(*base, "--learning_rate=5e-2", "--resume_from_checkpoint=1")
+    assert refused.returncode == 2 and sorted((out / "logs").glob("events.out.tfevents.*")) == events
+    resumed = _cli(*base, "--learning_rate=1e-2", "--resume_from_checkpoint=1")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    acc = EventAccumulator(str(out / "logs"), size_guidance={"scalars": 0})  # as the tensorboard UI reads
+    acc.Reload()
+    assert "loss" in acc.Tags()["scalars"]
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2]
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
+
+
+def test_settings_diffusers_users_reach_for(tiny_sd15, tmp_path):
+    """--num_train_epochs (converted to updates), every get_scheduler choice, --adam_epsilon,
+    --allow_tf32; --use_8bit_adam without bitsandbytes is one line and exit 2."""
+    import importlib.util
+    sd, pick = tiny_sd15
+    out = tmp_path / "run"
+    small = [a for a in SMALL if not a.startswith(("--max_steps", "--batch_size"))]
+    r = _cli(f"--pretrained_model_name_or_path={sd}", f"--train_data_dir={pick}", "--method=dpo", "--rank=4",
+             "--train_batch_size=8", "--num_train_epochs=1", "--lr_scheduler=polynomial", "--adam_epsilon=1e-6",
+             "--allow_tf32", *small, f"--output_dir={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["max_steps"], cfg["lr_scheduler"], cfg["adam_epsilon"]) == (2, "polynomial", 1e-6)  # 16 pairs / 8
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    from diffusers.optimization import SchedulerType
+    assert set(config.CHOICES["lr_scheduler"]) == {s.value for s in SchedulerType}
+    if importlib.util.find_spec("bitsandbytes") is None:
+        r = _cli("--use_8bit_adam", f"--out_dir={tmp_path / 'b'}")
+        assert r.returncode == 2 and "needs the bitsandbytes package" in _errors(r)[0]
+
+
+def test_digits_base_build_prints_progress_when_piped(tmp_path):
+    """The first command's base build, piped (CI, nohup): progress lines, no silent minutes."""
+    code = f"import digits; digits.ensure_base({str(tmp_path)!r}, 20, 0.65)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [line for line in r.stdout.splitlines() if line.startswith("digits base, stage")]
+    assert len(lines) == 20 and lines[-1].startswith("digits base, stage 2: 10/10 updates")
+    assert "\r" not in r.stderr
+
+
+def test_use_ema_is_diffusers_emamodel_in_checkpoints_and_final(tiny_sd15, tmp_path):
+    """--use_ema: final/ holds diffusers' EMAModel average of the updates' weights (its warm-up:
+    decay 0 after update 1, 1/(10+1) ... min(decay, (1+n)/(10+n)) after update n+1); the average
+    is in every checkpoint, so a resumed run ends with the same final/."""
+    sd, pick = tiny_sd15
+    args = [f"--pretrained_model_name_or_path={sd}", f"--train_data_dir={pick}", "--method=dpo", "--rank=4",
+            "--checkpointing_steps=1", "--learning_rate=1e-2", "--use_ema", "--ema_decay=0.5", *SMALL]
+    r = _cli(*args, f"--output_dir={tmp_path / 'a'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = tmp_path / "a"
+    w1, w2 = (export.lora_layers(load_file(str(a / "checkpoints" / f"step_00000{i}" / "trainable.safetensors")))
+              for i in (1, 2))
+    final = load_file(str(a / "final" / export.LORA_FILE))
+    d = min(0.5, 2 / 11)  # EMAModel.get_decay at its second update
+    for k in w1:
+        assert torch.allclose(final[f"unet.{k}"], d * w1[k] + (1 - d) * w2[k], atol=1e-6), k
+    assert any(not torch.equal(final[f"unet.{k}"], w2[k]) for k in w2)
+    shutil.copytree(a, tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_000002")
+    r = _cli(*args, f"--output_dir={tmp_path / 'b'}", "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = load_file(str(tmp_path / "b" / "final" / export.LORA_FILE))
+    assert all(torch.equal(final[k], again[k]) for k in final)
+
+
+def test_model_card_holds_the_last_sample_grid(lora_run):
+    _, run = lora_run
+    from diffusers.utils.hub_utils import load_or_create_model_card
+    export.write_model_card(run)
+    card = (run / "final" / "README.md").read_text()
+    assert "![samples at step_000004](samples.png)" in card and (run / "final" / "samples.png").is_file()
+    assert load_or_create_model_card(str(run / "final" / "README.md")).data.library_name == "diffusers"

@@ -2,6 +2,7 @@
 digit sampling against diffusers' StableDiffusionPipeline, every CLIP-based scorer end to end
 on a tiny random-weight CLIP saved in the real layout, prompt files, generate/score CLI."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -388,7 +389,7 @@ def test_generate_from_full_finetune_checkpoints(tmp_path):
     sd = sd15.write_tiny(str(tmp_path / "sd15"))
     _write_pickapic(tmp_path / "pickapic")
     run = tmp_path / "run"
-    assert train.main(["--model=sd15", f"--model_path={sd}", "--data=pickapic", f"--data_path={tmp_path / 'pickapic'}",
+    assert train.main(["--config=digits", "--model=sd15", f"--model_path={sd}", "--data=pickapic", f"--data_path={tmp_path / 'pickapic'}",
                        "--method=dpo", "--max_steps=2", "--batch_size=1", "--save_every=1", "--loser_steps=2",
                        "--resolution=16", "--sample_every=0", "--learning_rate=1e-2", "--num_workers=0",
                        f"--out_dir={run}"]) == 0
@@ -402,3 +403,57 @@ def test_generate_from_full_finetune_checkpoints(tmp_path):
         imgs[name] = np.asarray(Image.open(tmp_path / name / "images" / "00000.png"), dtype=float)
     assert np.array_equal(imgs["step2"], imgs["final"])
     assert np.abs(imgs["step1"] - imgs["step2"]).mean() > 0.1 and np.abs(imgs["base"] - imgs["step2"]).mean() > 0.1
+
+
+# ----------------------------------------------------------------------------- every family, one sampler
+
+def _evaluate_cli(*argv, timeout=300):
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, str(root / "evaluate.py"), *map(str, argv)], capture_output=True,
+                          text=True, timeout=timeout, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("family,size,frames", [("sdxl", (16, 16), 0), ("cogvideox", (32, 48), 9),
+                                                ("wan", (32, 48), 5)])
+def test_generate_reads_the_family_and_runs_every_family(family, size, frames, tmp_path):
+    """No --family: the family comes from the model directory; images as PNG, videos as frames."""
+    import importlib
+    from PIL import Image
+    path = importlib.import_module(f"models.{family}").write_tiny(str(tmp_path / family))
+    (tmp_path / "p.txt").write_text("a cat\na dog\n")
+    args = ["generate", "--checkpoint", path, "--prompts", tmp_path / "p.txt", "--out", tmp_path / "gen",
+            "--steps", "2", "--height", size[0], "--width", size[1]] + (["--num-frames", frames] if frames else [])
+    r = _evaluate_cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "\r" not in r.stderr  # piped: progress lines, no tqdm bar
+    manifest = json.loads((tmp_path / "gen" / "manifest.json").read_text())
+    assert manifest["family"] == family and len(manifest["items"]) == 2
+    if frames:
+        shots = sorted((tmp_path / "gen" / "videos" / "00000").glob("*.png"))
+        assert len(shots) >= 2
+        with Image.open(shots[0]) as im:
+            assert im.size == (size[1], size[0])
+    else:
+        with Image.open(tmp_path / "gen" / manifest["items"][0]["file"]) as im:
+            assert im.size == (size[1], size[0])
+
+
+def test_score_mistakes_are_one_line_and_exit_2(tmp_path):
+    from PIL import Image
+    gen = tmp_path / "gen"
+    (gen / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(gen / "images" / "00000.png")
+    (gen / "manifest.json").write_text(json.dumps({"kind": "image", "items": [
+        {"file": "images/00000.png", "prompt": "a cat", "seed": 0}]}))
+    cases = [([], "no scorer given"),
+             (["--pickscore", tmp_path / "nope", "--pickscore-processor", tmp_path / "nope"], "no such file"),
+             (["--hpsv2", tmp_path / "HPS_v2.1_compressed.pt"], "no such file"),
+             (["--reference", gen], "--reference is compared only by --clip-fid")]
+    for extra, message in cases:
+        r = _evaluate_cli("score", "--generated", gen, *extra)
+        assert r.returncode == 2, (extra, r.stdout, r.stderr[-2000:])
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (extra, r.stderr)

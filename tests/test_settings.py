@@ -36,7 +36,7 @@ def _ignored(argv):
     (["--data_path=/x"], "data_path", "built locally"),
     (["--data_split=pretrain", "--digits_classes=3"], "digits_classes", "align split only"),
     (["--init=scratch", "--digits_base_steps=10"], "digits_base_steps", "random weights"),
-    (["--replay=last", "--save_every=300", "--max_steps=300"], "replay", "never holds more than checkpoint 0"),
+    (["--replay=last", "--replay_every=300", "--max_steps=300"], "replay", "never holds more than checkpoint 0"),
 ])
 def test_ignored_setting_warns_naming_it_and_why(argv, key, why):
     got = _ignored(argv)

@@ -194,7 +194,7 @@ def test_bad_frame_size_is_refused(family, tiny, tmp_path, capsys):
     """Height or width off the 16-pixel grid (VAE 8 x patch 2): exit 2 with one line; height and
     width on an image family, or negative: refused by the config."""
     data = _write_videos(tmp_path / "videos")
-    argv = [f"--model={family}", f"--model_path={tiny[family]}", f"--num_frames={FRAMES}", "--method=sft",
+    argv = ["--config=digits", f"--model={family}", f"--model_path={tiny[family]}", f"--num_frames={FRAMES}", "--method=sft",
             "--data=videofolder", f"--data_path={data}", f"--out_dir={tmp_path / 'run'}", "--max_steps=1",
             "--batch_size=1"]
     for (h, w) in ((40, W), (H, 40)):
