@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import noise
 from models import Bundle, sampling, unet_forward

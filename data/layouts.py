@@ -18,11 +18,17 @@ default ``text`` falls back to ``caption``).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import csv
 import json
 from pathlib import Path
 
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only: Arrow loads with the first shard
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
 PICKAPIC_LAYOUTS = (
     "ROOT/data/{split}-*.parquet (huggingface-cli download snapshot)",

@@ -368,7 +368,7 @@ def write_noise(results: dict, out: Path) -> None:
     levels, summ = results["levels"], noise_summary(results)
     names = {"id_cfg": "training templates, guidance 3", "id_nocfg": "training templates, no guidance",
              "ood_cfg": "held-out templates, guidance 3", "ood_nocfg": "held-out templates, no guidance"}
-    lines = [f"# Preference noise: SFT, Diffusion-DPO and SSPO vs the share of swapped pairs", "",
+    lines = ["# Preference noise: SFT, Diffusion-DPO and SSPO vs the share of swapped pairs", "",
              f"`{results['command']}` — {results['date']}, {results['seconds'] / 60:.0f} min; "
              f"{results['size']['seeds']} seeds per method and level; {json.dumps(results['size']['train'])}; "
              f"lr/beta per method: {'results/sweep.json' if results['tuned'] else 'the preset'}. pair_noise = p "

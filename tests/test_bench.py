@@ -1,6 +1,5 @@
 """research/bench.py's bookkeeping (never absolute speed): timing scales with work, the statistics
 helpers, the peak-memory child, the ratios against targets and the markdown report."""
-import time
 
 import pytest
 import torch
