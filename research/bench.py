@@ -96,8 +96,8 @@ def profile(model: str, cuda: bool, quick: bool, cuda_check: bool = False) -> di
                  guidance=3.0, beta=500.0, lora_rank=4, storage="memory", grad_ckpt=False,
                  bf16=False, full_ft=True, warmup=1, repeats=6, child_steps=3)
         p.update(loser=loser, scheduler="ddim", memory=True, threads=0, width=None)
-        if quick:  # a smaller batch: CI needs the table, not tight error bars
-            p.update(batch=8, warmup=1, repeats=3, child_steps=2)
+        if quick:  # a small batch, two repeats: CI needs every row of the table, not tight error bars
+            p.update(batch=4, warmup=1, repeats=2, child_steps=2)
         return p
     # CPU: reduced width (SD15_CPU_WIDTH) and latents, one torch thread (two threads on two
     # shared cores spin-wait on each other: 50x slower), the preset's loser sampling end to end.

@@ -77,14 +77,17 @@ SIZES = {
     # Sized to finish well under an hour on 2 CPU cores with --jobs 2 (batch 16 instead of the
     # main job's 32; every method gets the same updates and batch).
     "full": dict(seeds=3, train={"max_steps": 300, "batch_size": 16}, n_final=100, n_curve=50,
-                 inference_steps=20, curve_inference_steps=10, curve_points=6),
+                 inference_steps=20, curve_inference_steps=10, curve_points=6, memo_steps=20),
     # The validation sweep: shorter runs, one seed, curve-sized evaluation.
     "sweep": dict(seeds=1, train={"max_steps": 200, "batch_size": 16}, n_final=50, n_curve=50,
                   inference_steps=10, curve_inference_steps=10, curve_points=2),
-    # CI smoke test: numbers are meaningless (small base, few updates).
-    "quick": dict(seeds=2, train={"max_steps": 10, "save_every": 5, "batch_size": 8, "loser_steps": 3,
-                                  "digits_base_steps": 100}, n_final=40, n_curve=20, inference_steps=5,
-                  curve_inference_steps=3, curve_points=2),
+    # CI smoke test: numbers are meaningless (a base at chance, few updates). The least that
+    # still runs every code path: 2 seeds (a t-interval needs 2), two checkpoints (a curve of
+    # base + 2 points; replay draws from 2 snapshots), the fewest prompts digit_prompts balances
+    # over the templates (30 training, 20 held-out).
+    "quick": dict(seeds=2, train={"max_steps": 4, "save_every": 2, "batch_size": 4, "loser_steps": 2,
+                                  "digits_base_steps": 20}, n_final=20, n_curve=10, inference_steps=3,
+                  curve_inference_steps=2, curve_points=2, memo_steps=2),
 }
 FRONTIER_SIZES = {  # the loser-sampling frontier (loser_frontier.py)
     # save_every (the replay pool's snapshot interval) must be a multiple of every loser_every in
@@ -135,14 +138,14 @@ def _tuned(overrides: dict, tuned: dict) -> dict:
     return {**{k: chosen[k] for k in ("lr", "beta") if k in chosen}, **overrides}
 
 
-def _memo(bundle, overrides: dict, seed: int) -> dict:
+def _memo(bundle, overrides: dict, seed: int, steps: int) -> dict:
     """Copying and diversity (report.memorization) of 10 samples per digit, training templates,
-    guidance 3, against the run's alignment digits (the first 40 per class of the full split, or
-    the small split itself) and as many held-out eval digits per class."""
+    guidance 3, `steps` sampling steps, against the run's alignment digits (the first 40 per class
+    of the full split, or the small split itself) and as many held-out eval digits per class."""
     per_class = overrides.get("digits_align_per_class", 0) or 40
     align, heldout = digits.real_subset("align", per_class)[0], digits.real_subset("eval", per_class)[0]
     prompts, labels = digits.judge.digit_prompts(digits.TRAIN_TEMPLATES[:1], 100)
-    x = digits.judge.generate_digits(bundle, prompts, seed=seed)
+    x = digits.judge.generate_digits(bundle, prompts, seed=seed, num_inference_steps=steps)
     return report.memorization(x, labels, align, heldout)
 
 
@@ -162,7 +165,7 @@ def _run_one(name: str, spec: dict, seed: int, out: Path, size: dict, common: di
     final = digits.judge.evaluate_model(bundle, judge, n_per_condition=size["n_final"],
                                   num_inference_steps=size["inference_steps"], seed=seed)
     row = {"seed": seed, "train_seconds": train_s, "final": final, "run_dir": str(run_dir),
-           "memo": _memo(bundle, overrides, seed), "settings": overrides,
+           "memo": _memo(bundle, overrides, seed, size["memo_steps"]), "settings": overrides,
            "curve": _curve(bundle, run_dir, judge, size, seed, base_curve), "ssr": _ssr_curve(run_dir)}
     if not keep_checkpoints:  # ~12 MB each (weights + optimizer); final/ and metrics.jsonl stay
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -207,7 +210,7 @@ def run_table(out: Path, size: dict, methods=None, keep_checkpoints: bool = Fals
         base_rows[seed] = {"seed": seed, "train_seconds": 0.0, "curve": [], "ssr": [], "run_dir": str(base_dir),
                            "final": digits.judge.evaluate_model(base, judge, n_per_condition=size["n_final"],
                                                           num_inference_steps=size["inference_steps"], seed=seed),
-                           "memo": _memo(base, {}, seed), "base_curve": curve}
+                           "memo": _memo(base, {}, seed, size["memo_steps"]), "base_curve": curve}
     results = {"size": size, "judge_accuracy": judge.real_accuracy, "base_model": str(base_dir), "runs": {},
                "tuned": tuned or {}}
     names = list(methods or specs)

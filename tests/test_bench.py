@@ -4,6 +4,7 @@ helpers, the peak-memory child, the ratios against targets and the markdown repo
 import pytest
 import torch
 
+from conftest import HANG_GUARD_S
 from research import bench, bench_report
 
 
@@ -162,7 +163,7 @@ def test_quick_benchmark_end_to_end(tmp_path):
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, "-m", "research.bench", "--quick", "--out", str(tmp_path)],
-                       cwd=root, capture_output=True, text=True, timeout=900)
+                       cwd=root, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     res = json.loads((tmp_path / "bench.json").read_text())
     measures = {(t["mode"], t["measure"]) for t in res["timings"]}

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import HANG_GUARD_S
 from research import benchmark, loser_frontier, report
 
 
@@ -63,7 +64,8 @@ def test_quick_table_end_to_end(tmp_path):
     import sys
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, "-m", "research.benchmark", "claims", "--quick", "--jobs", "2",
-                        "--out", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=1800)
+                        "--out", str(tmp_path)], cwd=root, capture_output=True, text=True,
+                       timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((tmp_path / "table.json").read_text())
     assert list(res["runs"]) == list(benchmark.METHODS)
@@ -95,7 +97,7 @@ def test_run_table_trains_the_given_specs_with_the_tuned_lr(tmp_path):
 
 def test_run_table_checks_every_setting_before_training_and_frontier_sizes_are_valid(tmp_path):
     size = {**benchmark.SIZES["quick"], "seeds": 1}
-    bad = {"base": None, "ok": {"method": "sspo"}, "bad": {"method": "sspo", "loser_every": 3}}  # save_every 5
+    bad = {"base": None, "ok": {"method": "sspo"}, "bad": {"method": "sspo", "loser_every": 3}}  # save_every 2
     with pytest.raises(ValueError, match="multiple of 'loser_every'"):
         benchmark.run_table(tmp_path, size, specs=bad)
     assert not (tmp_path / "runs").exists()  # nothing trained

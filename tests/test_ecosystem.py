@@ -26,6 +26,7 @@ from models import animatediff, sd15
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import HANG_GUARD_S  # noqa: E402
 from test_train import FAST, _write_pickapic  # noqa: E402
 
 # Plain diffusers, no project import: the base image, then the same seed with the adapter.
@@ -65,7 +66,7 @@ def test_lora_final_loads_in_plain_diffusers_and_changes_the_image(lora_run):
     keys = load_file(str(final / export.LORA_FILE)).keys()
     assert keys and all(k.startswith("unet.") and ".lora." in k for k in keys)
     r = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS, sd, str(final)], capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       timeout=HANG_GUARD_S, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     diff = float(r.stdout.split("DIFF")[-1])
     assert diff > 1e-3, diff
@@ -346,8 +347,8 @@ def test_progress_lines_when_stdout_is_not_a_terminal(tmp_path):
             "--lora_rank=4", "--max_steps=3", "--resolution=16", "--grad_accum=1", "--warmup_steps=0",
             "--num_workers=0", "--log_every=1", "--checkpointing_steps=3", "--sample_every=0",
             "--num_sample_prompts=1", "--mixed_precision=no", f"--out_dir={tmp_path / 'run'}"]
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], capture_output=True, text=True, timeout=300,
-                       cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], capture_output=True, text=True,
+                       timeout=HANG_GUARD_S, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     line = re.compile(r"^step (\d+)/3 \| loss [\d.]+ \| acc [\d.]+ \| margin \S+ \| lr \S+ \| [\d.]+ s/step "
                       r"\| [\d.]+ samples/s \| ETA \d+m\d\ds$")

@@ -18,6 +18,7 @@ import models
 from models import sampling
 import train
 from models import sdxl
+from conftest import HANG_GUARD_S
 from test_train import _torchrun, _weights, _write_pickapic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,7 +165,7 @@ def test_sdxl_every_method_trains_and_final_loads_in_plain_diffusers(tiny, tmp_p
             assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
         final = out / "final" / ("merged" if key[1] else "")
         r = subprocess.run([sys.executable, "-c", FRESH, str(final), str(tmp_path / "img.png"),
-                            str(tmp_path / "trained.safetensors")], capture_output=True, text=True, timeout=600,
+                            str(tmp_path / "trained.safetensors")], capture_output=True, text=True, timeout=HANG_GUARD_S,
                            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
         line = [s for s in r.stdout.splitlines() if s.startswith("SIZE")][0]

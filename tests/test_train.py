@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import HANG_GUARD_S
 from infra import checkpoints
 import config
 import models
@@ -108,7 +109,7 @@ def test_lora_changes_only_the_adapter(cache, tmp_path):
 
 # ------------------------------------------------------------------------------- DDP == 1 process
 
-def _torchrun(nproc: int, args: list[str], timeout=600):
+def _torchrun(nproc: int, args: list[str], timeout=HANG_GUARD_S):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            "--standalone", str(ROOT / "train.py"), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
