@@ -359,7 +359,7 @@ def test_progress_lines_when_stdout_is_not_a_terminal(tmp_path):
 
 # ----------------------------------------------------------------------------- a diffusers user's command line
 
-def _cli(*argv, timeout=300):
+def _cli(*argv, timeout=HANG_GUARD_S):
     """``python train.py ARGV`` as a user runs it: a subprocess, stdout and stderr piped."""
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, argv)], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -427,7 +427,7 @@ def test_every_lora_checkpoint_loads_in_plain_diffusers(cli_run, tiny_sd15):
     step = out / "checkpoints" / "step_000001"
     assert (step / export.LORA_FILE).is_file()
     r = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS, tiny_sd15[0], str(step)], capture_output=True,
-                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       text=True, timeout=HANG_GUARD_S, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert float(r.stdout.split("DIFF")[-1]) > 1e-4
 
@@ -501,7 +501,7 @@ def test_main_job_ends_with_a_labelled_base_vs_aligned_picture(cache, tmp_path):
     from PIL import Image
     out = tmp_path / "run"
     r = _cli(*[f"--{k}={v}" for k, v in FAST.items() if k != "sample_every"], "--sample_every=2",
-             "--num_sample_prompts=3", f"--cache_dir={cache}", "--method=sft", f"--out_dir={out}", timeout=600)
+             "--num_sample_prompts=3", f"--cache_dir={cache}", "--method=sft", f"--out_dir={out}")
     assert r.returncode == 0, r.stderr[-3000:]
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith(f"picture: {out / evaluate.PICTURE}"), last
@@ -561,7 +561,7 @@ def test_settings_diffusers_users_reach_for(tiny_sd15, tmp_path):
 def test_digits_base_build_prints_progress_when_piped(tmp_path):
     """The first command's base build, piped (CI, nohup): progress lines, no silent minutes."""
     code = f"import digits; digits.ensure_base({str(tmp_path)!r}, 20, 0.65)"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=ROOT,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [line for line in r.stdout.splitlines() if line.startswith("digits base, stage")]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import HANG_GUARD_S
 import scipy.linalg
 import torch
 import torch.nn.functional as F
@@ -407,7 +408,7 @@ def test_generate_from_full_finetune_checkpoints(tmp_path):
 
 # ----------------------------------------------------------------------------- every family, one sampler
 
-def _evaluate_cli(*argv, timeout=300):
+def _evaluate_cli(*argv, timeout=HANG_GUARD_S):
     import os
     import subprocess
     import sys

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import HANG_GUARD_S
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -496,7 +497,7 @@ def test_images_over_the_pixel_cap_are_skipped_before_decoding(tmp_path, monkeyp
 
 # ================================================================== messages that keep their cause
 
-def _train_py(*argv, timeout=600):
+def _train_py(*argv, timeout=HANG_GUARD_S):
     """train.py as a user runs it: (exit code, stdout, stderr)."""
     import subprocess
     import sys

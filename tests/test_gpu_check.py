@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HANG_GUARD_S
 import torch
 
 from research import gpu_check
@@ -54,7 +55,7 @@ finally:
 @pytest.mark.slow
 def test_dry_run_writes_every_row_without_the_blocked_packages(tmp_path):
     r = subprocess.run([sys.executable, "-c", PROBE, str(ROOT), str(tmp_path), json.dumps(BLOCKED)],
-                       capture_output=True, text=True, cwd=str(ROOT), timeout=900)
+                       capture_output=True, text=True, cwd=str(ROOT), timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr[-4000:]
     lines = r.stdout.splitlines()
     tried = json.loads(next(line for line in lines if line.startswith("TRIED "))[6:])
