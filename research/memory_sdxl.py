@@ -8,7 +8,7 @@ storage). LoRA counts are r * (in + out) over the modules peft targets (models' 
 Bytes per parameter: fp32 weights 4, gradients 4 (+4 for DDP's gradient buckets), AdamW 8
 (exp_avg, exp_avg_sq). The reference (replay.py) is a frozen fp32 copy of the UNet with full
 fine-tuning and a second adapter "ref" with LoRA. Replay snapshots hold the trainable weights:
-off the GPU (host RAM for memory / memory_bf16, files for disk), one per ``save_every`` updates
+off the GPU (host RAM for memory / memory_bf16, files for disk), one per K = ``replay_every`` updates
 plus the initial model. Activations are not in the table: they depend on attention kernels and
 checkpointing and must be measured on a GPU (research/bench.py).
 """
@@ -55,7 +55,7 @@ def plan(cfg: config_mod.Config, lora_ranks=(8, 64)) -> dict:
                   "text_encoder_2 (bigG)": count(CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_2))),
                   "vae (fp32, always)": count(AutoencoderKL(**VAE))}
     P = count(unet)
-    snapshots = cfg.max_steps // cfg.save_every + 1  # + checkpoint 0, the initial model
+    snapshots = cfg.max_steps // config_mod.replay_interval(cfg) + 1  # + checkpoint 0, the initial model
     rows = []
     for mode, T, ref in [("full fine-tuning", P, P)] + [(f"LoRA r={r}", lora_count(unet, r), lora_count(unet, r))
                                                          for r in lora_ranks]:
@@ -73,7 +73,7 @@ def markdown(p: dict) -> str:
          f"UNet {p['unet'] / 1e6:.1f}M parameters; frozen: "
          + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in p["frozen"].items()) + ".",
          f"Preset configs/sdxl_pickapic.py: {cfg.resolution} px (latents {cfg.resolution // 8}x{cfg.resolution // 8}), "
-         f"max_steps {cfg.max_steps}, save_every {cfg.save_every} -> {p['snapshots']} replay snapshots "
+         f"max_steps {cfg.max_steps}, replay every {config_mod.replay_interval(cfg)} -> {p['snapshots']} replay snapshots "
          f"(pool_storage={cfg.pool_storage}).", "",
          "GB = 1e9 bytes. Activations excluded (measure on a GPU: research/bench.py); bf16 autocast keeps fp32 master weights.", "",
          "| mode | trainable | UNet | adapter | grads | DDP buckets | AdamW | reference | text enc. + VAE | **GPU before activations** | snapshot fp32 / bf16 | pool of all snapshots, fp32 (host RAM or disk) |",
