@@ -100,7 +100,10 @@ class CheckpointPool:
         return path.name, crc
 
     def _read(self, index: int) -> dict[str, torch.Tensor]:
-        """A snapshot file, read once and checked against its CRC-32 (when the state recorded one)."""
+        """A snapshot file, read once and checked against its CRC-32 (when the state recorded one),
+        keyed in sorted order: safetensors' ``load`` of bytes orders keys differently in each
+        process, and the ranks of a job must walk a snapshot in the same order (FSDP gathers a
+        sharded tensor per key)."""
         import zlib
         from safetensors.torch import load
         path = self.directory / self._files[index]
@@ -108,7 +111,7 @@ class CheckpointPool:
         if self._crcs[index] is not None and zlib.crc32(raw) != self._crcs[index]:
             raise ValueError(f"replay snapshot {path} is damaged (its CRC-32 differs from the one recorded "
                              f"when it was written)")
-        return load(raw)
+        return dict(sorted(load(raw).items()))
 
     def get(self, index: int) -> dict[str, torch.Tensor]:
         """The snapshot's tensors (on CPU; bf16 for memory_bf16, except checkpoint 0)."""
