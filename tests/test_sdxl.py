@@ -193,6 +193,7 @@ def test_sdxl_two_processes_and_resume(tiny, tmp_path):
     _write_pickapic(tmp_path / "pick", n=3)
     args = [f"--{k}={v}" for k, v in {**RUN, "batch_size": 1, "method": "sspo", "lora_rank": 2, "model_path": tiny,
                                       "data_path": tmp_path / "pick", "out_dir": tmp_path / "run"}.items()]
+    args.insert(0, "--config=digits")  # the small settings of RUN, not the SDXL preset the model folder names
     r = _torchrun(2, [*args, "--max_steps=1"])
     assert "global batch 1 x 1 accum x 2 procs = 2" in r.stdout
     r = _torchrun(2, [*args, "--max_steps=2", "--resume"])

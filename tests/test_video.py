@@ -184,8 +184,14 @@ def test_non_square_training_step_losers_and_sample_grid(family, tiny, tmp_path)
                          out_dir=str(tmp_path / "run")))
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["step"] == 1 and row["loss"] == row["loss"] and row["grad_norm"] > 0, row
+    from infra import runtime
+    cell = runtime.labelled(Image.new("RGB", (W, H)), "")  # a W x H sample above its prompt's band
+    left = (cell.width - W) // 2  # the sample sits centred in its cell, white on either side
     with Image.open(out / "samples" / "step_000001.png") as grid:
-        assert grid.size == (2 * W, H)  # 2 prompts side by side, each W wide, H tall
+        assert grid.size == (2 * cell.width, cell.height)  # 2 prompts side by side
+        px = grid.convert("RGB").load()
+        assert left > 0 and all(px[left - 1, y] == px[left + W, y] == (255, 255, 255) for y in range(H))
+        assert not all(px[left, y] == (255, 255, 255) for y in range(H))  # the sample is exactly W wide
     assert f"| resolution | {H}x{W} (height x width) |" in (out / "final" / "README.md").read_text()
 
 
