@@ -30,7 +30,7 @@ CONFIG = dict(
     save_every=200,         # training checkpoints (saving only)
     pool_storage="disk",    # 1.7-3.4 GB per full-UNet snapshot: keep them as safetensors files
     keep_checkpoints=2,
-    # Loser sampling (issue 15): a full SSPO step within 1.8x a Diffusion-DPO step (results/bench.md),
+    # Loser sampling: a full SSPO step within 1.8x a Diffusion-DPO step (results/bench.md),
     # chosen on the digits frontier (results/loser_frontier.md) as its cheapest setting that keeps
     # the digits preset's quality: UniPC (multistep predictor-corrector, made for 5-10 step
     # sampling) at 6 steps with guidance, losers sampled every 2nd update (the update between

@@ -1,4 +1,4 @@
-"""Speed and memory of SSPO against its baselines, measured side by side (issue 7).
+"""Speed and memory of SSPO against its baselines, measured side by side.
 
     python -m research.bench                      # digits + SD-1.5-shaped UNet -> results/bench.{md,json}
     python -m research.bench --quick              # digits only, few repeats (CI, < 2 minutes on 2 cores)
