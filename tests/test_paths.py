@@ -62,3 +62,10 @@ def test_nothing_points_outside_the_repository():
     bad = [str(p.relative_to(ROOT)) for p in _files(".py") + _files(".md")
            if p.name != "test_paths.py" and re.search(r"DESIGN\.md|\.\./shared|REAL_CONFIGS\.md|STYLE\.md", p.read_text())]
     assert not bad, f"files that point outside the repository: {bad}"
+
+
+def test_no_issue_numbers_in_the_code():
+    """Comments and docstrings speak of the code as it is: no tracker numbers (git keeps history)."""
+    bad = [f"{p.relative_to(ROOT)}:{i}" for p in _files(".py") if p.name != "test_paths.py"
+           for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"\bissue\s+#?\d+", line, re.I)]
+    assert not bad, f"issue numbers in: {bad}"
