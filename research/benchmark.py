@@ -253,12 +253,13 @@ def _sweep_one(method: str, lr: float, beta: float, out: Path, size: dict, commo
     return {"method": method, "lr": lr, "beta": beta, **m}
 
 
-def run_sweep(out: Path, size: dict, jobs: int) -> dict:
-    """lr x beta per method (lr only for SFT); returns {method: {"lr", "beta"}} and the rows."""
+def run_sweep(out: Path, size: dict, jobs: int, methods=None) -> dict:
+    """lr x beta per method (lr only for SFT); returns {method: {"lr", "beta"}} and the rows.
+    methods: a subset of the trained methods (default every one)."""
     out.mkdir(parents=True, exist_ok=True)
     common, base_dir = _base(size)
     base = _validation(models.build_model("digits", path=str(base_dir)), size)
-    methods = sorted({m["method"] for m in METHODS.values() if m})
+    methods = sorted(methods or {m["method"] for m in METHODS.values() if m})
     todo = [(m, lr, beta) for m in methods for lr in SWEEP["lr"]
             for beta in (SWEEP["beta"] if m != "sft" else SWEEP["beta"][:1])]
     rows = list(_in_workers(_sweep_one, {k: (*k, out, size, common) for k in todo}, jobs).values())
@@ -278,10 +279,24 @@ def write_grid(results: dict, path: Path) -> None:
     report.labelled_grid(rows).save(path)
 
 
-def _load_tuned(out: Path, quick: bool) -> dict:
-    """The sweep's chosen lr/beta per method (results/sweep.json), or {} (the presets)."""
-    f = out / "sweep.json"
-    return json.loads(f.read_text())["best"] if f.exists() and not quick else {}
+def sweep_file(out: Path, pair_noise: float = 0.0) -> Path:
+    """Where the sweep at this share of swapped pairs writes its choice: sweep.json (clean pairs),
+    sweep_p0.2.json (pair_noise 0.2)."""
+    return out / (f"sweep_p{pair_noise:g}.json" if pair_noise else "sweep.json")
+
+
+def _load_tuned(out: Path, quick: bool, path: str | None = None) -> dict:
+    """The sweep's chosen lr/beta per method (``path``, default results/sweep.json), or {} (the
+    presets). A sweep run on a subset of methods falls back to sweep.json for the others."""
+    if quick:
+        return {}
+    chosen = {}
+    for f in [out / "sweep.json"] + ([Path(path)] if path else []):
+        if path and not Path(path).exists():
+            raise SystemExit(f"--sweep {path}: no such file (run `python -m research.benchmark sweep` first)")
+        if f.exists():
+            chosen.update(json.loads(f.read_text())["best"])
+    return chosen
 
 
 def cmd_claims(args) -> None:
@@ -293,7 +308,7 @@ def cmd_claims(args) -> None:
     if args.pair_noise:
         size["train"]["pair_noise"] = args.pair_noise
     out = Path(args.out)
-    tuned = _load_tuned(out, args.quick)
+    tuned = _load_tuned(out, args.quick, args.sweep)
     if args.from_json:  # re-derive tables, verdicts and pictures from a finished run, no training
         results = json.loads(Path(args.from_json).read_text())
         if args.methods:  # a subset of the recorded runs
@@ -346,11 +361,15 @@ def cmd_claims(args) -> None:
 
 def cmd_sweep(args) -> None:
     size = copy.deepcopy(SIZES["quick" if args.quick else "sweep"])
+    if args.pair_noise:
+        size["train"]["pair_noise"] = args.pair_noise
     out = Path(args.out)
-    sweep = run_sweep(out, size, args.jobs)
-    (out / "sweep.json").write_text(json.dumps(sweep, indent=1))
-    report.write_sweep_md(sweep, out / "sweep.md", "python -m research.benchmark " + shlex.join(args.argv), VALIDATION_SEED)
-    print((out / "sweep.md").read_text())
+    sweep = run_sweep(out, size, args.jobs, args.methods)
+    path = sweep_file(out, args.pair_noise)
+    path.write_text(json.dumps(sweep, indent=1))
+    report.write_sweep_md(sweep, path.with_suffix(".md"), "python -m research.benchmark " + shlex.join(args.argv),
+                          VALIDATION_SEED)
+    print(path.with_suffix(".md").read_text())
 
 
 def cmd_frontier(args) -> None:
@@ -388,7 +407,7 @@ def cmd_noise(args) -> None:
         size["seeds"] = args.seeds
     levels = sorted(args.levels or NOISE_LEVELS)
     out = Path(args.out)
-    tuned = _load_tuned(out, args.quick)
+    tuned = _load_tuned(out, args.quick, args.sweep)
     t0 = time.time()
     specs = {"base": None, **{m: METHODS[m] for m in NOISE_METHODS}}
     per_level = {}
@@ -438,6 +457,14 @@ def main(argv=None) -> None:
         if fn is cmd_noise:
             c.add_argument("--seeds", type=int, help="training seeds per method and level (default 3; quick 2)")
             c.add_argument("--levels", type=float, nargs="+", help=f"pair_noise levels (default {NOISE_LEVELS})")
+        if fn is cmd_sweep:
+            c.add_argument("--pair-noise", type=float, default=0.0,
+                           help="share of swapped preference pairs; writes sweep_p<noise>.json/md")
+            c.add_argument("--methods", nargs="+", choices=sorted({m["method"] for m in METHODS.values() if m}),
+                           help="subset of methods (default all)")
+        if fn in (cmd_claims, cmd_noise):
+            c.add_argument("--sweep", help="a sweep's choice of lr/beta, e.g. results/sweep_p0.2.json "
+                                           "(default results/sweep.json; methods it lacks take sweep.json's)")
         if fn is cmd_claims:
             c.add_argument("--pair-noise", type=float, default=0.0,
                            help=f"share of swapped preference pairs ({CALIBRATED_NOISE} = Pick-a-Pic's agreement)")

@@ -490,7 +490,9 @@ def write_sweep_md(sweep: dict, path: Path, command: str, validation_seed: int) 
     lines = ["# Settings per method (validation sweep)\n",
              f"`{command}`. Validation measure: accuracy and Frechet distance (FD) to the real *align* "
              f"digits, training templates, no guidance, generation noise seed {validation_seed} (never "
-             f"used in evaluation); {sweep['size']['train'].get('max_steps')} updates, seed 0. Rule "
+             f"used in evaluation); {sweep['size']['train'].get('max_steps')} updates, seed 0"
+             + (f", pair_noise {sweep['size']['train']['pair_noise']:g} (that share of the pairs swapped)"
+                if sweep['size']['train'].get('pair_noise') else "") + ". Rule "
              f"(report.choose): among the settings whose FD is at most {sweep['max_fd_ratio']:g}x the "
              f"base's ({sweep['base']['frechet']:.2f}; base accuracy {sweep['base']['accuracy']:.3f}), the "
              "highest accuracy (ties -> lower FD); if none qualifies, the lowest FD (marked `no` below). "
