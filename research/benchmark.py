@@ -286,17 +286,46 @@ def sweep_file(out: Path, pair_noise: float = 0.0) -> Path:
 
 
 def _load_tuned(out: Path, quick: bool, path: str | None = None) -> dict:
-    """The sweep's chosen lr/beta per method (``path``, default results/sweep.json), or {} (the
-    presets). A sweep run on a subset of methods falls back to sweep.json for the others."""
+    """The sweep's chosen lr/beta per method, or {} (the presets): ``path`` (e.g.
+    results/sweep_p0.2.json) over the sweep.json beside it, which keeps the methods a sweep on a
+    subset did not try; without ``path``, <out>/sweep.json."""
     if quick:
         return {}
+    if path and not Path(path).exists():
+        raise SystemExit(f"--sweep {path}: no such file (run `python -m research.benchmark sweep` first)")
     chosen = {}
-    for f in [out / "sweep.json"] + ([Path(path)] if path else []):
-        if path and not Path(path).exists():
-            raise SystemExit(f"--sweep {path}: no such file (run `python -m research.benchmark sweep` first)")
+    for f in ([Path(path).parent / "sweep.json", Path(path)] if path else [out / "sweep.json"]):
         if f.exists():
             chosen.update(json.loads(f.read_text())["best"])
     return chosen
+
+
+def calibrated_runs(paths: list[str], level: float = CALIBRATED_NOISE) -> tuple[dict, list[str]]:
+    """The runs at pair_noise = ``level`` gathered from several finished runs, as one results dict
+    for report.build_claims, and one line per source for the report. A source is a noise.json
+    (its level ``level``) or a claims table.json trained with ``--pair-noise level``. A method in
+    two sources, or a source at another noise level, is refused: a comparison must not mix runs
+    of different conditions without saying so."""
+    key, merged, sources = f"{level:g}", {"runs": {}}, []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        if "per_level" in data:
+            if key not in data["per_level"]:
+                raise SystemExit(f"{path} holds no pair_noise = {key} level (levels: {data['levels']})")
+            part = data["per_level"][key]
+        else:
+            got = data["size"]["train"].get("pair_noise", 0.0)
+            if got != level:
+                raise SystemExit(f"{path} was trained at pair_noise = {got:g}, not {key}")
+            part = data
+        clash = sorted(set(part["runs"]) & set(merged["runs"]) - {"base"})
+        if clash:
+            raise SystemExit(f"{path}: {clash} already come from an earlier source; give each method once")
+        merged["runs"].update(part["runs"])
+        merged.setdefault("size", data["size"])
+        sources.append(f"`{data.get('command', path)}` ({data.get('date', '?')}: "
+                       f"{', '.join(n for n in part['runs'] if n != 'base')})")
+    return merged, sources
 
 
 def cmd_claims(args) -> None:
@@ -307,6 +336,8 @@ def cmd_claims(args) -> None:
         size["train"]["max_steps"] = args.steps
     if args.pair_noise:
         size["train"]["pair_noise"] = args.pair_noise
+    if args.curve_points is not None:
+        size["curve_points"] = args.curve_points
     out = Path(args.out)
     tuned = _load_tuned(out, args.quick, args.sweep)
     if args.from_json:  # re-derive tables, verdicts and pictures from a finished run, no training
@@ -334,19 +365,28 @@ def cmd_claims(args) -> None:
               + (f" Rewritten from {args.from_json} on {datetime.datetime.now():%Y-%m-%d %H:%M} (no "
                  f"retraining) by `python -m research.benchmark {shlex.join(args.argv)}`." if args.from_json else ""))
     body = report.claims_markdown(rows, header)
-    if args.calibrated:  # the main condition first: pairs as noisy as Pick-a-Pic's, then clean pairs
-        noisy = json.loads(Path(args.calibrated).read_text())
-        key = f"{CALIBRATED_NOISE:g}"
-        if key not in noisy["per_level"]:
-            raise SystemExit(f"{args.calibrated} holds no pair_noise = {key} level (levels: {noisy['levels']})")
-        level = noisy["per_level"][key]
-        body = "\n".join([header, "", report.claims_markdown(
-            report.build_claims(level),
-            f"## Noisy pairs, pair_noise = {key} (Pick-a-Pic's 68% agreement): the main condition\n\n"
-            f"From the noise sweep's runs at this level (`{noisy['command']}`, {noisy['date']}; "
-            f"{', '.join(level['runs'])}; {noisy['size']['seeds']} seeds); the other methods were not run "
-            "with noisy pairs."), report.claims_markdown(
-            rows, "## Clean pairs (every recorded preference right: Diffusion-DPO is handed an oracle)")])
+    if args.calibrated or args.long:  # the main condition first: pairs as noisy as Pick-a-Pic's
+        sections = [header]
+        long = json.loads(Path(args.long).read_text()) if args.long else None
+        if args.calibrated:
+            noisy, sources = calibrated_runs(args.calibrated)
+            noisy_rows = report.build_claims(noisy)
+            if long:  # the curve claims are judged on the long runs, not on 300-update curves
+                noisy_rows = [r for r in noisy_rows if not r["claim"].startswith("Fig.")]
+            sections.append(report.claims_markdown(noisy_rows, (
+                f"## Noisy pairs, pair_noise = {CALIBRATED_NOISE:g} (Pick-a-Pic's 68% agreement): the main "
+                f"condition\n\n{noisy['size'].get('train', {}).get('max_steps', '?')} updates; from " + "; ".join(sources)
+                + (". The curve claims (Fig. 2 / 4 / 9) are judged on the long runs below." if long else "."))))
+        if long:
+            steps, p = long["size"]["train"].get("max_steps"), long["size"]["train"].get("pair_noise", 0.0)
+            sections.append(report.claims_markdown(report.build_claims(long), (
+                f"## Long runs: {steps} updates, pair_noise = {p:g}, evaluated at "
+                f"{long['size']['curve_points']} checkpoints\n\n`{long['command']}` ({long['date']}, "
+                f"{long['seconds'] / 60:.0f} min; {long['size']['seeds']} seeds; curves: "
+                f"{Path(args.long).parent}/curve_accuracy.png, {Path(args.long).parent}/ssr_rate.png)")))
+        sections.append(report.claims_markdown(
+            rows, "## Clean pairs (every recorded preference right: Diffusion-DPO is handed an oracle)"))
+        body = "\n".join(sections)
     (out / "claims.md").write_text(body)
     report.plot_curves(results, out)
     models_here = all(Path(runs[0]["run_dir"]).exists() for runs in results["runs"].values())
@@ -474,8 +514,12 @@ def main(argv=None) -> None:
             c.add_argument("--keep-checkpoints", action="store_true", help="keep runs/*/checkpoints")
             c.add_argument("--from-json", help="a table.json of a finished run: rewrite claims, tables and "
                                                "pictures from it without training")
-            c.add_argument("--calibrated", help="a noise.json (the noise command's): add the claims at "
-                                                f"pair_noise = {CALIBRATED_NOISE} as the main condition")
+            c.add_argument("--calibrated", nargs="+",
+                           help="noise.json and/or table.json files of runs at pair_noise = "
+                                f"{CALIBRATED_NOISE}: their claims become the main condition")
+            c.add_argument("--long", help="a table.json of long runs (--steps 1200 --curve-points 12): "
+                                          "their claims get a section of their own")
+            c.add_argument("--curve-points", type=int, help="checkpoints judged for the learning curves (default 6)")
     c = sub.add_parser("readme", help="the default run's eval.json -> results/default_run.json and the README table")
     c.set_defaults(fn=cmd_readme)
     c.add_argument("--run", default="runs/digits_sspo", help="a finished `python train.py` run")

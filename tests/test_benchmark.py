@@ -226,3 +226,48 @@ def test_claims_with_the_calibrated_noise_condition_first(tmp_path):
         (tmp_path / "noise.json").write_text(json.dumps(noisy))
         benchmark.main(["claims", "--quick", "--from-json", str(src), "--calibrated", str(tmp_path / "noise.json"),
                         "--out", str(out)])
+
+
+def test_calibrated_claims_gather_several_sources_and_long_runs(tmp_path):
+    """`--calibrated noise.json table.json --long long.json`: the noisy section joins the noise
+    sweep's runs with a claims run at the same pair_noise (so the ablations' Table 6 rows appear
+    there), leaves the curve claims to the long runs' own section, and refuses a source at another
+    noise level or a method given twice."""
+    results = _fake_results(tuple(benchmark.METHODS), seeds=3)
+    for runs in results["runs"].values():
+        for r in runs:
+            r["run_dir"] = str(tmp_path / "gone")
+    results.update(seconds=60.0, tuned={}, command="python -m research.benchmark claims --jobs 2")
+    src = tmp_path / "recorded.json"
+    src.write_text(json.dumps(results))
+    pick = lambda *names: {k: results["runs"][k] for k in names}  # noqa: E731
+    noisy = {"levels": [0.2], "per_level": {"0.2": {"runs": pick("base", "sft", "dpo", "sspo")}},
+             "size": {"seeds": 3, "train": {"max_steps": 300}}, "date": "d1", "command": "noise-cmd"}
+    size02 = {**results["size"], "train": {"max_steps": 300, "pair_noise": 0.2}}
+    others = {"runs": pick("base", "sspo ssr=none", "sspo replay=initial"), "size": size02,
+              "date": "d2", "command": "others-cmd"}
+    long = {"runs": pick("base", "sft", "sspo", "sspo replay=last"), "date": "d3", "command": "long-cmd",
+            "seconds": 600.0, "size": {**size02, "curve_points": 12, "train": {"max_steps": 1200, "pair_noise": 0.2}}}
+    for name, data in (("noise", noisy), ("others", others), ("long", long)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["claims", "--quick", "--from-json", str(src), "--out", str(out), "--calibrated",
+            str(tmp_path / "noise.json"), str(tmp_path / "others.json"), "--long", str(tmp_path / "long.json")]
+    benchmark.main(argv)
+    text = (out / "claims.md").read_text()
+    noisy_at, long_at, clean_at = (text.index(h) for h in ("## Noisy pairs", "## Long runs: 1200 updates",
+                                                            "## Clean pairs"))
+    assert noisy_at < long_at < clean_at
+    noisy_md, long_md = text[noisy_at:long_at], text[long_at:clean_at]
+    assert "Table 6: SSPO beats sspo ssr=none" in noisy_md and "`others-cmd`" in noisy_md and "`noise-cmd`" in noisy_md
+    assert "| Fig." not in noisy_md and "| Fig. 2" in long_md and "| Fig. 9" in long_md and "| Fig. 4" in long_md
+    assert "Table 6: SSPO beats sspo ssr=none" not in long_md  # the long runs hold no such ablation
+    others["size"] = results["size"]  # trained on clean pairs: not a source for the noisy section
+    (tmp_path / "others.json").write_text(json.dumps(others))
+    with pytest.raises(SystemExit, match="trained at pair_noise = 0, not 0.2"):
+        benchmark.main(argv)
+    others.update(size=size02, runs=pick("base", "sspo"))  # sspo already comes from noise.json
+    (tmp_path / "others.json").write_text(json.dumps(others))
+    with pytest.raises(SystemExit, match=r"\['sspo'\] already come from an earlier source"):
+        benchmark.main(argv)
