@@ -450,7 +450,18 @@ def cmd_noise(args) -> None:
     tuned = _load_tuned(out, args.quick, args.sweep)
     t0 = time.time()
     specs = {"base": None, **{m: METHODS[m] for m in NOISE_METHODS}}
-    per_level = {}
+    command = "python -m research.benchmark " + shlex.join(args.argv)
+    per_level, earlier = {}, []
+    prev_path = out / "noise.json"
+    if prev_path.exists():  # levels trained earlier with the same sizes and settings are kept
+        prev = json.loads(prev_path.read_text())
+        if prev["size"] == json.loads(json.dumps(size)) and prev["tuned"] == tuned:
+            per_level = {k: v for k, v in prev["per_level"].items() if float(k) not in levels}
+            earlier = [{**c, "levels": [p for p in c["levels"] if p not in levels]}
+                       for c in report._noise_commands(prev)]
+            earlier = [c for c in earlier if c["levels"]]
+        else:
+            print(f"{prev_path} was trained with other sizes or settings: its levels are replaced", flush=True)
     # the calibrated level first, and the results written after every level: a sweep stopped
     # early still leaves the levels it finished
     for p in sorted(levels, key=lambda p: (p != CALIBRATED_NOISE, p)):
@@ -458,10 +469,11 @@ def cmd_noise(args) -> None:
         size_p = copy.deepcopy(size)
         size_p["train"]["pair_noise"] = p
         per_level[f"{p:g}"] = run_table(out / "noise" / f"p{p:g}", size_p, jobs=args.jobs, specs=specs, tuned=tuned)
-        done = [q for q in levels if f"{q:g}" in per_level]
+        done = sorted(float(k) for k in per_level)
+        now = {"command": command, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+               "seconds": time.time() - t0, "levels": [q for q in levels if f"{q:g}" in per_level]}
         results = {"levels": done, "size": size, "tuned": tuned, "per_level": per_level,
-                   "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "seconds": time.time() - t0,
-                   "command": "python -m research.benchmark " + shlex.join(args.argv)}
+                   "commands": earlier + [now], **{k: now[k] for k in ("command", "date", "seconds")}}
         (out / "noise.json").write_text(json.dumps(results, indent=1))
         if len(done) >= 2:
             report.write_noise(results, out)

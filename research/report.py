@@ -360,6 +360,11 @@ def noise_summary(results: dict) -> dict:
     return {"table": table, "crossover": cross}
 
 
+def _noise_commands(results: dict) -> list[dict]:
+    """The commands that trained a noise.json's levels (one, or several when levels were added)."""
+    return results.get("commands") or [{k: results[k] for k in ("command", "date", "seconds", "levels")}]
+
+
 def write_noise(results: dict, out: Path) -> None:
     """noise.md (accuracy and FD per method and level, the crossover) and noise.png."""
     import matplotlib
@@ -369,8 +374,9 @@ def write_noise(results: dict, out: Path) -> None:
     names = {"id_cfg": "training templates, guidance 3", "id_nocfg": "training templates, no guidance",
              "ood_cfg": "held-out templates, guidance 3", "ood_nocfg": "held-out templates, no guidance"}
     lines = ["# Preference noise: SFT, Diffusion-DPO and SSPO vs the share of swapped pairs", "",
-             f"`{results['command']}` — {results['date']}, {results['seconds'] / 60:.0f} min; "
-             f"{results['size']['seeds']} seeds per method and level; {json.dumps(results['size']['train'])}; "
+             "; ".join(f"`{c['command']}` — {c['date']}, {c['seconds'] / 60:.0f} min (p = "
+                       f"{', '.join(f'{p:g}' for p in c['levels'])})" for c in _noise_commands(results))
+             + f"; {results['size']['seeds']} seeds per method and level; {json.dumps(results['size']['train'])}; "
              f"lr/beta per method: {'results/sweep.json' if results['tuned'] else 'the preset'}. pair_noise = p "
              "swaps winner and loser of round(p N) alignment pairs, the same items for every method "
              "(SFT and SSPO learn from the swapped winner too); p = 0.2 models Pick-a-Pic's 68.0% "

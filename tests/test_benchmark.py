@@ -271,3 +271,33 @@ def test_calibrated_claims_gather_several_sources_and_long_runs(tmp_path):
     (tmp_path / "others.json").write_text(json.dumps(others))
     with pytest.raises(SystemExit, match=r"\['sspo'\] already come from an earlier source"):
         benchmark.main(argv)
+
+
+def test_noise_levels_added_later_join_the_recorded_ones(tmp_path, monkeypatch):
+    """`noise --levels 0.1 0.3` after `noise --levels 0 0.2`: noise.json holds all four levels and
+    both commands (each with its levels); a level run again replaces its old runs; a run at other
+    sizes starts over rather than mixing."""
+    calls, seen = [], []
+
+    def fake_table(out, size, jobs, specs, tuned):
+        calls.append(size["train"]["pair_noise"])
+        f = tmp_path / "noise.json"  # what a reader finds while this level trains
+        seen.append(json.loads(f.read_text())["levels"] if f.exists() else [])
+        return {"runs": {n: [{"final": {f"{c}/{k}": 0.5 for c in ("id_cfg", "id_nocfg", "ood_cfg", "ood_nocfg")
+                                        for k in ("accuracy", "frechet")}, "tag": len(calls)}] * 2 for n in specs}}
+    monkeypatch.setattr(benchmark, "run_table", fake_table)
+    out = ["--quick", "--out", str(tmp_path)]
+    benchmark.main(["noise", "--levels", "0", "0.2", *out])
+    benchmark.main(["noise", "--levels", "0.1", "0.3", *out])
+    res = json.loads((tmp_path / "noise.json").read_text())
+    assert res["levels"] == [0.0, 0.1, 0.2, 0.3] and calls == [0.2, 0.0, 0.1, 0.3]
+    assert [c["levels"] for c in res["commands"]] == [[0.0, 0.2], [0.1, 0.3]]
+    md = (tmp_path / "noise.md").read_text()
+    assert "--levels 0 0.2" in md and "--levels 0.1 0.3" in md and "| p = 0.3 |" in md
+    benchmark.main(["noise", "--levels", "0.2", "0.3", *out])  # rerun levels: their runs are the new ones
+    res = json.loads((tmp_path / "noise.json").read_text())
+    assert res["per_level"]["0.2"]["runs"]["sft"][0]["tag"] == 5 and res["levels"] == [0.0, 0.1, 0.2, 0.3]
+    assert [c["levels"] for c in res["commands"]] == [[0.0], [0.1], [0.2, 0.3]]
+    assert seen[-1] == [0.0, 0.1, 0.2]  # while 0.3 is retrained, its old runs are no longer on record
+    benchmark.main(["noise", "--levels", "0", "0.4", "--seeds", "3", *out])  # other sizes: start over
+    assert json.loads((tmp_path / "noise.json").read_text())["levels"] == [0.0, 0.4]
