@@ -302,10 +302,10 @@ def _load_tuned(out: Path, quick: bool, path: str | None = None) -> dict:
 
 def calibrated_runs(paths: list[str], level: float = CALIBRATED_NOISE) -> tuple[dict, list[str]]:
     """The runs at pair_noise = ``level`` gathered from several finished runs, as one results dict
-    for report.build_claims, and one line per source for the report. A source is a noise.json
-    (its level ``level``) or a claims table.json trained with ``--pair-noise level``. A method in
-    two sources, or a source at another noise level, is refused: a comparison must not mix runs
-    of different conditions without saying so."""
+    for report.build_claims, and one line per source naming the methods taken from it. A source is
+    a claims table.json trained with ``--pair-noise level`` or a noise.json (its level ``level``).
+    A method found in several sources is taken from the first (list the run with the condition's
+    own lr/beta choice first); a source at another noise level, or one that adds nothing, is refused."""
     key, merged, sources = f"{level:g}", {"runs": {}}, []
     for path in paths:
         data = json.loads(Path(path).read_text())
@@ -318,13 +318,13 @@ def calibrated_runs(paths: list[str], level: float = CALIBRATED_NOISE) -> tuple[
             if got != level:
                 raise SystemExit(f"{path} was trained at pair_noise = {got:g}, not {key}")
             part = data
-        clash = sorted(set(part["runs"]) & set(merged["runs"]) - {"base"})
-        if clash:
-            raise SystemExit(f"{path}: {clash} already come from an earlier source; give each method once")
-        merged["runs"].update(part["runs"])
+        new = [n for n in part["runs"] if n not in merged["runs"]]
+        if not [n for n in new if n != "base"]:
+            raise SystemExit(f"{path}: every method in it already comes from an earlier source")
+        merged["runs"].update({n: part["runs"][n] for n in new})
         merged.setdefault("size", data["size"])
         sources.append(f"`{data.get('command', path)}` ({data.get('date', '?')}: "
-                       f"{', '.join(n for n in part['runs'] if n != 'base')})")
+                       f"{', '.join(n for n in new if n != 'base')})")
     return merged, sources
 
 

@@ -232,7 +232,7 @@ def test_calibrated_claims_gather_several_sources_and_long_runs(tmp_path):
     """`--calibrated noise.json table.json --long long.json`: the noisy section joins the noise
     sweep's runs with a claims run at the same pair_noise (so the ablations' Table 6 rows appear
     there), leaves the curve claims to the long runs' own section, and refuses a source at another
-    noise level or a method given twice."""
+    noise level or one adding nothing; a method in two sources comes from the first."""
     results = _fake_results(tuple(benchmark.METHODS), seeds=3)
     for runs in results["runs"].values():
         for r in runs:
@@ -269,8 +269,18 @@ def test_calibrated_claims_gather_several_sources_and_long_runs(tmp_path):
         benchmark.main(argv)
     others.update(size=size02, runs=pick("base", "sspo"))  # sspo already comes from noise.json
     (tmp_path / "others.json").write_text(json.dumps(others))
-    with pytest.raises(SystemExit, match=r"\['sspo'\] already come from an earlier source"):
+    with pytest.raises(SystemExit, match="every method in it already comes from an earlier source"):
         benchmark.main(argv)
+    # a method in two sources comes from the first: a re-tuned SFT listed before the noise sweep's
+    sft = [dict(r, final={**r["final"], "id_cfg/accuracy": 0.123}) for r in results["runs"]["sft"]]
+    others.update(runs={"base": results["runs"]["base"], "sft": sft})
+    (tmp_path / "others.json").write_text(json.dumps(others))
+    benchmark.main(["claims", "--quick", "--from-json", str(src), "--out", str(out), "--calibrated",
+                    str(tmp_path / "others.json"), str(tmp_path / "noise.json")])
+    text = (out / "claims.md").read_text()
+    noisy_md = text[text.index("## Noisy pairs"):text.index("## Clean pairs")]
+    assert "sft: 0.123 ± 0.000" in noisy_md and "`others-cmd` (d2: sft)" in noisy_md
+    assert "`noise-cmd` (d1: dpo, sspo)" in noisy_md
 
 
 def test_noise_levels_added_later_join_the_recorded_ones(tmp_path, monkeypatch):
