@@ -300,6 +300,15 @@ def _load_tuned(out: Path, quick: bool, path: str | None = None) -> dict:
     return chosen
 
 
+def _tuned_source(results: dict, sweep: str | None) -> str:
+    """Where a claims run's lr/beta came from, for its report header."""
+    if not results.get("tuned"):
+        return "the preset (no sweep file)"
+    chosen = ", ".join(f"{m} lr {c['lr']:g}" + (f" beta {c['beta']:g}" if m != "sft" else "")
+                       for m, c in sorted(results["tuned"].items()))
+    return f"{sweep + ' over results/sweep.json' if sweep else 'results/sweep.json'} ({chosen})"
+
+
 def calibrated_runs(paths: list[str], level: float = CALIBRATED_NOISE) -> tuple[dict, list[str]]:
     """The runs at pair_noise = ``level`` gathered from several finished runs, as one results dict
     for report.build_claims, and one line per source naming the methods taken from it. A source is
@@ -358,7 +367,7 @@ def cmd_claims(args) -> None:
     rows = report.build_claims(results)
     header = (f"# The paper's claims on the digits benchmark\n\n`{command}` — {results['date']}, "
               f"{results['seconds'] / 60:.0f} min; {size['seeds']} seeds; {json.dumps(size['train'])}; "
-              f"settings per method: {'results/sweep.json' if tuned else 'the preset (no sweep file)'}. "
+              f"settings per method: {_tuned_source(results, args.sweep)}. "
               "Verdict rule: 95% t-interval of the paired (same seed) difference; an accuracy win whose "
               f"Frechet distance is more than {report.REALISM_RATIO}x the other side's is a trade-off "
               "(research/report.py, realism_verdict)."
