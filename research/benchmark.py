@@ -382,6 +382,11 @@ def cmd_claims(args) -> None:
             noisy_rows = report.build_claims(noisy)
             if long:  # the curve claims are judged on the long runs, not on 300-update curves
                 noisy_rows = [r for r in noisy_rows if not r["claim"].startswith("Fig.")]
+            if out.resolve() == (ROOT / "results").resolve():  # the repository's own results: the README says them
+                report.update_readme("noisy", report.accuracy_and_fd_markdown(
+                    noisy, f"Judge accuracy (FD: Frechet distance to real digits, lower is better) at "
+                           f"pair_noise = {CALIBRATED_NOISE:g}, {noisy['size'].get('seeds', '?')} seeds, "
+                           f"written by `python -m research.benchmark {shlex.join(args.argv)}`:"))
             sections.append(report.claims_markdown(noisy_rows, (
                 f"## Noisy pairs, pair_noise = {CALIBRATED_NOISE:g} (Pick-a-Pic's 68% agreement): the main "
                 f"condition\n\n{noisy['size'].get('train', {}).get('max_steps', '?')} updates; from " + "; ".join(sources)

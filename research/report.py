@@ -448,6 +448,20 @@ def write_table_md(results: dict, summary: dict, path: Path, command: str) -> No
     path.write_text("\n".join(lines) + "\n")
 
 
+def accuracy_and_fd_markdown(results: dict, title: str) -> str:
+    """One row per method: accuracy (mean ± sd over seeds) with its Frechet distance beside it, in
+    each of the four conditions; for the README's results summary."""
+    summary = summarize(results)
+    conds = {"id_cfg": "training templates, guidance 3", "id_nocfg": "training templates, no guidance",
+             "ood_cfg": "held-out templates, guidance 3", "ood_nocfg": "held-out templates, no guidance"}
+    lines = [title, "", "| method | " + " | ".join(conds.values()) + " |", "|---|" + "---|" * len(conds)]
+    for name, s in summary.items():
+        lines.append(f"| {name} | " + " | ".join(
+            f"{s[f'{c}/accuracy'][0]:.2f} ± {s[f'{c}/accuracy'][1]:.2f} (FD {s[f'{c}/frechet'][0]:.1f})"
+            for c in conds) + " |")
+    return "\n".join(lines)
+
+
 def update_readme(marker: str, text: str, readme: Path = README) -> None:
     """Replace the block between <!-- results:MARKER --> and <!-- /results:MARKER --> in the
     README with generated text, so the README's numbers always come from a command."""
