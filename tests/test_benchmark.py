@@ -21,6 +21,19 @@ def _fake_results(methods=("base", "sft", "sspo"), seeds=2):
     return {"size": benchmark.SIZES["quick"], "judge_accuracy": 0.98, "date": "today", "runs": runs}
 
 
+def _recorded(tmp_path):
+    """A finished claims run of every method (3 seeds) as --from-json reads it: (results, path);
+    its runs' models are gone, as on a machine without results/runs/."""
+    results = _fake_results(tuple(benchmark.METHODS), seeds=3)
+    for runs in results["runs"].values():
+        for r in runs:
+            r["run_dir"] = str(tmp_path / "gone")
+    results.update(seconds=60.0, tuned={}, command="python -m research.benchmark claims --jobs 2")
+    src = tmp_path / "recorded.json"
+    src.write_text(json.dumps(results))
+    return results, src
+
+
 def test_table_markdown_and_plots(tmp_path):
     results = _fake_results()
     summary = report.summarize(results)
@@ -110,13 +123,7 @@ def test_run_table_checks_every_setting_before_training_and_frontier_sizes_are_v
 def test_claims_from_json_rewrites_reports_without_training(tmp_path, capsys):
     """`claims --from-json`: verdicts, tables and curves from a recorded table.json; without the
     runs' models (not in git) the grid is left alone and the command says so."""
-    results = _fake_results(tuple(benchmark.METHODS), seeds=3)
-    for runs in results["runs"].values():
-        for r in runs:
-            r["run_dir"] = str(tmp_path / "gone")
-    results.update(seconds=60.0, tuned={}, command="python -m research.benchmark claims --jobs 2")
-    src = tmp_path / "recorded.json"
-    src.write_text(json.dumps(results))
+    results, src = _recorded(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     benchmark.main(["claims", "--quick", "--from-json", str(src), "--out", str(out)])
@@ -201,13 +208,7 @@ def test_claims_with_the_calibrated_noise_condition_first(tmp_path):
     """`claims --from-json T --calibrated noise.json`: the claims at pair_noise = 0.2 (from the
     noise sweep's runs) come first as the main condition, the clean pairs' after them; an
     inconclusive verdict says how many seeds would decide it."""
-    results = _fake_results(tuple(benchmark.METHODS), seeds=3)
-    for runs in results["runs"].values():
-        for r in runs:
-            r["run_dir"] = str(tmp_path / "gone")
-    results.update(seconds=60.0, tuned={}, command="python -m research.benchmark claims --jobs 2")
-    src = tmp_path / "recorded.json"
-    src.write_text(json.dumps(results))
+    results, src = _recorded(tmp_path)
     level = {"runs": {k: results["runs"][k] for k in ("base", "sft", "dpo", "sspo")}}
     noisy = {"levels": [0.0, 0.2], "per_level": {"0.2": level}, "size": {"seeds": 3}, "date": "d",
              "command": "python -m research.benchmark noise --jobs 2"}
@@ -233,13 +234,7 @@ def test_calibrated_claims_gather_several_sources_and_long_runs(tmp_path):
     sweep's runs with a claims run at the same pair_noise (so the ablations' Table 6 rows appear
     there), leaves the curve claims to the long runs' own section, and refuses a source at another
     noise level or one adding nothing; a method in two sources comes from the first."""
-    results = _fake_results(tuple(benchmark.METHODS), seeds=3)
-    for runs in results["runs"].values():
-        for r in runs:
-            r["run_dir"] = str(tmp_path / "gone")
-    results.update(seconds=60.0, tuned={}, command="python -m research.benchmark claims --jobs 2")
-    src = tmp_path / "recorded.json"
-    src.write_text(json.dumps(results))
+    results, src = _recorded(tmp_path)
     pick = lambda *names: {k: results["runs"][k] for k in names}  # noqa: E731
     noisy = {"levels": [0.2], "per_level": {"0.2": {"runs": pick("base", "sft", "dpo", "sspo")}},
              "size": {"seeds": 3, "train": {"max_steps": 300}}, "date": "d1", "command": "noise-cmd"}
