@@ -348,6 +348,22 @@ def pair_log_weight(run: Run, pred: torch.Tensor, ref_pred: torch.Tensor, target
                                       floor=floor_w + floor_l, temperature=run.cfg.weight_temperature)
 
 
+def error(run: Run, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The per-sample errors every loss is built from: ``sspo.per_sample_error``, (N,) float32,
+    times the min-SNR weight of each sample's index t ((N,) long) when ``snr_gamma`` is set
+    (``noise.Process.snr_weight``, diffusers' --snr_gamma). Off (0), the errors are untouched.
+
+    What the weight means per loss: for SFT it is diffusers' min-SNR-gamma loss. A preference
+    pair shares one t, so its four errors (m_w, m_l, r_w, r_l) get one weight w_t: the loss
+    becomes -log sigmoid(-beta w_t / 2 (...)), i.e. beta is replaced by beta * w_t, and the implicit
+    rewards (and the logged rewards and errors) are those of a time-weighted ELBO, not of the plain
+    one (the weighting omega(lambda_t) that Diffusion-DPO's derivation sets constant). SSPO's sign
+    s (m_w > r_w) is unchanged by a positive weight; the DPO-C&M / SDPO pair weight is computed
+    from the predictions and is not weighted."""
+    err = sspo.per_sample_error(pred, target)
+    return err * run.noise.snr_weight(t, run.cfg.snr_gamma) if run.cfg.snr_gamma else err
+
+
 def training_step(run: Run, batch: dict, step: int, *, log_weight: torch.Tensor | None = None,
                   ref_err: tuple | None = None, norm: torch.Tensor | None = None, weights_only: bool = False):
     """Loss of one micro-batch; returns (scalar loss, metrics of detached 0-d tensors).
@@ -384,14 +400,14 @@ def training_step(run: Run, batch: dict, step: int, *, log_weight: torch.Tensor 
     elif kind != "sft":
         with torch.no_grad(), autocast():
             ref_pred = run.reference(x_t, t_in, text2, extra2)
-        r_w, r_l = sspo.per_sample_error(ref_pred, target).chunk(2)  # (2B,) -> (B,), (B,)
+        r_w, r_l = error(run, ref_pred, target, t2).chunk(2)  # (2B,) -> (B,), (B,)
     if weights_only:
         with torch.no_grad(), autocast():
             pred = models.unet_forward(bundle, run.policy, x_t, t_in, text2, extra2)
         return pair_log_weight(run, pred, ref_pred, target, t), (r_w, r_l)
     with autocast():
         pred = models.unet_forward(bundle, run.policy, x_t, t_in, text2, extra2)
-    err = sspo.per_sample_error(pred, target)  # (2B,) float32 (or (B,) for SFT)
+    err = error(run, pred, target, t2)  # (2B,) float32 (or (B,) for SFT)
     if kind == "sft":
         losses, metrics = sspo.sft_loss(err)
     else:

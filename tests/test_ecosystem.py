@@ -601,3 +601,15 @@ def test_model_card_holds_the_last_sample_grid(lora_run):
     card = (run / "final" / "README.md").read_text()
     assert "![samples at step_000004](samples.png)" in card and (run / "final" / "samples.png").is_file()
     assert load_or_create_model_card(str(run / "final" / "README.md")).data.library_name == "diffusers"
+
+
+def test_snr_gamma_on_the_command_line(cache, tmp_path):
+    """diffusers' `--snr_gamma 5` (space-separated) is taken by the digits preset and recorded in
+    config.json; a flow-matching family refuses it in one line."""
+    out = tmp_path / "run"
+    r = _cli("--config=digits", "--snr_gamma", "5", *[f"--{k}={v}" for k, v in FAST.items() if k != "max_steps"],
+             "--max_steps=1", f"--cache_dir={cache}", "--method=sft", f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["snr_gamma"] == 5.0
+    with pytest.raises(ValueError, match="model 'wan' trains with flow matching: drop --snr_gamma"):
+        config.resolve(argv=["--config=wan21_sdpo", "--data_path=/v", "--snr_gamma=5"])
