@@ -85,7 +85,8 @@ def prepare_out_dir(cfg: Config, ctx: runtime.Dist) -> None:
         raise ValueError(f"out_dir {out} already holds a run; pass --resume to continue it, "
                          f"--overwrite to start over, or another --out_dir")
     if ctx.rank == 0:
-        for name in ("checkpoints", "final", "samples", "replay", "logs", "wandb", "metrics.jsonl", "eval.json"):
+        for name in ("checkpoints", "final", "samples", "replay", "logs", "wandb", "metrics.jsonl", "eval.json",
+                     export.PROCESSES_FILE):
             p = out / name
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     ctx.barrier()
@@ -238,12 +239,14 @@ def start(run: Run) -> int:
     if resumed is not None:
         if ctx.rank == 0:
             checkpoints.truncate_metrics(out, resumed)  # rows after the checkpoint are logged again
+            export.record_processes(out, resumed, ctx.world)
         run.logger.info(f"resumed from step {resumed}")
     else:
         if ctx.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             _clear_progress(out)
             runtime.write_json(out / "config.json", config_mod.to_dict(cfg))
+            export.record_processes(out, 0, ctx.world)  # the world size, which config.json does not hold
         ctx.barrier()  # the replay folder is cleared before any rank writes checkpoint 0 there
         if run.pool is not None:
             run.pool.add(run.bundle.trainable_state_dict(), 0)  # checkpoint 0 = the initial model

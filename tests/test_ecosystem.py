@@ -128,6 +128,7 @@ def test_model_card_and_tokenizer_files(lora_run, tmp_path):
     card = (run / "final" / "README.md").read_text()
     assert f"base_model: {sd}" in card and "| method | dpo |" in card and "| beta | 5000 |" in card
     assert "| updates | 4 |" in card and "load_lora_weights" in card and "pickapic" in card
+    assert "| global batch (pairs per update) | 1 x 1 accumulation x 1 process = 1 |" in card, card
     (run / "eval.json").write_text(json.dumps({"pickscore": 21.5}))
     export.write_model_card(run)
     assert '"pickscore": 21.5' in (run / "final" / "README.md").read_text()
@@ -613,3 +614,23 @@ def test_snr_gamma_on_the_command_line(cache, tmp_path):
     assert json.loads((out / "config.json").read_text())["snr_gamma"] == 5.0
     with pytest.raises(ValueError, match="model 'wan' trains with flow matching: drop --snr_gamma"):
         config.resolve(argv=["--config=wan21_sdpo", "--data_path=/v", "--snr_gamma=5"])
+
+
+def test_model_card_global_batch_follows_the_world_size_of_each_start(tmp_path):
+    """processes.json: a row per (re)start that changes the world size; a resume drops the rows
+    after its checkpoint; the card gives the global batch of each; a run without the file says so."""
+    cfg = config.to_dict(config.resolve({"batch_size": 4, "grad_accum": 2, "method": "sft"}))
+    export.record_processes(tmp_path, 0, 8)
+    export.record_processes(tmp_path, 6, 8)   # resumed on as many processes: no new row
+    export.record_processes(tmp_path, 10, 2)  # resumed on 2
+    rows = json.loads((tmp_path / export.PROCESSES_FILE).read_text())
+    assert rows == [{"step": 0, "world_size": 8}, {"step": 10, "world_size": 2}]
+    card = export.model_card(cfg, 20, processes=rows)
+    assert ("| global batch (samples per update) | 4 x 2 accumulation x 8 processes = 64 from update 1, "
+            "4 x 2 accumulation x 2 processes = 16 from update 11 |") in card, card
+    export.record_processes(tmp_path, 4, 1)   # resumed from an earlier checkpoint: later rows dropped
+    assert json.loads((tmp_path / export.PROCESSES_FILE).read_text()) == [{"step": 0, "world_size": 8},
+                                                                         {"step": 4, "world_size": 1}]
+    export.record_processes(tmp_path, 0, 1)   # a fresh start forgets the old run
+    assert json.loads((tmp_path / export.PROCESSES_FILE).read_text()) == [{"step": 0, "world_size": 1}]
+    assert "4 x 2 accumulation x (process count not recorded)" in export.model_card(cfg, 20)

@@ -392,6 +392,8 @@ def test_real_code_paths_under_torchrun(family, method, extra, compare, tmp_path
     r = _torchrun(2, args)
     out = tmp_path / "run"
     assert "global batch 1 x 1 accum x 2 procs = 2" in r.stdout
+    card = (out / "final" / "README.md").read_text()  # the world size reaches the model card
+    assert "| global batch (pairs per update) | 1 x 1 accumulation x 2 processes = 2 |" in card, card
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
     # update 1: the policy is its reference (checkpoint 0), so the loss is log 2 (SSPO's update 2 may
