@@ -547,8 +547,9 @@ def ignored_settings(cfg: Config, given: set[str] | None = None) -> list[str]:
     if loss == "sft":
         why["beta"] = "sft has no preference term"
         why["pool_storage"] = "sft keeps no checkpoint pool"
-    elif not replayed and cfg.pool_storage == "memory_bf16":
-        why["pool_storage"] = f"{cfg.method}'s pool holds only checkpoint 0, which memory_bf16 keeps exact"
+    elif not replayed:
+        why["pool_storage"] = (f"{cfg.method} keeps no pool: its reference is the initial model, which the "
+                               f"reference network holds from the start")
     if loss not in ("dpo_cm", "sdpo"):
         why["tau"] = why["eps_clip"] = why["weight_temperature"] = f"only dpo_cm and sdpo weight pairs; {cfg.method} does not"
     if cfg.model not in VIDEO_MODELS:

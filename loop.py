@@ -206,11 +206,11 @@ def setup(cfg: Config, ctx: runtime.Dist) -> Run:
     # DDP wraps the trainable module only; the reference is never wrapped.
     policy = DDP(bundle.unet, device_ids=[device.index] if device.type == "cuda" else None) \
         if ctx.world > 1 and not cfg.fsdp else bundle.unet
-    # The pool of replayable checkpoints: RCR for the SSPO family; for DPO-style methods it only
-    # holds checkpoint 0, the fixed initial reference; SFT needs no reference at all.
-    pool = replay.CheckpointPool(strategy=cfg.replay if replayed else "initial",
-                                 seed=cfg.seed, storage=cfg.pool_storage,
-                                 directory=str((out / "replay").resolve())) if preference else None
+    # The pool of replayable checkpoints: RCR for the SSPO family only. DPO-style methods' fixed
+    # reference is the initial model, which ``reference`` already runs (built before a resume
+    # loads the policy): no pool, so no copy of the base in replay/. SFT has no reference at all.
+    pool = replay.CheckpointPool(strategy=cfg.replay, seed=cfg.seed, storage=cfg.pool_storage,
+                                 directory=str((out / "replay").resolve())) if replayed else None
     process = noise.Process.from_config(bundle.scheduler_config, device)
     shape = models.latent_shape(bundle, config_mod.frame_size(cfg), cfg.num_frames)
     losers = replay.Losers(

@@ -194,7 +194,10 @@ class Reference:
     no_grad in eval mode, and switches back, restoring the active adapter, every parameter's
     requires_grad and every module's train/eval mode. Full fine-tuning (or motion modules): one
     frozen deep copy of the UNet whose trainable weights ``load`` overwrites in place.
-    Build it before wrapping the UNet in DDP (the "ref" adapter adds parameters).
+    Build it before wrapping the UNet in DDP (the "ref" adapter adds parameters), and before a
+    resume loads a checkpoint into the policy: built, it runs the initial model (checkpoint 0),
+    which is all the reference of Diffusion-DPO, DPO-C&M and SDPO ever is (they keep no pool, so
+    no copy of the base model is written to the run's replay/ folder).
     """
 
     def __init__(self, bundle: Bundle):
@@ -213,6 +216,7 @@ class Reference:
             params = dict(unet.named_parameters())
             for name in self._names.values():
                 params[name].requires_grad_(False)
+            self.load(bundle.trainable_state_dict())  # "ref" starts as the policy's adapter: checkpoint 0
         else:
             self._unet = copy.deepcopy(bundle.unet).requires_grad_(False).eval()
             self._names = {k: k for k in self._keys}
@@ -275,8 +279,9 @@ class Reference:
 class Losers:
     """The reference and the losers of each update: ``begin(step)`` draws the update's reference
     checkpoint and loads it, ``next_batch(stream, micro)`` returns micro-batch ``micro`` with its
-    ``x0_l``. For SFT (no pool) both only pass the data through; for Diffusion-DPO, DPO-C&M and
-    SDPO the pool holds checkpoint 0 alone and ``x0_l`` is the data's own loser (pixels).
+    ``x0_l``. For SFT (no pool, no reference) both only pass the data through; for Diffusion-DPO,
+    DPO-C&M and SDPO (no pool: the reference stays the initial model it was built as) ``x0_l`` is
+    the data's own loser (pixels).
 
     For the SSPO family (``replayed=True``) ``x0_l`` (B,*shape), in diffusion space, is sampled
     by the drawn checkpoint (RCR, sec. 4.1) from per-pair initial noise z_T keyed by (seed, step
@@ -310,9 +315,10 @@ class Losers:
 
     def begin(self, step: int) -> int | None:
         """Draw update ``step``'s reference checkpoint (that of its cycle's first update) and load it
-        into the reference network; returns its pool index (None without a pool)."""
+        into the reference network; returns its pool index (without a pool: 0 when there is a
+        reference, the initial model it was built as; None for SFT)."""
         if self.pool is None:
-            return None
+            return None if self.reference is None else 0
         gen_step = step - step % self.every
         ref = self.pool.choose(gen_step)
         if ref != self.loaded:

@@ -169,7 +169,7 @@ def build(family: str, cfg: config.Config, device: torch.device, tiny: bool = Fa
 class Rig:
     """One model trained by one method through ``loop.update``, as train.py runs it on one GPU
     (no DDP): the fields of a ``loop.Run`` that ``update`` and ``training_step`` read, built as
-    ``loop.setup`` builds them, a replay pool holding checkpoint 0, and a stream that hands out
+    ``loop.setup`` builds them (a replay pool holding checkpoint 0 for the SSPO family), and a stream that hands out
     the same batch (``cfg.batch_size`` pairs of random latents) on every call."""
 
     def __init__(self, bundle: models.Bundle, shape: tuple, method: str, cfg: config.Config,
@@ -179,9 +179,8 @@ class Rig:
         self.cfg, self.device, self.shape, self.step = cfg, device, shape, 0
         reference = replay.Reference(bundle) if m.losers != "none" else None
         pool = None
-        if reference is not None:
-            pool = replay.CheckpointPool("uniform" if m.losers == "replayed" else "initial", seed=cfg.seed,
-                                         storage=cfg.pool_storage, directory=directory)
+        if m.losers == "replayed":  # as loop.setup: DPO-style methods keep no pool
+            pool = replay.CheckpointPool("uniform", seed=cfg.seed, storage=cfg.pool_storage, directory=directory)
             pool.add(bundle.trainable_state_dict(), 0)
         params = bundle.trainable_parameters()
         opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),

@@ -197,6 +197,24 @@ def test_resume_is_bitwise_identical(cache, tmp_path, losers):
     assert sa["pool"]["steps"] == sb["pool"]["steps"] == [0, 2, 4]
 
 
+def test_dpo_keeps_no_copy_of_the_base_and_resumes_against_it(cache, tmp_path):
+    """Diffusion-DPO's reference is the initial model, which the reference network holds from the
+    start: a full fine-tune with pool_storage=disk writes nothing to replay/, and a resumed run
+    (whose policy is loaded from a checkpoint after the reference was built) is bitwise the
+    uninterrupted one."""
+    args = {**FAST, "cache_dir": cache, "method": "dpo", "pool_storage": "disk", "max_steps": 4, "save_every": 1}
+    train.run({**args, "out_dir": str(tmp_path / "straight")})
+    train.run({**args, "max_steps": 2, "out_dir": str(tmp_path / "split")})
+    train.run({**args, "resume": True, "out_dir": str(tmp_path / "split")})
+    for run in ("straight", "split"):
+        assert not any((tmp_path / run / "replay").glob("*")) if (tmp_path / run / "replay").exists() else True
+        assert checkpoints.read_checkpoint(tmp_path / run / "checkpoints/step_000004")[1]["state"]["pool"] is None
+    a, b = _weights(tmp_path / "straight", 4), _weights(tmp_path / "split", 4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(l) for l in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["ref_checkpoint"] for r in rows] == [0.0] * 4
+
+
 def test_reused_losers_keep_their_checkpoint_as_reference(cache, tmp_path, monkeypatch):
     """loser_every=3: losers are sampled once per cycle of 3 updates (per micro-batch), and on
     every update that trains on them the reference holds the very weights that sampled them."""
