@@ -169,6 +169,8 @@ def setup(cfg: Config, ctx: runtime.Dist) -> Run:
     for m in (None if cfg.fsdp else bundle.unet, bundle.text_encoder, bundle.text_encoder_2, bundle.vae):
         if m is not None:
             m.to(device)  # fsdp: fully_shard moves each rank's shards of the transformer to the device
+    amp_dtype = runtime.autocast_dtype(cfg)
+    models.cast_frozen(bundle, amp_dtype)  # frozen modules in the autocast dtype, trainable ones float32
 
     sampler = data.ResumableDistributedSampler(dataset, num_replicas=ctx.world, rank=ctx.rank,
                                                shuffle=True, seed=cfg.seed, drop_last=True)
@@ -181,7 +183,7 @@ def setup(cfg: Config, ctx: runtime.Dist) -> Run:
                          f"({cfg.batch_size} x {ctx.world} processes)")
 
     # Built before DDP / FSDP: with LoRA the reference is a second adapter on the same UNet.
-    reference = replay.Reference(bundle) if preference else None
+    reference = replay.Reference(bundle, amp_dtype) if preference else None
     if cfg.fsdp:  # FSDP2 instead of DDP: the policy and its frozen reference copy, sharded alike
         sharding.shard(bundle.unet, cfg.model, device)
         if reference is not None:
@@ -201,8 +203,7 @@ def setup(cfg: Config, ctx: runtime.Dist) -> Run:
     # diffusers' schedules (a LambdaLR whose state_dict holds no lambdas, so checkpoints stay data)
     from diffusers.optimization import get_scheduler
     lr_sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    autocast = runtime.autocast(cfg, device)
     # DDP wraps the trainable module only; the reference is never wrapped.
     policy = DDP(bundle.unet, device_ids=[device.index] if device.type == "cuda" else None) \
         if ctx.world > 1 and not cfg.fsdp else bundle.unet

@@ -200,7 +200,10 @@ class Reference:
     no copy of the base model is written to the run's replay/ folder).
     """
 
-    def __init__(self, bundle: Bundle):
+    def __init__(self, bundle: Bundle, dtype: torch.dtype | None = None):
+        """``dtype``: the autocast dtype of mixed precision (None: off). A full fine-tune's frozen
+        copy is kept in it, as diffusers keeps frozen modules in weight_dtype (snapshots are cast
+        when loaded); with LoRA the "ref" adapter takes its base layers' dtype (``models.cast_frozen``)."""
         self.bundle = bundle
         self._keys = [n for n, _ in bundle.unet.named_parameters() if bundle.is_trainable(n)]
         if bundle.lora:
@@ -219,6 +222,8 @@ class Reference:
             self.load(bundle.trainable_state_dict())  # "ref" starts as the policy's adapter: checkpoint 0
         else:
             self._unet = copy.deepcopy(bundle.unet).requires_grad_(False).eval()
+            if dtype is not None:
+                self._unet.to(dtype)
             self._names = {k: k for k in self._keys}
 
     @property
@@ -242,7 +247,8 @@ class Reference:
                              f"{len(extra)} unexpected (e.g. {sorted(extra)[:2]}).")
         params = dict(self._unet.named_parameters())  # looked up now: sharding replaces the Parameters
         for k, v in snapshot.items():
-            copy_full_(params[self._names[k]], v, name=k, cast_from=(torch.bfloat16,))  # memory_bf16 snapshots
+            # memory_bf16 snapshots; float32 ones into a reference kept in the autocast dtype
+            copy_full_(params[self._names[k]], v, name=k, cast_from=(torch.bfloat16, torch.float32))
 
     @staticmethod
     @contextlib.contextmanager

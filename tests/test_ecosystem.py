@@ -634,3 +634,43 @@ def test_model_card_global_batch_follows_the_world_size_of_each_start(tmp_path):
     export.record_processes(tmp_path, 0, 1)   # a fresh start forgets the old run
     assert json.loads((tmp_path / export.PROCESSES_FILE).read_text()) == [{"step": 0, "world_size": 1}]
     assert "4 x 2 accumulation x (process count not recorded)" in export.model_card(cfg, 20)
+
+
+@pytest.mark.parametrize("method,lora", [("sspo", 4), ("dpo", 0)])
+def test_frozen_modules_in_the_autocast_dtype_trainable_weights_float32(tiny_sd15, tmp_path, monkeypatch, method, lora):
+    """mixed_precision=bf16 (CPU autocast): the text encoder, the VAE, LoRA's frozen base UNet and a
+    full fine-tune's reference copy are held in bf16, as diffusers' scripts hold them in
+    weight_dtype; the trained weights (and so the snapshots and final/'s adapter) stay float32.
+    The run goes end to end: loser sampling, the sample grid, final/."""
+    import loop
+    sd, pick = tiny_sd15
+    seen = {}
+    real_setup = loop.setup
+    monkeypatch.setattr(loop, "setup", lambda *a, **k: seen.setdefault("run", real_setup(*a, **k)))
+    out = tmp_path / "run"
+    assert train.main(["--config=sd15_pickapic", f"--model_path={sd}", f"--data_path={pick}", f"--method={method}",
+                       f"--lora_rank={lora}", *SMALL[:-4], "--mixed_precision=bf16", "--log_every=1",
+                       "--loser_steps=2", f"--out_dir={out}"]) == 0
+    run = seen["run"]
+    bf16 = torch.bfloat16
+    assert {p.dtype for p in run.bundle.text_encoder.parameters()} == {bf16}
+    assert {p.dtype for p in run.bundle.vae.parameters()} == {bf16}
+    assert run.params and {p.dtype for p in run.params} == {torch.float32}
+    frozen = {p.dtype for n, p in run.bundle.unet.named_parameters() if not run.bundle.is_trainable(n)}
+    assert frozen == ({bf16} if lora else set())  # LoRA: the base and the "ref" adapter; full: none
+    if not lora:
+        assert {p.dtype for p in run.reference.unet.parameters()} == {bf16}
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
+    weights = load_file(str(out / "final" / (export.LORA_FILE if lora else "unet/diffusion_pytorch_model.safetensors")))
+    assert {v.dtype for v in weights.values()} == {torch.float32}
+
+
+def test_the_sdxl_vae_stays_float32_under_mixed_precision(tmp_path):
+    """SDXL's VAE overflows in fp16: diffusers' SDXL scripts keep it in float32, and so does cast_frozen."""
+    from models import sdxl
+    bundle = models.build_model("sdxl", sdxl.write_tiny(str(tmp_path / "sdxl")))
+    models.cast_frozen(bundle, torch.float16)
+    assert {p.dtype for p in bundle.vae.parameters()} == {torch.float32}
+    assert {p.dtype for m in (bundle.text_encoder, bundle.text_encoder_2) for p in m.parameters()} == {torch.float16}
+    assert {p.dtype for p in bundle.unet.parameters()} == {torch.float32}  # full fine-tuning: all of it trains
