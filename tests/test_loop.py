@@ -216,8 +216,8 @@ def test_bf16_autocast_noises_float32_latents(sd15_bundle, spy, kind):
     bundle = sd15_bundle
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     g = torch.Generator().manual_seed(0)
-    batch = {"prompt": ["a cat", "a dog"], "x0_w": torch.rand(2, 3, 16, 16, generator=g) * 2 - 1,
-             "x0_l": torch.rand(2, 3, 16, 16, generator=g) * 2 - 1, "index": torch.tensor([0, 1])}
+    batch = {"prompt": ["a cat", "a dog"], "x0_w": torch.rand(2, 3, 64, 64, generator=g) * 2 - 1,
+             "x0_l": torch.rand(2, 3, 64, 64, generator=g) * 2 - 1, "index": torch.tensor([0, 1])}
     with torch.no_grad(), autocast():
         assert models.encode_pixels(bundle, batch["x0_w"]).dtype == torch.bfloat16  # the hazard is real
     run = SimpleNamespace(cfg=config.Config(method=kind), bundle=bundle, policy=bundle.unet,

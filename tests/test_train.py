@@ -398,7 +398,7 @@ def test_real_code_paths_under_torchrun(family, method, extra, compare, tmp_path
     step, dataset index), never by rank)."""
     sd = sd15.write_tiny(str(tmp_path / "sd15"))
     args = ["--config=digits", f"--model={family}", f"--model_path={sd}", f"--method={method}", "--max_steps=2",
-            "--batch_size=1", "--save_every=1", "--loser_steps=2", "--resolution=16", "--log_every=1",
+            "--batch_size=1", "--save_every=1", "--loser_steps=2", "--resolution=64", "--log_every=1",
             "--sample_every=0", "--num_sample_prompts=2", f"--out_dir={tmp_path / 'run'}", *extra]
     if family == "sd15":
         _write_pickapic(tmp_path / "pickapic")
