@@ -53,7 +53,7 @@ class Config:
                                         "ratio's own scale; presets set it per family (results/pair_weights.md)")
     snr_gamma: float = _f(0.0, "min-SNR-gamma loss weighting (diffusers' --snr_gamma; 5 is the paper's value): each "
                                "per-sample error x min(SNR_t, gamma)/SNR_t (eps) or /(SNR_t+1) (v); 0 = off. "
-                               "DDPM families only; for preference losses it scales beta per timestep (loop.training_step)")
+                               "DDPM families only; for preference losses it scales beta per timestep (loop.error)")
     # ---- Random Checkpoint Replay and loser generation (sspo, sspo_r, spin)
     replay_every: int = _f(0, "K, the checkpoint interval of RCR: optimizer updates between replay pool snapshots "
                               "(sspo, sspo_r, spin; a multiple of loser_every). The real-scale presets set it, so that "
