@@ -51,6 +51,9 @@ class Config:
                               "clip (with tau=0: plain importance weighting)")
     weight_temperature: float = _f(1.0, "dpo_cm/sdpo: the pair log weight is multiplied by this (w^T); 1 = the "
                                         "ratio's own scale; presets set it per family (results/pair_weights.md)")
+    snr_gamma: float = _f(0.0, "min-SNR-gamma loss weighting (diffusers' --snr_gamma; 5 is the paper's value): each "
+                               "per-sample error x min(SNR_t, gamma)/SNR_t (eps) or /(SNR_t+1) (v); 0 = off. "
+                               "DDPM families only; for preference losses it scales beta per timestep (loop.error)")
     # ---- Random Checkpoint Replay and loser generation (sspo, sspo_r, spin)
     replay_every: int = _f(0, "K, the checkpoint interval of RCR: optimizer updates between replay pool snapshots "
                               "(sspo, sspo_r, spin; a multiple of loser_every). The real-scale presets set it, so that "
@@ -439,7 +442,7 @@ def validate(cfg: Config) -> None:
             raise ValueError(f"config key {key!r} must be > 0, got {getattr(cfg, key)}")
     if cfg.lr > 1.0:  # AdamW's step is about lr per weight: beyond 1 every weight is noise (1e300 overflows)
         raise ValueError(f"config key 'lr' must be <= 1, got {cfg.lr}")
-    for key in ("height", "width", "tau", "eps_clip", "weight_temperature", "warmup_steps", "digits_align_per_class", "keep_checkpoints", "weight_decay", "num_workers",
+    for key in ("height", "width", "tau", "eps_clip", "weight_temperature", "warmup_steps", "digits_align_per_class", "keep_checkpoints", "snr_gamma", "weight_decay", "num_workers",
                 "max_train_samples"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"config key {key!r} must be >= 0, got {getattr(cfg, key)}")
@@ -514,6 +517,9 @@ def check_consistency(cfg: Config) -> None:
     if (cfg.height or cfg.width) and cfg.model not in NON_SQUARE_MODELS:
         raise ValueError(f"height/width set a non-square frame for {' and '.join(NON_SQUARE_MODELS)}; model "
                          f"{cfg.model!r} trains square at --resolution (drop --height/--width)")
+    if cfg.snr_gamma and cfg.model == "wan":
+        raise ValueError("snr_gamma (min-SNR weighting) is defined for DDPM epsilon / v-prediction losses; "
+                         "model 'wan' trains with flow matching: drop --snr_gamma")
     if cfg.init == "scratch" and cfg.model != "digits":
         raise ValueError(f"init='scratch' is the digits model's own pretraining; model {cfg.model!r} "
                          f"starts from model_path")
@@ -541,8 +547,9 @@ def ignored_settings(cfg: Config, given: set[str] | None = None) -> list[str]:
     if loss == "sft":
         why["beta"] = "sft has no preference term"
         why["pool_storage"] = "sft keeps no checkpoint pool"
-    elif not replayed and cfg.pool_storage == "memory_bf16":
-        why["pool_storage"] = f"{cfg.method}'s pool holds only checkpoint 0, which memory_bf16 keeps exact"
+    elif not replayed:
+        why["pool_storage"] = (f"{cfg.method} keeps no pool: its reference is the initial model, which the "
+                               f"reference network holds from the start")
     if loss not in ("dpo_cm", "sdpo"):
         why["tau"] = why["eps_clip"] = why["weight_temperature"] = f"only dpo_cm and sdpo weight pairs; {cfg.method} does not"
     if cfg.model not in VIDEO_MODELS:

@@ -85,7 +85,8 @@ def prepare_out_dir(cfg: Config, ctx: runtime.Dist) -> None:
         raise ValueError(f"out_dir {out} already holds a run; pass --resume to continue it, "
                          f"--overwrite to start over, or another --out_dir")
     if ctx.rank == 0:
-        for name in ("checkpoints", "final", "samples", "replay", "logs", "wandb", "metrics.jsonl", "eval.json"):
+        for name in ("checkpoints", "final", "samples", "replay", "logs", "wandb", "metrics.jsonl", "eval.json",
+                     export.PROCESSES_FILE):
             p = out / name
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     ctx.barrier()
@@ -168,6 +169,8 @@ def setup(cfg: Config, ctx: runtime.Dist) -> Run:
     for m in (None if cfg.fsdp else bundle.unet, bundle.text_encoder, bundle.text_encoder_2, bundle.vae):
         if m is not None:
             m.to(device)  # fsdp: fully_shard moves each rank's shards of the transformer to the device
+    amp_dtype = runtime.autocast_dtype(cfg)
+    models.cast_frozen(bundle, amp_dtype)  # frozen modules in the autocast dtype, trainable ones float32
 
     sampler = data.ResumableDistributedSampler(dataset, num_replicas=ctx.world, rank=ctx.rank,
                                                shuffle=True, seed=cfg.seed, drop_last=True)
@@ -180,7 +183,7 @@ def setup(cfg: Config, ctx: runtime.Dist) -> Run:
                          f"({cfg.batch_size} x {ctx.world} processes)")
 
     # Built before DDP / FSDP: with LoRA the reference is a second adapter on the same UNet.
-    reference = replay.Reference(bundle) if preference else None
+    reference = replay.Reference(bundle, amp_dtype) if preference else None
     if cfg.fsdp:  # FSDP2 instead of DDP: the policy and its frozen reference copy, sharded alike
         sharding.shard(bundle.unet, cfg.model, device)
         if reference is not None:
@@ -200,16 +203,15 @@ def setup(cfg: Config, ctx: runtime.Dist) -> Run:
     # diffusers' schedules (a LambdaLR whose state_dict holds no lambdas, so checkpoints stay data)
     from diffusers.optimization import get_scheduler
     lr_sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    autocast = runtime.autocast(cfg, device)
     # DDP wraps the trainable module only; the reference is never wrapped.
     policy = DDP(bundle.unet, device_ids=[device.index] if device.type == "cuda" else None) \
         if ctx.world > 1 and not cfg.fsdp else bundle.unet
-    # The pool of replayable checkpoints: RCR for the SSPO family; for DPO-style methods it only
-    # holds checkpoint 0, the fixed initial reference; SFT needs no reference at all.
-    pool = replay.CheckpointPool(strategy=cfg.replay if replayed else "initial",
-                                 seed=cfg.seed, storage=cfg.pool_storage,
-                                 directory=str((out / "replay").resolve())) if preference else None
+    # The pool of replayable checkpoints: RCR for the SSPO family only. DPO-style methods' fixed
+    # reference is the initial model, which ``reference`` already runs (built before a resume
+    # loads the policy): no pool, so no copy of the base in replay/. SFT has no reference at all.
+    pool = replay.CheckpointPool(strategy=cfg.replay, seed=cfg.seed, storage=cfg.pool_storage,
+                                 directory=str((out / "replay").resolve())) if replayed else None
     process = noise.Process.from_config(bundle.scheduler_config, device)
     shape = models.latent_shape(bundle, config_mod.frame_size(cfg), cfg.num_frames)
     losers = replay.Losers(
@@ -238,12 +240,14 @@ def start(run: Run) -> int:
     if resumed is not None:
         if ctx.rank == 0:
             checkpoints.truncate_metrics(out, resumed)  # rows after the checkpoint are logged again
+            export.record_processes(out, resumed, ctx.world)
         run.logger.info(f"resumed from step {resumed}")
     else:
         if ctx.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             _clear_progress(out)
             runtime.write_json(out / "config.json", config_mod.to_dict(cfg))
+            export.record_processes(out, 0, ctx.world)  # the world size, which config.json does not hold
         ctx.barrier()  # the replay folder is cleared before any rank writes checkpoint 0 there
         if run.pool is not None:
             run.pool.add(run.bundle.trainable_state_dict(), 0)  # checkpoint 0 = the initial model
@@ -348,6 +352,22 @@ def pair_log_weight(run: Run, pred: torch.Tensor, ref_pred: torch.Tensor, target
                                       floor=floor_w + floor_l, temperature=run.cfg.weight_temperature)
 
 
+def error(run: Run, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The per-sample errors every loss is built from: ``sspo.per_sample_error``, (N,) float32,
+    times the min-SNR weight of each sample's index t ((N,) long) when ``snr_gamma`` is set
+    (``noise.Process.snr_weight``, diffusers' --snr_gamma). Off (0), the errors are untouched.
+
+    What the weight means per loss: for SFT it is diffusers' min-SNR-gamma loss. A preference
+    pair shares one t, so its four errors (m_w, m_l, r_w, r_l) get one weight w_t: the loss
+    becomes -log sigmoid(-beta w_t / 2 (...)), i.e. beta is replaced by beta * w_t, and the implicit
+    rewards (and the logged rewards and errors) are those of a time-weighted ELBO, not of the plain
+    one (the weighting omega(lambda_t) that Diffusion-DPO's derivation sets constant). SSPO's sign
+    s (m_w > r_w) is unchanged by a positive weight; the DPO-C&M / SDPO pair weight is computed
+    from the predictions and is not weighted."""
+    err = sspo.per_sample_error(pred, target)
+    return err * run.noise.snr_weight(t, run.cfg.snr_gamma) if run.cfg.snr_gamma else err
+
+
 def training_step(run: Run, batch: dict, step: int, *, log_weight: torch.Tensor | None = None,
                   ref_err: tuple | None = None, norm: torch.Tensor | None = None, weights_only: bool = False):
     """Loss of one micro-batch; returns (scalar loss, metrics of detached 0-d tensors).
@@ -384,14 +404,14 @@ def training_step(run: Run, batch: dict, step: int, *, log_weight: torch.Tensor 
     elif kind != "sft":
         with torch.no_grad(), autocast():
             ref_pred = run.reference(x_t, t_in, text2, extra2)
-        r_w, r_l = sspo.per_sample_error(ref_pred, target).chunk(2)  # (2B,) -> (B,), (B,)
+        r_w, r_l = error(run, ref_pred, target, t2).chunk(2)  # (2B,) -> (B,), (B,)
     if weights_only:
         with torch.no_grad(), autocast():
             pred = models.unet_forward(bundle, run.policy, x_t, t_in, text2, extra2)
         return pair_log_weight(run, pred, ref_pred, target, t), (r_w, r_l)
     with autocast():
         pred = models.unet_forward(bundle, run.policy, x_t, t_in, text2, extra2)
-    err = sspo.per_sample_error(pred, target)  # (2B,) float32 (or (B,) for SFT)
+    err = error(run, pred, target, t2)  # (2B,) float32 (or (B,) for SFT)
     if kind == "sft":
         losses, metrics = sspo.sft_loss(err)
     else:

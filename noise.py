@@ -8,6 +8,7 @@ the same for every family:
     target(x0, eps, t)   -> target       eps or v (``sspo.training_target``) | eps - x0
     model_t(t)           -> timestep     what the network is called with: t itself (DDPM), or
                                          T * sigma_t (flows, as ``FlowMatchEulerDiscreteScheduler``)
+    snr_weight(t, gamma) -> (B,) float32 min-SNR loss weight (``--snr_gamma``; DDPM only)
     importance_kappa(t)  -> (B,) float32 kappa_t of the DPO-C&M / SDPO weight
                                          (``importance.importance_coef`` | ``flow.flow_importance_kappa``),
                                          passed to ``importance.pair_log_weight``
@@ -82,6 +83,30 @@ class Process:
     def model_t(self, t: torch.Tensor) -> torch.Tensor:
         """The network's timestep input for index t: t (DDPM) or T * sigma_t (flow, float32)."""
         return self.sigmas[t] * self.num_timesteps if self.kind == "flow" else t
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """abar, (T,): what ``diffusers.training_utils.compute_snr`` reads of a scheduler."""
+        return self.abar
+
+    def snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma loss weight (Hang et al. 2023) per training index t, as diffusers'
+        train_text_to_image.py weights its per-sample MSE under ``--snr_gamma``: with
+        SNR_t = abar_t / (1 - abar_t) (``diffusers.training_utils.compute_snr``),
+        min(SNR_t, gamma) / SNR_t for an epsilon target and min(SNR_t, gamma) / (SNR_t + 1) for
+        a v target (both = the x0-error weight min(SNR_t, gamma) in the target's units). At a
+        zero-terminal-SNR step (SNR = 0) the epsilon weight takes its limit, 1. t: (B,) long;
+        returns (B,) float32 on t's device, no gradient. Flow matching has no such weight here:
+        refused in one line."""
+        if self.kind == "flow":
+            raise ValueError("min-SNR weighting needs a DDPM schedule (alphas_cumprod); a flow-matching "
+                             "process has none: drop --snr_gamma")
+        from diffusers.training_utils import compute_snr
+        snr = compute_snr(self, t)  # (B,) float32
+        clipped = torch.clamp(snr, max=gamma)  # = min(snr, gamma): diffusers stacks and takes the min
+        if self.prediction_type == "v_prediction":
+            return clipped / (snr + 1)
+        return torch.where(snr > 0, clipped / snr.clamp_min(torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
 
     def importance_kappa(self, t: torch.Tensor) -> torch.Tensor:
         """kappa_t with KL(q || p) = kappa_t ||target - pred||^2 for one reverse step at index t, in

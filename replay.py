@@ -194,10 +194,16 @@ class Reference:
     no_grad in eval mode, and switches back, restoring the active adapter, every parameter's
     requires_grad and every module's train/eval mode. Full fine-tuning (or motion modules): one
     frozen deep copy of the UNet whose trainable weights ``load`` overwrites in place.
-    Build it before wrapping the UNet in DDP (the "ref" adapter adds parameters).
+    Build it before wrapping the UNet in DDP (the "ref" adapter adds parameters), and before a
+    resume loads a checkpoint into the policy: built, it runs the initial model (checkpoint 0),
+    which is all the reference of Diffusion-DPO, DPO-C&M and SDPO ever is (they keep no pool, so
+    no copy of the base model is written to the run's replay/ folder).
     """
 
-    def __init__(self, bundle: Bundle):
+    def __init__(self, bundle: Bundle, dtype: torch.dtype | None = None):
+        """``dtype``: the autocast dtype of mixed precision (None: off). A full fine-tune's frozen
+        copy is kept in it, as diffusers keeps frozen modules in weight_dtype (snapshots are cast
+        when loaded); with LoRA the "ref" adapter takes its base layers' dtype (``models.cast_frozen``)."""
         self.bundle = bundle
         self._keys = [n for n, _ in bundle.unet.named_parameters() if bundle.is_trainable(n)]
         if bundle.lora:
@@ -213,8 +219,11 @@ class Reference:
             params = dict(unet.named_parameters())
             for name in self._names.values():
                 params[name].requires_grad_(False)
+            self.load(bundle.trainable_state_dict())  # "ref" starts as the policy's adapter: checkpoint 0
         else:
             self._unet = copy.deepcopy(bundle.unet).requires_grad_(False).eval()
+            if dtype is not None:
+                self._unet.to(dtype)
             self._names = {k: k for k in self._keys}
 
     @property
@@ -238,7 +247,8 @@ class Reference:
                              f"{len(extra)} unexpected (e.g. {sorted(extra)[:2]}).")
         params = dict(self._unet.named_parameters())  # looked up now: sharding replaces the Parameters
         for k, v in snapshot.items():
-            copy_full_(params[self._names[k]], v, name=k, cast_from=(torch.bfloat16,))  # memory_bf16 snapshots
+            # memory_bf16 snapshots; float32 ones into a reference kept in the autocast dtype
+            copy_full_(params[self._names[k]], v, name=k, cast_from=(torch.bfloat16, torch.float32))
 
     @staticmethod
     @contextlib.contextmanager
@@ -275,8 +285,9 @@ class Reference:
 class Losers:
     """The reference and the losers of each update: ``begin(step)`` draws the update's reference
     checkpoint and loads it, ``next_batch(stream, micro)`` returns micro-batch ``micro`` with its
-    ``x0_l``. For SFT (no pool) both only pass the data through; for Diffusion-DPO, DPO-C&M and
-    SDPO the pool holds checkpoint 0 alone and ``x0_l`` is the data's own loser (pixels).
+    ``x0_l``. For SFT (no pool, no reference) both only pass the data through; for Diffusion-DPO,
+    DPO-C&M and SDPO (no pool: the reference stays the initial model it was built as) ``x0_l`` is
+    the data's own loser (pixels).
 
     For the SSPO family (``replayed=True``) ``x0_l`` (B,*shape), in diffusion space, is sampled
     by the drawn checkpoint (RCR, sec. 4.1) from per-pair initial noise z_T keyed by (seed, step
@@ -310,9 +321,10 @@ class Losers:
 
     def begin(self, step: int) -> int | None:
         """Draw update ``step``'s reference checkpoint (that of its cycle's first update) and load it
-        into the reference network; returns its pool index (None without a pool)."""
+        into the reference network; returns its pool index (without a pool: 0 when there is a
+        reference, the initial model it was built as; None for SFT)."""
         if self.pool is None:
-            return None
+            return None if self.reference is None else 0
         gen_step = step - step % self.every
         ref = self.pool.choose(gen_step)
         if ref != self.loaded:

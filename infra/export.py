@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 import models
+from infra import runtime
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name load_lora_weights looks for
 
@@ -136,7 +137,36 @@ def _frame(cfg: dict) -> str:
     return str(h) if h == w else f"{h}x{w} (height x width)"
 
 
-def model_card(cfg: dict, step: int, evaluation: dict | None = None) -> str:
+PROCESSES_FILE = "processes.json"  # in the run directory: the world size of each (re)start
+
+
+def record_processes(out: Path, step: int, world: int) -> None:
+    """Record that the run (re)starts at update ``step`` on ``world`` processes, in
+    out/processes.json: [{"step": s, "world_size": w}, ...], a row per start that changed the
+    world size (a resume drops the rows after its checkpoint, whose updates are redone). The
+    model card's global batch reads it; config.json holds only per-process settings."""
+    path = Path(out) / PROCESSES_FILE
+    rows = json.loads(path.read_text()) if step and path.is_file() else []
+    rows = [r for r in rows if r["step"] < step] if step else []
+    if not rows or rows[-1]["world_size"] != world:
+        rows.append({"step": step, "world_size": world})
+    runtime.write_json(path, rows)
+
+
+def _global_batch(cfg: dict, processes: list | None) -> str:
+    """"4 x 2 accumulation x 8 processes = 64 samples per update" (pairs for preference methods),
+    a term per world size when a resume changed it; the world size unknown for runs without
+    processes.json."""
+    per = cfg["batch_size"] * cfg["grad_accum"]
+    head = f"{cfg['batch_size']} x {cfg['grad_accum']} accumulation"
+    if not processes:
+        return f"{head} x (process count not recorded)"
+    return ", ".join(f"{head} x {r['world_size']} process{'es' if r['world_size'] > 1 else ''} = "
+                     f"{per * r['world_size']}" + (f" from update {r['step'] + 1}" if len(processes) > 1 else "")
+                     for r in processes)
+
+
+def model_card(cfg: dict, step: int, evaluation: dict | None = None, processes: list | None = None) -> str:
     """A diffusers-style README.md: YAML header (base_model, tags) and what was trained how."""
     base = cfg.get("model_path") or _BASE.get(cfg["model"], "the embedded digits base model")
     lora = cfg["lora_rank"] > 0 and cfg["model"] in ADAPTER_FAMILIES
@@ -149,6 +179,8 @@ def model_card(cfg: dict, step: int, evaluation: dict | None = None) -> str:
              "| setting | value |", "|---|---|",
              f"| method | {cfg['method']} |", f"| beta | {cfg['beta']:g} |", f"| updates | {step} |",
              f"| batch per device | {cfg['batch_size']} x {cfg['grad_accum']} accumulation steps |",
+             f"| global batch ({'pairs' if cfg['method'] != 'sft' else 'samples'} per update) | "
+             f"{_global_batch(cfg, processes)} |",
              f"| learning rate | {cfg['lr']:g} ({cfg.get('lr_scheduler', 'constant_with_warmup')}, "
              f"{cfg['warmup_steps']} warm-up) |",
              f"| trained weights | {'LoRA rank ' + str(cfg['lora_rank']) if cfg['lora_rank'] else 'full UNet'} |",
@@ -179,8 +211,10 @@ def write_model_card(run_dir, step: int | None = None) -> Path | None:
         return None
     cfg = json.loads((run_dir / "config.json").read_text())
     ev = run_dir / "eval.json"
+    procs = run_dir / PROCESSES_FILE
     card = model_card(cfg, cfg["max_steps"] if step is None else step,
-                      json.loads(ev.read_text()) if ev.is_file() else None)
+                      json.loads(ev.read_text()) if ev.is_file() else None,
+                      json.loads(procs.read_text()) if procs.is_file() else None)
     grids = sorted((run_dir / "samples").glob("step_*.png")) if (run_dir / "samples").is_dir() else []
     if grids:  # the last sample grid, each prompt under its image
         shutil.copyfile(grids[-1], run_dir / "final" / "samples.png")

@@ -3,6 +3,7 @@ logging (console line, JSONL, tqdm), SIGTERM handling and sample grids."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -353,11 +354,23 @@ def labelled(image: Image.Image, text: str, max_lines: int = 3) -> Image.Image:
     return out
 
 
+def autocast_dtype(cfg) -> torch.dtype | None:
+    """The autocast (and frozen-weight) dtype of ``mixed_precision``: bf16, fp16, or None (no)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+
+
+def autocast(cfg, device: torch.device):
+    """() -> the context manager the run's forwards run in: torch.autocast, or nothing."""
+    dtype = autocast_dtype(cfg)
+    return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+
+
 def save_samples(cfg, bundle: models.Bundle, out: Path, step: int, shape: tuple, write: bool = True) -> Path:
     prompts = sample_prompts(cfg, cfg.num_sample_prompts)
     z = torch.randn((len(prompts), *shape), generator=torch.Generator().manual_seed(cfg.seed))
-    lat = sampling.sample_with_policy(bundle, prompts, latents=z, num_inference_steps=20,
-                                      guidance_scale=cfg.loser_guidance, latent_shape=shape)
+    with autocast(cfg, bundle.device)():  # as the run trains: its frozen weights are in that dtype
+        lat = sampling.sample_with_policy(bundle, prompts, latents=z, num_inference_steps=20,
+                                          guidance_scale=cfg.loser_guidance, latent_shape=shape)
     d = out / "samples"
     path = d / f"step_{step:06d}.png"
     if not write:  # an FSDP rank other than 0 took part in the sampling only

@@ -140,6 +140,29 @@ def lora_config(rank: int):
     return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
 
 
+def cast_frozen(bundle: Bundle, dtype: torch.dtype | None) -> None:
+    """Keep the frozen modules in ``dtype`` (the autocast dtype of ``mixed_precision``; None: do
+    nothing), as diffusers' training scripts hold them in ``weight_dtype``: the text encoders, the
+    VAE (but a VAE_FP32 family's, SDXL's, which overflows in fp16 and stays float32), and the
+    UNet's frozen weights (LoRA: the base; animatediff's motion-module training: all but the
+    motion modules). The trainable weights stay float32 (``diffusers.training_utils.
+    cast_training_params``): the optimizer and the replay snapshots see them unchanged. A full
+    fine-tune's frozen reference copy is cast by ``replay.Reference``. Under autocast the matmuls
+    and convolutions already ran in ``dtype``; what changes is the memory the weights hold (and
+    the ops autocast keeps in float32, e.g. norms, now see rounded weights)."""
+    if dtype is None:
+        return
+    for m in (bundle.text_encoder, bundle.text_encoder_2):
+        if m is not None:
+            m.to(dtype)
+    if bundle.vae is not None and not getattr(FAMILIES[bundle.family], "VAE_FP32", False):
+        bundle.vae.to(dtype)
+    if bundle.lora or bundle.train_motion_only:
+        from diffusers.training_utils import cast_training_params
+        bundle.unet.to(dtype)
+        cast_training_params(bundle.unet, dtype=torch.float32)  # the parameters that require grad
+
+
 def save_model(bundle: Bundle, path: str) -> None:
     """Write the bundle in diffusers' layout: unet/ (LoRA merged in), text_encoder/, tokenizer/,
     scheduler/, [vae/], model_index.json. ``build_model(bundle.family, path)`` loads it back."""
@@ -237,18 +260,20 @@ def encode_prompts(bundle: Bundle, prompts: list[str], return_extra: bool = Fals
     of text_encoder (B,77,768) and text_encoder_2 (B,77,1280), concatenated in that order
     -> (B,77,2048); extra = {"text_embeds": text_encoder_2's projected pooled output (B,1280)}.
     cogvideox / wan: their pipeline's T5 / UMT5 encoding, (B,226,D) / (B,512,D).
+    Float32 whatever the encoders' dtype (``cast_frozen``), so that the sampler's latents, which
+    follow it, are float32.
     """
     if _hook(bundle, "encode_prompts"):
-        emb = _hook(bundle, "encode_prompts")(bundle, prompts)
+        emb = _hook(bundle, "encode_prompts")(bundle, prompts).float()
         return (emb, {}) if return_extra else emb
     device = next(bundle.text_encoder.parameters()).device
     if bundle.text_encoder_2 is None:
-        emb = bundle.text_encoder(_tokens(bundle.tokenizer, prompts, device))[0]  # (B,77,D)
+        emb = bundle.text_encoder(_tokens(bundle.tokenizer, prompts, device))[0].float()  # (B,77,D)
         return (emb, {}) if return_extra else emb
     out1 = bundle.text_encoder(_tokens(bundle.tokenizer, prompts, device), output_hidden_states=True)
     out2 = bundle.text_encoder_2(_tokens(bundle.tokenizer_2, prompts, device), output_hidden_states=True)
-    emb = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)  # (B,77,D1+D2)
-    return (emb, {"text_embeds": out2.text_embeds}) if return_extra else emb  # text_embeds (B,P)
+    emb = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1).float()  # (B,77,D1+D2)
+    return (emb, {"text_embeds": out2.text_embeds.float()}) if return_extra else emb  # text_embeds (B,P)
 
 
 def add_time_ids(extra: dict, original_size, crop_top_left, target_size) -> dict:

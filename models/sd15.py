@@ -87,8 +87,9 @@ def write_tokenizer_files(folder: Path) -> None:
 def write_tiny(path: str) -> str:
     """Random tiny SD-1.5 stand-in in the real layout (StableDiffusionPipeline.from_pretrained loads it).
 
-    UNet (32,64) channels with cross-attention dim 32, VAE (32,64) -> latent 4 channels at H/2,
-    text encoder hidden 32 with the real CLIP tokenizer; a PNDM scheduler config as in the release.
+    UNet (32,64) channels with cross-attention dim 32; VAE with the release's 4 blocks, so its
+    factor 8 (3 downsamplings) -> latent 4 channels at H/8, but 16-32 channels; text encoder
+    hidden 32 with the real CLIP tokenizer; a PNDM scheduler config as in the release.
     """
     from diffusers import StableDiffusionPipeline
     with torch.random.fork_rng(devices=[]):
@@ -97,9 +98,9 @@ def write_tiny(path: str) -> str:
             sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=32, attention_head_dim=4, norm_num_groups=16)
-        vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                            latent_channels=4, norm_num_groups=16, sample_size=16)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 16, 32, 32), layers_per_block=1,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            latent_channels=4, norm_num_groups=16, sample_size=64)
         text_encoder = tiny_text_encoder(32)
     scheduler = PNDMScheduler(**{k: v for k, v in SD15_SCHEDULER.items() if k not in ("clip_sample",)},
                               skip_prk_steps=True)

@@ -124,7 +124,8 @@ def write_tiny(path: str) -> str:
     UNet (32,64) channels, DownBlock2D then CrossAttnDownBlock2D (2 transformer layers), linear
     projections, "text_time" added embedding (time embed dim 8: 6*8 + 32 = 80 inputs); text
     encoders of hidden 32 each (cross-attention dim 64 = 32+32), the second with a 32-d
-    projection; VAE (32,64) -> latents at H/2 with SDXL's scaling factor 0.13025; the release's
+    projection; VAE with the release's 4 blocks (factor 8, 16-32 channels) -> latents at H/8 with
+    SDXL's scaling factor 0.13025; the release's
     EulerDiscreteScheduler config and force_zeros_for_empty_prompt=True.
     """
     from diffusers import StableDiffusionXLPipeline
@@ -136,9 +137,9 @@ def write_tiny(path: str) -> str:
             transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), cross_attention_dim=64,
             use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=16)
-        vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                            latent_channels=4, norm_num_groups=16, sample_size=16, scaling_factor=0.13025)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 16, 32, 32), layers_per_block=1,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            latent_channels=4, norm_num_groups=16, sample_size=64, scaling_factor=0.13025)
         text_encoder = tiny_text_encoder(32)
         text_encoder_2 = tiny_text_encoder(32, with_projection=True)
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,

@@ -140,14 +140,15 @@ def write_tiny(path: str, scheduler: str = "UniPCMultistepScheduler") -> str:
     """Random tiny Wan2.1 in the release's layout (WanPipeline.from_pretrained loads it): the
     1.3B config with width and depth cut (2 layers, 2 heads of 12, ffn 32, UMT5 d_model 32, VAE
     base_dim 8 with the release's 16 latent channels and their mean/std), the release's UniPC
-    flow config (or ``scheduler="FlowMatchEulerDiscreteScheduler"``, shift 3). Use 32 px, 9 frames:
-    latents (16, 3, 4, 4)."""
+    flow config (or ``scheduler="FlowMatchEulerDiscreteScheduler"``, shift 3). The release's geometry
+    is kept: VAE factor 8 (4 temporal), patch (1, 2, 2), rope table of 1024 positions, so the
+    preset's native 480x832 runs too. Tests use 32 px, 9 frames: latents (16, 3, 4, 4)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         transformer = WanTransformer3DModel(
             patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
             text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=1024)  # the release's: native 480x832 = 30x52 patches
         vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                temperal_downsample=[False, True, True])
         tokenizer = tiny_t5_tokenizer()

@@ -31,8 +31,9 @@ Rows, in the order they run (the most wanted first, so that a short budget still
    rank 32), the presets' native sizes, bf16 autocast and gradient checkpointing, against the
    memory plans (research/memory_sdxl.py, research/memory_video.py). Text encoders are small
    random stand-ins with the real output width and there is no VAE: the batch is latents, and the
-   plans' comparable figure leaves out what is not loaded. The networks are float32, as
-   ``models.build_model`` loads them (``from_pretrained`` without a dtype).
+   plans' comparable figure leaves out what is not loaded. The frozen weights (LoRA's base, the
+   text encoders) are held in the autocast dtype and the trained ones in float32, as
+   ``loop.setup`` holds them (``models.cast_frozen``).
 
 Every row fails soft: an out-of-memory error writes "OOM", a missing package "needs <name>", any
 other error its type and message, and the rest still run. The budget (``--budget``, 480 s) is
@@ -169,7 +170,7 @@ def build(family: str, cfg: config.Config, device: torch.device, tiny: bool = Fa
 class Rig:
     """One model trained by one method through ``loop.update``, as train.py runs it on one GPU
     (no DDP): the fields of a ``loop.Run`` that ``update`` and ``training_step`` read, built as
-    ``loop.setup`` builds them, a replay pool holding checkpoint 0, and a stream that hands out
+    ``loop.setup`` builds them (a replay pool holding checkpoint 0 for the SSPO family), and a stream that hands out
     the same batch (``cfg.batch_size`` pairs of random latents) on every call."""
 
     def __init__(self, bundle: models.Bundle, shape: tuple, method: str, cfg: config.Config,
@@ -177,17 +178,16 @@ class Rig:
         m = config.METHODS[method]
         cfg = dataclasses.replace(cfg, method=method)
         self.cfg, self.device, self.shape, self.step = cfg, device, shape, 0
-        reference = replay.Reference(bundle) if m.losers != "none" else None
+        models.cast_frozen(bundle, runtime.autocast_dtype(cfg))  # as loop.setup
+        reference = replay.Reference(bundle, runtime.autocast_dtype(cfg)) if m.losers != "none" else None
         pool = None
-        if reference is not None:
-            pool = replay.CheckpointPool("uniform" if m.losers == "replayed" else "initial", seed=cfg.seed,
-                                         storage=cfg.pool_storage, directory=directory)
+        if m.losers == "replayed":  # as loop.setup: DPO-style methods keep no pool
+            pool = replay.CheckpointPool("uniform", seed=cfg.seed, storage=cfg.pool_storage, directory=directory)
             pool.add(bundle.trainable_state_dict(), 0)
         params = bundle.trainable_parameters()
         opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                 weight_decay=cfg.weight_decay)
-        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
-        autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
+        autocast = runtime.autocast(cfg, device)
         self.run = SimpleNamespace(
             cfg=cfg, ctx=runtime.Dist(device=device), out=Path(directory), bundle=bundle, policy=bundle.unet,
             reference=reference, pool=pool, opt=opt, lr_sched=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
@@ -348,9 +348,9 @@ def sweep_rows(cfg: config.Config, device: torch.device, tiny: bool, budget: Bud
     reference network (the drawn checkpoint) as denoiser, under the run's autocast; each
     setting fails soft on its own."""
     bundle, shape = build("sd15", cfg, device, tiny)
-    reference = replay.Reference(bundle)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
+    models.cast_frozen(bundle, runtime.autocast_dtype(cfg))  # as loop.setup
+    reference = replay.Reference(bundle, runtime.autocast_dtype(cfg))
+    autocast = runtime.autocast(cfg, device)
     res = {}
     for steps, pairs in SWEEP:
         key = f"steps{steps}_pairs{pairs}"  # the nominal setting; tiny runs TINY_SWEEP's
@@ -415,10 +415,9 @@ def plans() -> dict:
             nl = memory_video.lora_params(net, rank)
             tokens = f * (h // 2) * (w // 2) + (text if family == "cogvideox" else 0)
             act = 2 * tokens * tcfg["num_attention_heads"] * tcfg["attention_head_dim"] * tcfg["num_layers"] * 2 / GB
-            states = (2 * n + 16 * nl + 4 * nl) / GB  # bf16 weights, LoRA + grads + AdamW, the "ref" adapter
+            states = (2 * n + 16 * nl + 2 * nl) / GB  # bf16 frozen base, LoRA + grads + AdamW, the bf16 "ref" adapter
             out[family] = {"source": f"research/memory_video.py formulas, LoRA r={rank}, activations checkpointed",
-                           "total_gb": states + act, "comparable_gb": states + act, "activations_gb": act,
-                           "fp32_weights_extra_gb": 2 * n / GB}
+                           "total_gb": states + act, "comparable_gb": states + act, "activations_gb": act}
     return out
 
 
@@ -512,7 +511,7 @@ def markdown(res: dict) -> str:
             L.append(f"| {steps} | {pairs} | — | | | | {st(r)} |")
     L += ["", "## Peak memory of one LoRA update at the presets' native sizes vs the memory plans", "",
           "Diffusion-DPO's update (policy and reference on winner and loser, backward, AdamW), batch 1, bf16 "
-          "autocast, gradient checkpointing, float32 networks as `models.build_model` loads them; small text "
+          "autocast, gradient checkpointing, frozen weights in bf16 and trained ones in float32 as `loop.setup` holds them; small text "
           "encoders, no VAE. Plan (comparable) = the plan without what is not loaded (text encoders, VAE, DDP buckets). "
           "GB = 1e9 bytes.", "",
           "| model | latents | LoRA rank | plan total (GB) | plan, comparable (GB) | measured peak (GB) | measured - plan | s per update | status |",
@@ -528,9 +527,7 @@ def markdown(res: dict) -> str:
                      f"{_f(gb, '.1f')} | {_f(diff, '+.1f')} | {r['s_median']:.2f} | ok |")
         else:
             L.append(f"| {LABEL[family]} | | | {plan_cells} | — | | | {st(r)} |")
-    L += ["", "Plans: " + "; ".join(f"{LABEL[k]}: {v['source']}"
-                                    + (f" (bf16 weights; float32 weights add {v['fp32_weights_extra_gb']:.1f} GB)"
-                                       if v.get("fp32_weights_extra_gb") else "") for k, v in pl.items()) + "."]
+    L += ["", "Plans: " + "; ".join(f"{LABEL[k]}: {v['source']}" for k, v in pl.items()) + "."]
     return "\n".join(L) + "\n"
 
 

@@ -5,9 +5,13 @@
 Parameter counts come from instantiating the release's UNet config (models/sdxl.UNET_CONFIG),
 its VAE and both text encoders on the meta device (``with torch.device("meta")``: shapes, no
 storage). LoRA counts are r * (in + out) over the modules peft targets (models' LORA_TARGETS).
-Bytes per parameter: fp32 weights 4, gradients 4 (+4 for DDP's gradient buckets), AdamW 8
-(exp_avg, exp_avg_sq). The reference (replay.py) is a frozen fp32 copy of the UNet with full
-fine-tuning and a second adapter "ref" with LoRA. Replay snapshots hold the trainable weights:
+Bytes per parameter: trained fp32 weights 4, gradients 4 (+4 for DDP's gradient buckets), AdamW 8
+(exp_avg, exp_avg_sq). Frozen modules are held in the autocast dtype of the preset's
+mixed_precision (bf16: 2 B; ``models.cast_frozen``, as diffusers' scripts hold them in
+weight_dtype): the text encoders, LoRA's base UNet, and the reference (replay.py: a frozen copy
+of the UNet with full fine-tuning, a second adapter "ref" with LoRA); the VAE stays fp32 (4 B),
+as diffusers' SDXL scripts keep it. The last column adds up the GPU memory with every frozen
+module in fp32, as the loop held them before, for comparison. Replay snapshots hold the trainable weights:
 off the GPU (host RAM for memory / memory_bf16, files for disk), one per K = ``replay_every`` updates
 plus the initial model. Activations are not in the table: they depend on attention kernels and
 checkpointing and must be measured on a GPU (research/bench.py).
@@ -55,39 +59,49 @@ def plan(cfg: config_mod.Config, lora_ranks=(8, 64)) -> dict:
                   "text_encoder_2 (bigG)": count(CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_2))),
                   "vae (fp32, always)": count(AutoencoderKL(**VAE))}
     P = count(unet)
+    fb = 2 if cfg.mixed_precision in ("bf16", "fp16") else 4  # bytes per frozen parameter
+    text = frozen["text_encoder (CLIP-L)"] + frozen["text_encoder_2 (bigG)"]
+    vae = frozen["vae (fp32, always)"]
     snapshots = cfg.max_steps // config_mod.replay_interval(cfg) + 1  # + checkpoint 0, the initial model
     rows = []
     for mode, T, ref in [("full fine-tuning", P, P)] + [(f"LoRA r={r}", lora_count(unet, r), lora_count(unet, r))
                                                          for r in lora_ranks]:
-        gpu = {"UNet weights (fp32)": 4 * P, "LoRA adapter (fp32)": 4 * T if T != P else 0,
+        full = T == P
+        gpu = {"UNet weights": 4 * P if full else fb * P, "LoRA adapter (fp32)": 0 if full else 4 * T,
                "gradients (fp32)": 4 * T, "DDP gradient buckets": 4 * T, "AdamW exp_avg + exp_avg_sq": 8 * T,
-               "reference (replay.py)": 4 * ref, "text encoders + VAE (fp32)": 4 * sum(frozen.values())}
-        rows.append(dict(mode=mode, trainable=T, gpu=gpu, gpu_total=sum(gpu.values()),
+               "reference (replay.py)": fb * ref, "text encoders + VAE (fp32)": fb * text + 4 * vae}
+        before = sum(gpu.values()) + (4 - fb) * ((0 if full else P) + ref + text)  # frozen modules in fp32
+        rows.append(dict(mode=mode, trainable=T, gpu=gpu, gpu_total=sum(gpu.values()), gpu_fp32_frozen=before,
                          snapshot_fp32=4 * T, snapshot_bf16=2 * T, pool_fp32=4 * T * snapshots))
-    return dict(unet=P, frozen=frozen, snapshots=snapshots, rows=rows, cfg=cfg)
+    return dict(unet=P, frozen=frozen, snapshots=snapshots, rows=rows, cfg=cfg, frozen_bytes=fb)
 
 
 def markdown(p: dict) -> str:
-    cfg = p["cfg"]
-    L = ["# SDXL memory plan (per GPU, DDP; computed by research/memory_sdxl.py from the release's configs)", "",
+    cfg, fb = p["cfg"], p["frozen_bytes"]
+    dtype = {2: cfg.mixed_precision, 4: "fp32"}[fb]
+    L = ["# SDXL memory plan (per GPU, DDP; written by `python -m research.memory_sdxl` from the release's configs)", "",
          f"UNet {p['unet'] / 1e6:.1f}M parameters; frozen: "
          + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in p["frozen"].items()) + ".",
          f"Preset configs/sdxl_pickapic.py: {cfg.resolution} px (latents {cfg.resolution // 8}x{cfg.resolution // 8}), "
          f"max_steps {cfg.max_steps}, replay every {config_mod.replay_interval(cfg)} -> {p['snapshots']} replay snapshots "
-         f"(pool_storage={cfg.pool_storage}).", "",
-         "GB = 1e9 bytes. Activations excluded (measure on a GPU: research/bench.py); bf16 autocast keeps fp32 master weights.", "",
-         "| mode | trainable | UNet | adapter | grads | DDP buckets | AdamW | reference | text enc. + VAE | **GPU before activations** | snapshot fp32 / bf16 | pool of all snapshots, fp32 (host RAM or disk) |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+         f"(pool_storage={cfg.pool_storage}), mixed_precision={cfg.mixed_precision}.", "",
+         f"GB = 1e9 bytes. Activations excluded (measure on a GPU: research/bench.py). Trained weights are fp32 (master "
+         f"weights under autocast); frozen modules are held in {dtype} (the reference, the text encoders, LoRA's base UNet), "
+         f"the VAE in fp32.", "",
+         f"| mode | trainable | UNet ({dtype} where frozen) | adapter | grads | DDP buckets | AdamW | reference ({dtype}) "
+         f"| text enc. ({dtype}) + VAE (fp32) | **GPU before activations** | same, frozen modules fp32 | snapshot fp32 / bf16 "
+         f"| pool of all snapshots, fp32 (host RAM or disk) |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in p["rows"]:
         g = r["gpu"]
         cells = [r["mode"], f"{r['trainable'] / 1e6:.1f}M"] + [f"{v / GB:.2f}" for v in g.values()]
-        cells += [f"**{r['gpu_total'] / GB:.1f}**", f"{r['snapshot_fp32'] / GB:.2f} / {r['snapshot_bf16'] / GB:.2f}",
-                  f"{r['pool_fp32'] / GB:.1f}"]
+        cells += [f"**{r['gpu_total'] / GB:.1f}**", f"{r['gpu_fp32_frozen'] / GB:.1f}",
+                  f"{r['snapshot_fp32'] / GB:.2f} / {r['snapshot_bf16'] / GB:.2f}", f"{r['pool_fp32'] / GB:.1f}"]
         L.append("| " + " | ".join(cells) + " |")
     full = p["rows"][0]["gpu_total"] / GB
     L += ["", f"Full fine-tuning: {full:.0f} GB of states per GPU leaves about {80 - full:.0f} GB of an 80 GB GPU "
           "for activations at 1024 px (batch 1, gradient checkpointing on, bf16 autocast). memory_bf16 halves the "
-          "pool; disk keeps it off host RAM. With LoRA the frozen fp32 UNet dominates."]
+          f"pool; disk keeps it off host RAM. With LoRA the frozen UNet ({dtype}) dominates."]
     return "\n".join(L) + "\n"
 
 

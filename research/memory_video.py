@@ -1,12 +1,16 @@
 """Memory plan for CogVideoX-2B / -5B and Wan2.1-1.3B training on 80 GB GPUs, from the releases'
-transformer configs built on the meta device (shapes only, no weights). Writes results/memory_video.md.
+transformer, text encoder (T5-XXL / UMT5-XXL encoder) and VAE configs built on the meta device
+(shapes only, no weights). Writes results/memory_video.md.
 
-Per GPU, no sharding: weights bf16 (2 B/param); full fine-tuning adds fp32 master-free AdamW as
-this loop runs it (fp32 params 4 + grads 4 + Adam m, v 8 = 16 B/param, bf16 autocast); LoRA adds
-16 B per LoRA param. The reference: a frozen bf16 copy (full) or a second adapter (LoRA). Replay
-pool: one snapshot of the trainable weights per checkpoint (fp32 in memory). Activations are a
-rough estimate: tokens x hidden x layers x bytes/token/layer (~34 x 2 B without checkpointing,
-2 B with it, per sample, for 2 samples (winner + loser) of the video in the preset).
+Per GPU, no sharding, bf16 mixed precision (the presets'): the trained weights are fp32 with
+AdamW as this loop runs it (fp32 params 4 + grads 4 + Adam m, v 8 = 16 B/param, bf16 autocast);
+the frozen modules (text encoder, VAE, the reference copy of a full fine-tune, LoRA's base
+transformer and its "ref" adapter) are held in bf16, 2 B/param (``models.cast_frozen``,
+``replay.Reference``, as diffusers' scripts hold them in weight_dtype); the columns "fp32" show
+them as the loop held them before (4 B/param). Replay pool: one snapshot of the trainable
+weights per checkpoint (fp32 in memory). Activations are a rough estimate: tokens x hidden x
+layers x bytes/token/layer (~34 x 2 B without checkpointing, 2 B with it, per sample, for 2
+samples (winner + loser) of the video in the preset).
     python -m research.memory_video
 """
 from __future__ import annotations
@@ -14,7 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
+from diffusers import AutoencoderKLCogVideoX, AutoencoderKLWan, CogVideoXTransformer3DModel, WanTransformer3DModel
+from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
 # transformer/config.json of the releases (the fields that set the shapes).
 MODELS = {
@@ -29,6 +34,11 @@ MODELS = {
                     in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
                     cross_attn_norm=True, qk_norm="rms_norm_across_heads"), 21, 60, 104, 512),
 }
+# text_encoder/config.json of the releases: T5 v1.1 XXL encoder (CogVideoX), UMT5-XXL encoder (Wan2.1);
+# their VAEs are diffusers' default configs of AutoencoderKLCogVideoX / AutoencoderKLWan.
+T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu")
+FROZEN = {"CogVideoX": (lambda: T5EncoderModel(T5Config(vocab_size=32128, **T5_XXL)), AutoencoderKLCogVideoX),
+          "Wan2.1": (lambda: UMT5EncoderModel(UMT5Config(vocab_size=256384, **T5_XXL)), AutoencoderKLWan)}
 GB = 1e9
 
 
@@ -41,27 +51,38 @@ def lora_params(model, rank: int) -> int:
 
 
 def plan(rank: int = 128, snapshots: int = 10) -> str:
-    rows = ["| model | params | weights bf16 | full FT: +AdamW/grads (16 B/p) | LoRA r%d params | activations 2 samples (ckpt / none) | replay pool %d snapshots (LoRA / full, fp32) | full FT fits 80 GB unsharded? |" % (rank, snapshots),
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | params | text encoder + VAE | full FT: trained states (16 B/p) | full FT: frozen (reference, text "
+            "encoder, VAE) fp32 / **bf16** | LoRA r%d params | LoRA: frozen (base, text encoder, VAE) fp32 / **bf16** "
+            "| activations 2 samples (ckpt / none) | replay pool %d snapshots (LoRA / full, fp32) | full FT fits 80 GB "
+            "unsharded? (bf16 frozen) |" % (rank, snapshots),
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for name, (cls, cfg, f, h, w, text) in MODELS.items():
+        text_encoder, vae = FROZEN[name.split("-")[0]]
         with torch.device("meta"):
             model = cls(**cfg)
+            te = sum(p.numel() for p in text_encoder().parameters()) + sum(p.numel() for p in vae().parameters())
         n = sum(p.numel() for p in model.parameters())
         hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]
         tokens = f * (h // 2) * (w // 2) + (text if cls is CogVideoXTransformer3DModel else 0)
         act = lambda per: 2 * tokens * hidden * cfg["num_layers"] * per / GB  # noqa: E731
         nl = lora_params(model, rank)
-        full = n * 16 / GB + n * 2 / GB  # trained fp32 states + the frozen bf16 reference
-        rows.append(f"| {name} | {n / 1e9:.2f} B | {n * 2 / GB:.1f} GB | {n * 16 / GB:.1f} GB | {nl / 1e6:.1f} M "
+        frozen_full, frozen_lora = n + te, n + te + nl  # LoRA: the base transformer and the "ref" adapter
+        full = n * 16 / GB + frozen_full * 2 / GB
+        rows.append(f"| {name} | {n / 1e9:.2f} B | {te / 1e9:.2f} B | {n * 16 / GB:.1f} GB "
+                    f"| {frozen_full * 4 / GB:.1f} / **{frozen_full * 2 / GB:.1f}** GB | {nl / 1e6:.1f} M "
+                    f"| {frozen_lora * 4 / GB:.1f} / **{frozen_lora * 2 / GB:.1f}** GB "
                     f"| {act(2):.1f} / {act(68):.0f} GB | {snapshots * nl * 4 / GB:.2f} / {snapshots * n * 4 / GB:.0f} GB (host RAM or disk) "
                     f"| {'yes' if full + act(2) < 80 else 'no: shard (FSDP) or LoRA'} ({full + act(2):.0f} GB) |")
     return "\n".join(rows)
 
 
 if __name__ == "__main__":
-    text = ("# Memory plan: video models (computed by research/memory_video.py from the release configs on the meta device)\n\n"
+    text = ("# Memory plan: video models (written by `python -m research.memory_video` from the release configs on the "
+            "meta device)\n\n"
             "Latents of the presets: CogVideoX 49 frames 480x720 -> 13x60x90; Wan2.1 81 frames 480x832 -> 21x60x104. "
-            "Activations are rough (per-layer bytes per token x hidden); measure on a GPU before relying on them.\n\n"
+            "Activations are rough (per-layer bytes per token x hidden); measure on a GPU before relying on them. "
+            "Frozen modules are held in bf16 under the presets' bf16 mixed precision (fp32: as before, for comparison); "
+            "the full fine-tune's total is trained states + bf16 frozen modules + activations with checkpointing.\n\n"
             + plan() + "\n")
     Path("results").mkdir(exist_ok=True)
     Path("results/memory_video.md").write_text(text)

@@ -128,6 +128,7 @@ def test_model_card_and_tokenizer_files(lora_run, tmp_path):
     card = (run / "final" / "README.md").read_text()
     assert f"base_model: {sd}" in card and "| method | dpo |" in card and "| beta | 5000 |" in card
     assert "| updates | 4 |" in card and "load_lora_weights" in card and "pickapic" in card
+    assert "| global batch (pairs per update) | 1 x 1 accumulation x 1 process = 1 |" in card, card
     (run / "eval.json").write_text(json.dumps({"pickscore": 21.5}))
     export.write_model_card(run)
     assert '"pickscore": 21.5' in (run / "final" / "README.md").read_text()
@@ -601,3 +602,75 @@ def test_model_card_holds_the_last_sample_grid(lora_run):
     card = (run / "final" / "README.md").read_text()
     assert "![samples at step_000004](samples.png)" in card and (run / "final" / "samples.png").is_file()
     assert load_or_create_model_card(str(run / "final" / "README.md")).data.library_name == "diffusers"
+
+
+def test_snr_gamma_on_the_command_line(cache, tmp_path):
+    """diffusers' `--snr_gamma 5` (space-separated) is taken by the digits preset and recorded in
+    config.json; a flow-matching family refuses it in one line."""
+    out = tmp_path / "run"
+    r = _cli("--config=digits", "--snr_gamma", "5", *[f"--{k}={v}" for k, v in FAST.items() if k != "max_steps"],
+             "--max_steps=1", f"--cache_dir={cache}", "--method=sft", f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["snr_gamma"] == 5.0
+    with pytest.raises(ValueError, match="model 'wan' trains with flow matching: drop --snr_gamma"):
+        config.resolve(argv=["--config=wan21_sdpo", "--data_path=/v", "--snr_gamma=5"])
+
+
+def test_model_card_global_batch_follows_the_world_size_of_each_start(tmp_path):
+    """processes.json: a row per (re)start that changes the world size; a resume drops the rows
+    after its checkpoint; the card gives the global batch of each; a run without the file says so."""
+    cfg = config.to_dict(config.resolve({"batch_size": 4, "grad_accum": 2, "method": "sft"}))
+    export.record_processes(tmp_path, 0, 8)
+    export.record_processes(tmp_path, 6, 8)   # resumed on as many processes: no new row
+    export.record_processes(tmp_path, 10, 2)  # resumed on 2
+    rows = json.loads((tmp_path / export.PROCESSES_FILE).read_text())
+    assert rows == [{"step": 0, "world_size": 8}, {"step": 10, "world_size": 2}]
+    card = export.model_card(cfg, 20, processes=rows)
+    assert ("| global batch (samples per update) | 4 x 2 accumulation x 8 processes = 64 from update 1, "
+            "4 x 2 accumulation x 2 processes = 16 from update 11 |") in card, card
+    export.record_processes(tmp_path, 4, 1)   # resumed from an earlier checkpoint: later rows dropped
+    assert json.loads((tmp_path / export.PROCESSES_FILE).read_text()) == [{"step": 0, "world_size": 8},
+                                                                         {"step": 4, "world_size": 1}]
+    export.record_processes(tmp_path, 0, 1)   # a fresh start forgets the old run
+    assert json.loads((tmp_path / export.PROCESSES_FILE).read_text()) == [{"step": 0, "world_size": 1}]
+    assert "4 x 2 accumulation x (process count not recorded)" in export.model_card(cfg, 20)
+
+
+@pytest.mark.parametrize("method,lora", [("sspo", 4), ("dpo", 0)])
+def test_frozen_modules_in_the_autocast_dtype_trainable_weights_float32(tiny_sd15, tmp_path, monkeypatch, method, lora):
+    """mixed_precision=bf16 (CPU autocast): the text encoder, the VAE, LoRA's frozen base UNet and a
+    full fine-tune's reference copy are held in bf16, as diffusers' scripts hold them in
+    weight_dtype; the trained weights (and so the snapshots and final/'s adapter) stay float32.
+    The run goes end to end: loser sampling, the sample grid, final/."""
+    import loop
+    sd, pick = tiny_sd15
+    seen = {}
+    real_setup = loop.setup
+    monkeypatch.setattr(loop, "setup", lambda *a, **k: seen.setdefault("run", real_setup(*a, **k)))
+    out = tmp_path / "run"
+    assert train.main(["--config=sd15_pickapic", f"--model_path={sd}", f"--data_path={pick}", f"--method={method}",
+                       f"--lora_rank={lora}", *SMALL[:-4], "--mixed_precision=bf16", "--log_every=1",
+                       "--loser_steps=2", f"--out_dir={out}"]) == 0
+    run = seen["run"]
+    bf16 = torch.bfloat16
+    assert {p.dtype for p in run.bundle.text_encoder.parameters()} == {bf16}
+    assert {p.dtype for p in run.bundle.vae.parameters()} == {bf16}
+    assert run.params and {p.dtype for p in run.params} == {torch.float32}
+    frozen = {p.dtype for n, p in run.bundle.unet.named_parameters() if not run.bundle.is_trainable(n)}
+    assert frozen == ({bf16} if lora else set())  # LoRA: the base and the "ref" adapter; full: none
+    if not lora:
+        assert {p.dtype for p in run.reference.unet.parameters()} == {bf16}
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
+    weights = load_file(str(out / "final" / (export.LORA_FILE if lora else "unet/diffusion_pytorch_model.safetensors")))
+    assert {v.dtype for v in weights.values()} == {torch.float32}
+
+
+def test_the_sdxl_vae_stays_float32_under_mixed_precision(tmp_path):
+    """SDXL's VAE overflows in fp16: diffusers' SDXL scripts keep it in float32, and so does cast_frozen."""
+    from models import sdxl
+    bundle = models.build_model("sdxl", sdxl.write_tiny(str(tmp_path / "sdxl")))
+    models.cast_frozen(bundle, torch.float16)
+    assert {p.dtype for p in bundle.vae.parameters()} == {torch.float32}
+    assert {p.dtype for m in (bundle.text_encoder, bundle.text_encoder_2) for p in m.parameters()} == {torch.float16}
+    assert {p.dtype for p in bundle.unet.parameters()} == {torch.float32}  # full fine-tuning: all of it trains

@@ -304,8 +304,11 @@ def test_generate_and_score_cli(tiny_sd, tiny_clip, tmp_path, capsys):
     assert [it["seed"] for it in manifest["items"]] == [7, 8, 9]
     a = [np.asarray(Image.open(tmp_path / "a" / it["file"])) for it in manifest["items"]]
     b = [np.asarray(Image.open(tmp_path / "b" / it["file"])) for it in manifest["items"]]
-    assert a[0].shape == (16, 16, 3)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))  # per-prompt seeds: batch size does not matter
+    assert a[0].shape == (64, 64, 3)  # the UNet's sample_size 8 x the VAE's factor 8, as the pipeline sizes it
+    # per-prompt seeds: batch size does not matter, up to float rounding of batched convolutions,
+    # which can flip a pixel by one 8-bit level (seen at 64 px, the stand-in's factor-8 VAE)
+    diffs = [np.abs(x.astype(int) - y.astype(int)) for x, y in zip(a, b)]
+    assert all(d.max() <= 1 and d.mean() < 0.01 for d in diffs), [(d.max(), d.mean()) for d in diffs]
     assert not np.array_equal(a[0], a[1])
     evaluate.main(["score", "--generated", str(tmp_path / "a"), "--clip", str(tiny_clip),
                    "--pickscore", str(tiny_clip), "--reference", str(tmp_path / "b" / "images"),
@@ -332,7 +335,7 @@ def test_animatediff_generation_writes_gifs(tiny_sd, tmp_path):
                                             num_frames=3).read_text())
     assert manifest["kind"] == "video"
     video = scorers.load_video(tmp_path / "out" / manifest["items"][0]["file"])
-    assert video.shape == (3, 3, 16, 16)
+    assert video.shape == (3, 3, 64, 64)  # sample_size 8 x the VAE factor 8
 
 
 def test_score_videos(tiny_clip, tmp_path):

@@ -216,8 +216,8 @@ def test_bf16_autocast_noises_float32_latents(sd15_bundle, spy, kind):
     bundle = sd15_bundle
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     g = torch.Generator().manual_seed(0)
-    batch = {"prompt": ["a cat", "a dog"], "x0_w": torch.rand(2, 3, 16, 16, generator=g) * 2 - 1,
-             "x0_l": torch.rand(2, 3, 16, 16, generator=g) * 2 - 1, "index": torch.tensor([0, 1])}
+    batch = {"prompt": ["a cat", "a dog"], "x0_w": torch.rand(2, 3, 64, 64, generator=g) * 2 - 1,
+             "x0_l": torch.rand(2, 3, 64, 64, generator=g) * 2 - 1, "index": torch.tensor([0, 1])}
     with torch.no_grad(), autocast():
         assert models.encode_pixels(bundle, batch["x0_w"]).dtype == torch.bfloat16  # the hazard is real
     run = SimpleNamespace(cfg=config.Config(method=kind), bundle=bundle, policy=bundle.unet,
@@ -227,3 +227,55 @@ def test_bf16_autocast_noises_float32_latents(sd15_bundle, spy, kind):
                           method=config.METHODS[kind])
     loss, _ = loop.training_step(run, batch, 0)
     assert spy["x0"].dtype == spy["eps"].dtype == torch.float32 and torch.isfinite(loss)
+
+
+# ----------------------------------------------------------------------------- min-SNR weighting (snr_gamma)
+
+@pytest.mark.parametrize("prediction_type,zero_snr", [("epsilon", False), ("v_prediction", False),
+                                                      ("v_prediction", True), ("epsilon", True)])
+def test_snr_weight_is_min_snr_gamma_of_compute_snr(prediction_type, zero_snr):
+    """The weight against its closed form, SNR_t = abar_t / (1 - abar_t) from the schedule:
+    min(SNR, gamma) / SNR (epsilon), min(SNR, gamma) / (SNR + 1) (v), and against diffusers'
+    compute_snr on a DDPMScheduler of the same config. At zero terminal SNR the epsilon weight is
+    its limit 1, the v weight 0; flow matching is refused in one line."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+    sc = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+              prediction_type=prediction_type, rescale_betas_zero_snr=zero_snr)
+    process, gamma = noise.Process.from_config(sc), 5.0
+    t = torch.tensor([0, 10, 120, 500, 998, 999])
+    abar = sspo.make_schedule(1000, 0.00085, 0.012, "scaled_linear", rescale_betas_zero_snr=zero_snr)["alphas_cumprod"]
+    snr = abar[t].double() / (1 - abar[t].double())
+    want = snr.clamp(max=gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
+    if zero_snr:
+        want[-1] = 1.0 if prediction_type == "epsilon" else 0.0
+    got = process.snr_weight(t, gamma)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+    assert got[0] < 1 and got[3] == pytest.approx(1.0 if prediction_type == "epsilon" else float(snr[3] / (snr[3] + 1)),
+                                                    rel=1e-5)  # small t: capped; large t: SNR < gamma
+    snr_diffusers = compute_snr(DDPMScheduler(**sc), t)
+    torch.testing.assert_close(got[:5], (snr_diffusers.clamp(max=gamma) / (snr_diffusers + 1 if prediction_type ==
+                                                                           "v_prediction" else snr_diffusers))[:5])
+    flow = noise.Process.from_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0})
+    with pytest.raises(ValueError, match="flow-matching process has none: drop --snr_gamma"):
+        flow.snr_weight(t, gamma)
+
+
+@pytest.mark.parametrize("kind,loss_fn", [("sft", "sft_loss"), ("dpo", "dpo_loss"), ("sspo", "sspo_loss")])
+def test_snr_gamma_scales_each_error_by_its_pairs_weight_only(world, spy, monkeypatch, kind, loss_fn):
+    """snr_gamma changes nothing but the errors the loss is given: each (m_w, m_l, r_w, r_l) of a
+    pair, times the one weight of the pair's t; snr_gamma = 0 (the default) leaves them as they were.
+    gamma 0.5: the batch's t (386, 684, 988, 558) has SNR below 5 everywhere, below 0.5 but once."""
+    seen = []
+    real = getattr(sspo, loss_fn)
+    monkeypatch.setattr(sspo, loss_fn, lambda *errs, **kw: (seen.append([e.detach() for e in errs]), real(*errs, **kw))[1])
+    losses = [_step(_run(world, kind, drawn=1, **extra), world.batch)[0]
+              for extra in ({}, {"snr_gamma": 0.0}, {"snr_gamma": 0.5})]
+    plain, off, weighted = seen
+    assert torch.equal(losses[0], losses[1]) and not torch.equal(losses[0], losses[2])
+    w = noise.Process.from_config(world.bundle.scheduler_config).snr_weight(spy["t"][:B], 0.5)  # (B,): one per pair
+    assert (w < 1).any() and (w == 1).any()
+    for a, b, c in zip(plain, off, weighted):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(c, a * w, rtol=1e-6, atol=0)

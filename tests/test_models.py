@@ -185,10 +185,10 @@ def test_tiny_sd15_loads_like_a_release(tiny_dirs, tmp_path):
     assert b.vae is not None and not any(p.requires_grad for p in b.vae.parameters())
     assert torch.equal(models.encode_prompts(b, ["a cat"]), pipe.encode_prompt("a cat", "cpu", 1, False)[0])
 
-    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
     z = models.encode_pixels(b, x, generator=torch.Generator().manual_seed(0))
     expect = b.vae.encode(x).latent_dist.sample(torch.Generator().manual_seed(0)) * b.vae.config.scaling_factor
-    assert z.shape == (2, 4, 8, 8) and torch.allclose(z, expect)
+    assert z.shape == (2, 4, 8, 8) and torch.allclose(z, expect)  # the release's factor 8
     img = models.decode_latents(b, z)
     assert img.shape == x.shape and img.abs().max() <= 1
     # what save_model writes (LoRA merged) is again a directory diffusers' pipeline loads
@@ -236,9 +236,27 @@ def test_animatediff_motion_modules_and_frames(tiny_dirs):
     lora = models.build_model("animatediff", sd_dir, motion_adapter_path=motion_dir, lora_rank=2)
     assert all("lora_" in n for n, p in lora.unet.named_parameters() if p.requires_grad)
 
-    video = torch.rand(1, 3, 2, 16, 16) * 2 - 1
+    video = torch.rand(1, 3, 2, 64, 64) * 2 - 1
     lat = models.encode_pixels(b, video, generator=torch.Generator().manual_seed(0))
     assert lat.shape == (1, 4, 2, 8, 8)
     frames = models.decode_latents(b, lat)
     assert frames.shape == video.shape
     assert torch.allclose(frames[:, :, 1], models.decode_latents(b, lat[:, :, 1]), atol=1e-5)  # per frame
+
+
+def test_the_vae_factor_8_check_fires_on_the_sd15_stand_in(tiny_dirs, tmp_path, capsys):
+    """The stand-in keeps the release's VAE factor 8 (4 blocks, 3 downsamplings), so the check that
+    a resolution is a multiple of it is exercised: 20 px is refused in one line (exit 2), 24 runs."""
+    sd_dir, _ = tiny_dirs
+    b = models.build_model("sd15", sd_dir)
+    assert models.vae_scale_factor(b) == 8 and models.latent_shape(b, 24) == (4, 3, 3)
+    with pytest.raises(ValueError, match="resolution 20 must be a multiple of the VAE's factor 8"):
+        models.latent_shape(b, 20)
+    import train
+    from test_train import _write_pickapic
+    _write_pickapic(tmp_path / "pickapic")
+    argv = ["--config=sd15_pickapic", f"--model_path={sd_dir}", f"--data_path={tmp_path / 'pickapic'}", "--method=sft",
+            "--max_steps=1", "--resolution=20", "--mixed_precision=no", "--sample_every=0", f"--out_dir={tmp_path / 'run'}"]
+    assert train.main(argv) == 2
+    [line] = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert line == "error: resolution 20 must be a multiple of the VAE's factor 8", line

@@ -181,7 +181,7 @@ def test_sample_losers_equals_stable_diffusion_pipeline(tiny_dirs, scheduler, gu
                                    unet=bundle.unet, scheduler=pipe_scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    theirs = pipe(prompts, height=16, width=16, num_inference_steps=4, guidance_scale=guidance,
+    theirs = pipe(prompts, height=64, width=64, num_inference_steps=4, guidance_scale=guidance,
                   generator=torch.Generator().manual_seed(5), output_type="latent").images
     assert ours.shape == theirs.shape == (2, 4, 8, 8)
     assert torch.equal(ours, theirs)  # same ops in the same order: bitwise
@@ -214,7 +214,7 @@ def test_sample_losers_equals_animatediff_pipeline(tiny_dirs):
                                unet=bundle.unet, motion_adapter=None,
                                scheduler=DDIMScheduler.from_config(bundle.scheduler_config))
     pipe.set_progress_bar_config(disable=True)
-    theirs = pipe(prompts, num_frames=3, height=16, width=16, num_inference_steps=3, guidance_scale=4.0,
+    theirs = pipe(prompts, num_frames=3, height=64, width=64, num_inference_steps=3, guidance_scale=4.0,
                   generator=torch.Generator().manual_seed(1), output_type="latent").frames
     assert ours.shape == theirs.shape == (2, 4, 3, 8, 8)  # (B,C,F,h,w)
     assert torch.equal(ours, theirs)  # same ops in the same order: bitwise

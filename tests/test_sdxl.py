@@ -102,8 +102,8 @@ def test_sdxl_sampler_equals_pipeline(bundle, pipe):
     and guidance: both encoders' penultimate states, pooled text_embeds, time_ids, zeros as the
     unconditional input (force_zeros_for_empty_prompt) and, without it, the encoding of ""."""
     b = bundle
-    prompts, H, W = ["a red ball on grass", "a blue cube"], 32, 48  # not square: (h, w) order matters
-    shape = (4, H // 2, W // 2)  # the stand-in's VAE halves the side
+    prompts, H, W = ["a red ball on grass", "a blue cube"], 128, 192  # not square: (h, w) order matters
+    shape = (4, H // 8, W // 8)  # the stand-in's VAE has the release's factor 8
     for force_zeros in (True, False):
         b.force_zeros_for_empty_prompt = force_zeros
         pipe.register_to_config(force_zeros_for_empty_prompt=force_zeros)

@@ -24,7 +24,7 @@ def _ignored(argv):
     (["--method=sdpo", "--loser_steps=4"], "loser_steps", "only sspo"),
     (["--method=sft", "--beta=100"], "beta", "no preference term"),
     (["--method=sft", "--pool_storage=disk"], "pool_storage", "no checkpoint pool"),
-    (["--method=dpo", "--pool_storage=memory_bf16"], "pool_storage", "keeps exact"),
+    (["--method=dpo", "--pool_storage=memory_bf16"], "pool_storage", "keeps no pool"),
     (["--method=dpo", "--tau=0.5"], "tau", "only dpo_cm and sdpo"),
     (["--method=sspo", "--eps_clip=0.2"], "eps_clip", "only dpo_cm and sdpo"),
     (["--num_frames=8"], "num_frames", "digits makes images"),

@@ -197,6 +197,24 @@ def test_resume_is_bitwise_identical(cache, tmp_path, losers):
     assert sa["pool"]["steps"] == sb["pool"]["steps"] == [0, 2, 4]
 
 
+def test_dpo_keeps_no_copy_of_the_base_and_resumes_against_it(cache, tmp_path):
+    """Diffusion-DPO's reference is the initial model, which the reference network holds from the
+    start: a full fine-tune with pool_storage=disk writes nothing to replay/, and a resumed run
+    (whose policy is loaded from a checkpoint after the reference was built) is bitwise the
+    uninterrupted one."""
+    args = {**FAST, "cache_dir": cache, "method": "dpo", "pool_storage": "disk", "max_steps": 4, "save_every": 1}
+    train.run({**args, "out_dir": str(tmp_path / "straight")})
+    train.run({**args, "max_steps": 2, "out_dir": str(tmp_path / "split")})
+    train.run({**args, "resume": True, "out_dir": str(tmp_path / "split")})
+    for run in ("straight", "split"):
+        assert not any((tmp_path / run / "replay").glob("*")) if (tmp_path / run / "replay").exists() else True
+        assert checkpoints.read_checkpoint(tmp_path / run / "checkpoints/step_000004")[1]["state"]["pool"] is None
+    a, b = _weights(tmp_path / "straight", 4), _weights(tmp_path / "split", 4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(l) for l in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["ref_checkpoint"] for r in rows] == [0.0] * 4
+
+
 def test_reused_losers_keep_their_checkpoint_as_reference(cache, tmp_path, monkeypatch):
     """loser_every=3: losers are sampled once per cycle of 3 updates (per micro-batch), and on
     every update that trains on them the reference holds the very weights that sampled them."""
@@ -380,7 +398,7 @@ def test_real_code_paths_under_torchrun(family, method, extra, compare, tmp_path
     step, dataset index), never by rank)."""
     sd = sd15.write_tiny(str(tmp_path / "sd15"))
     args = ["--config=digits", f"--model={family}", f"--model_path={sd}", f"--method={method}", "--max_steps=2",
-            "--batch_size=1", "--save_every=1", "--loser_steps=2", "--resolution=16", "--log_every=1",
+            "--batch_size=1", "--save_every=1", "--loser_steps=2", "--resolution=64", "--log_every=1",
             "--sample_every=0", "--num_sample_prompts=2", f"--out_dir={tmp_path / 'run'}", *extra]
     if family == "sd15":
         _write_pickapic(tmp_path / "pickapic")
@@ -392,6 +410,8 @@ def test_real_code_paths_under_torchrun(family, method, extra, compare, tmp_path
     r = _torchrun(2, args)
     out = tmp_path / "run"
     assert "global batch 1 x 1 accum x 2 procs = 2" in r.stdout
+    card = (out / "final" / "README.md").read_text()  # the world size reaches the model card
+    assert "| global batch (pairs per update) | 1 x 1 accumulation x 2 processes = 2 |" in card, card
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
     # update 1: the policy is its reference (checkpoint 0), so the loss is log 2 (SSPO's update 2 may

@@ -217,3 +217,18 @@ def test_bad_frame_size_is_refused(family, tiny, tmp_path, capsys):
     assert f"setting resolution=256 has no effect: height and width ({H}x{W}) are both set" in config.ignored_settings(cfg)
     with pytest.raises(ValueError, match="trains square at --resolution"):
         config.resolve({"model": "sd15", "data": "imagefolder", "data_path": "x", "width": 768})
+
+
+@pytest.mark.parametrize("family,size", [("wan", (480, 832)), ("cogvideox", (480, 720))])
+def test_stand_in_runs_at_the_release_native_frame_size(family, size, tiny):
+    """The presets' native frames (Wan2.1 480x832, CogVideoX 480x720) through the tiny stand-in's
+    transformer: the stand-in keeps the release's VAE factor 8, patch size 2 and rope table (Wan's
+    rope_max_seq_len 1024: 52 patches across), so a run at the preset's size does not crash in the
+    positional embedding. 5 frames keep it fast (the rope covers frames as it covers sides)."""
+    b = models.build_model(family, tiny[family], num_frames=5)
+    shape = models.latent_shape(b, size, 5)
+    assert shape[-2:] == (size[0] // 8, size[1] // 8)
+    x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = models.unet_forward(b, b.unet, x, torch.tensor([500]), models.encode_prompts(b, PROMPTS[:1]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
