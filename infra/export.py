@@ -17,6 +17,7 @@ a LoRA run also writes the merged pipeline to ``final/merged/``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -101,12 +102,26 @@ def run_config(path) -> dict:
     raise FileNotFoundError(f"no config.json of a run found at or above {path}")
 
 
+def _as_released(cfg, bundle: models.Bundle) -> models.Bundle:
+    """The base model as released (every module in the dtype its files hold) with the run's
+    trained weights loaded in. Under mixed precision the run held its frozen modules in the
+    autocast dtype (``models.cast_frozen``); a saved pipeline takes them from the base instead, so
+    final/ loses nothing to that rounding and a merged LoRA is fused into the full-precision base."""
+    from infra import builders
+    fresh = builders.build_bundle(dataclasses.replace(cfg, gradient_checkpointing=False))
+    models.load_trainable(fresh, bundle.trainable_state_dict())
+    return fresh
+
+
 def write_final(cfg, bundle: models.Bundle, out: Path, step: int) -> Path:
     """``out/final``, written into ``final.tmp`` and renamed: a LoRA run of ADAPTER_FAMILIES gets
     the adapter (and, with ``save_merged_pipeline``, the merged pipeline in ``merged/``); every
     other run the full model in diffusers' layout. Then the model card."""
     tmp, final = out / "final.tmp", out / "final"
     shutil.rmtree(tmp, ignore_errors=True)
+    if runtime.autocast_dtype(cfg) is not None and not (bundle.lora and bundle.family in ADAPTER_FAMILIES
+                                                        and not cfg.save_merged_pipeline):
+        bundle = _as_released(cfg, bundle)
     if bundle.lora and bundle.family in ADAPTER_FAMILIES:
         save_lora(bundle.trainable_state_dict(), tmp, bundle.family)
         if cfg.save_merged_pipeline:

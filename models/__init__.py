@@ -143,13 +143,13 @@ def lora_config(rank: int):
 def cast_frozen(bundle: Bundle, dtype: torch.dtype | None) -> None:
     """Keep the frozen modules in ``dtype`` (the autocast dtype of ``mixed_precision``; None: do
     nothing), as diffusers' training scripts hold them in ``weight_dtype``: the text encoders, the
-    VAE (but a VAE_FP32 family's, SDXL's, which overflows in fp16 and stays float32), and the
+    VAE (but a VAE_FP32 family's stays float32: SDXL's, which overflows in fp16, and Wan's), and the
     UNet's frozen weights (LoRA: the base; animatediff's motion-module training: all but the
     motion modules). The trainable weights stay float32 (``diffusers.training_utils.
     cast_training_params``): the optimizer and the replay snapshots see them unchanged. A full
     fine-tune's frozen reference copy is cast by ``replay.Reference``. Under autocast the matmuls
     and convolutions already ran in ``dtype``; what changes is the memory the weights hold (and
-    the ops autocast keeps in float32, e.g. norms, now see rounded weights)."""
+    the ops autocast keeps in float32, e.g. norms, see rounded weights)."""
     if dtype is None:
         return
     for m in (bundle.text_encoder, bundle.text_encoder_2):

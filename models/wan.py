@@ -21,6 +21,10 @@ from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
 
 from models.common import Parts, check_dirs, resolve, save_pipeline_dir, tiny_t5_tokenizer
 
+# The VAE is kept and run in float32 under mixed precision (models.cast_frozen; encode/decode with
+# autocast off), as diffusers' Wan documentation loads AutoencoderKLWan with torch_dtype=float32.
+VAE_FP32 = True
+
 REPO = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 SUBDIRS = {"transformer": "config.json", "vae": "config.json", "text_encoder": "config.json",
            "tokenizer": "tokenizer_config.json", "scheduler": "scheduler_config.json"}
@@ -105,7 +109,8 @@ def _stats(vae, like: torch.Tensor):
 def encode_pixels(bundle, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """(B,3,F,H,W) in [-1,1] -> normalised latents (z - mean) / std, (B,16,F_lat,H/8,W/8)."""
     vae = bundle.vae
-    z = vae.encode(x.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample(generator)
+    with torch.autocast(vae.device.type, enabled=False):  # VAE_FP32
+        z = vae.encode(x.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample(generator)
     mean, std = _stats(vae, z)
     return (z - mean) / std
 
@@ -115,7 +120,8 @@ def decode_latents(bundle, z: torch.Tensor) -> torch.Tensor:
     vae = bundle.vae
     z = z.to(device=vae.device, dtype=vae.dtype)
     mean, std = _stats(vae, z)
-    return vae.decode(z * std + mean).sample.clamp(-1, 1)
+    with torch.autocast(vae.device.type, enabled=False):  # VAE_FP32
+        return vae.decode(z * std + mean).sample.clamp(-1, 1)
 
 
 def forward(bundle, net, x_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:

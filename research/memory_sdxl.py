@@ -11,7 +11,7 @@ mixed_precision (bf16: 2 B; ``models.cast_frozen``, as diffusers' scripts hold t
 weight_dtype): the text encoders, LoRA's base UNet, and the reference (replay.py: a frozen copy
 of the UNet with full fine-tuning, a second adapter "ref" with LoRA); the VAE stays fp32 (4 B),
 as diffusers' SDXL scripts keep it. The last column adds up the GPU memory with every frozen
-module in fp32, as the loop held them before, for comparison. Replay snapshots hold the trainable weights:
+module in fp32 (no cast), for comparison. Replay snapshots hold the trainable weights:
 off the GPU (host RAM for memory / memory_bf16, files for disk), one per K = ``replay_every`` updates
 plus the initial model. Activations are not in the table: they depend on attention kernels and
 checkpointing and must be measured on a GPU (research/bench.py).

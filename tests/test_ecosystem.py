@@ -640,8 +640,9 @@ def test_model_card_global_batch_follows_the_world_size_of_each_start(tmp_path):
 def test_frozen_modules_in_the_autocast_dtype_trainable_weights_float32(tiny_sd15, tmp_path, monkeypatch, method, lora):
     """mixed_precision=bf16 (CPU autocast): the text encoder, the VAE, LoRA's frozen base UNet and a
     full fine-tune's reference copy are held in bf16, as diffusers' scripts hold them in
-    weight_dtype; the trained weights (and so the snapshots and final/'s adapter) stay float32.
-    The run goes end to end: loser sampling, the sample grid, final/."""
+    weight_dtype; the trained weights (and so the snapshots and final/'s adapter) stay float32,
+    and a saved pipeline's frozen modules are the base's own files, not their bf16 copies. The run
+    goes end to end: loser sampling, the sample grid, final/."""
     import loop
     sd, pick = tiny_sd15
     seen = {}
@@ -664,13 +665,28 @@ def test_frozen_modules_in_the_autocast_dtype_trainable_weights_float32(tiny_sd1
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
     weights = load_file(str(out / "final" / (export.LORA_FILE if lora else "unet/diffusion_pytorch_model.safetensors")))
     assert {v.dtype for v in weights.values()} == {torch.float32}
+    if not lora:  # the saved pipeline's frozen modules are the base's files, not their bf16 copies
+        for part in ("text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+            saved, base = load_file(str(out / "final" / part)), load_file(str(Path(sd) / part))
+            assert saved.keys() == base.keys() and all(torch.equal(saved[k], base[k]) for k in base), part
 
 
-def test_the_sdxl_vae_stays_float32_under_mixed_precision(tmp_path):
-    """SDXL's VAE overflows in fp16: diffusers' SDXL scripts keep it in float32, and so does cast_frozen."""
-    from models import sdxl
-    bundle = models.build_model("sdxl", sdxl.write_tiny(str(tmp_path / "sdxl")))
-    models.cast_frozen(bundle, torch.float16)
+@pytest.mark.parametrize("family", ["sdxl", "wan"])
+def test_the_sdxl_and_wan_vaes_stay_float32_under_mixed_precision(tmp_path, family):
+    """SDXL's VAE overflows in fp16: diffusers' SDXL scripts keep it in float32, and so does
+    cast_frozen; Wan's too (diffusers' Wan documentation loads it in float32), and it encodes and
+    decodes in float32 under the run's autocast."""
+    import importlib
+    fam = importlib.import_module(f"models.{family}")
+    bundle = models.build_model(family, fam.write_tiny(str(tmp_path / family)))
+    models.cast_frozen(bundle, torch.bfloat16)
     assert {p.dtype for p in bundle.vae.parameters()} == {torch.float32}
-    assert {p.dtype for m in (bundle.text_encoder, bundle.text_encoder_2) for p in m.parameters()} == {torch.float16}
+    encoders = [m for m in (bundle.text_encoder, bundle.text_encoder_2) if m is not None]
+    assert {p.dtype for m in encoders for p in m.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in bundle.unet.parameters()} == {torch.float32}  # full fine-tuning: all of it trains
+    if family == "wan":
+        x = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = models.encode_pixels(bundle, x, torch.Generator().manual_seed(0))
+            y = models.decode_latents(bundle, z)
+        assert z.dtype == torch.float32 and y.dtype == torch.float32
