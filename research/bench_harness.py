@@ -57,7 +57,7 @@ class Harness:
 
     def __init__(self, model: str, lora: bool, p: dict, device: torch.device,
                  reference: bool = True, storages: tuple = (), pool_dir: str | None = None):
-        import config, noise, replay, sspo
+        import config, models, noise, replay, sspo
         self.p, self.device = p, device
         self.bundle = build_bundle(model, p["lora_rank"] if lora else 0, p["grad_ckpt"], p.get("width"))
         if p.get("channels_last"):
@@ -81,7 +81,9 @@ class Harness:
                       "index": torch.arange(B)}
         self.autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16))
                          if p["bf16"] else contextlib.nullcontext)
-        self.reference = replay.Reference(self.bundle) if reference else None
+        amp = torch.bfloat16 if p["bf16"] else None
+        models.cast_frozen(self.bundle, amp)  # frozen modules in the autocast dtype, as loop.setup holds them
+        self.reference = replay.Reference(self.bundle, amp) if reference else None
         # Replay pools: checkpoint 0 (the initial model) in each storage asked for.
         self.pools = {}
         for s in storages:
@@ -138,14 +140,14 @@ class Harness:
             cfg = dataclasses.replace(self.cfg, grad_accum=loser.get("accum", 1), loser_steps=loser["steps"],
                                       loser_guidance=loser["guidance"], loser_scheduler=loser["scheduler"],
                                       loser_every=loser["every"], loser_batch=loser.get("batch", 0))
-            initial = replay.CheckpointPool("initial", storage="memory")
-            initial.add(self.pools[self.p["storage"]].get(0), 0)
+            # DPO keeps no pool, as in the loop: its reference is never reloaded. Here the reference
+            # holds whichever checkpoint an SSPO cycle loaded last, which costs the same to run.
             self._loop_run = SimpleNamespace(
                 **{**vars(self.run), "cfg": cfg, "ctx": runtime.Dist(device=self.device)}, opt=self.opt,
                 params=self.bundle.trainable_parameters(), out=".",
                 scaler=torch.amp.GradScaler(self.device.type, enabled=False),
                 lr_sched=torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: 1.0),
-                pools={"sspo": self.pools[self.p["storage"]], "dpo": initial})
+                pools={"sspo": self.pools[self.p["storage"]], "dpo": None})
         run = self._loop_run
         cfg = run.cfg
         run.method = config.METHODS[METHOD_OF[method]]
