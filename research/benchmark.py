@@ -322,17 +322,19 @@ def calibrated_runs(paths: list[str], level: float = CALIBRATED_NOISE) -> tuple[
             if key not in data["per_level"]:
                 raise SystemExit(f"{path} holds no pair_noise = {key} level (levels: {data['levels']})")
             part = data["per_level"][key]
+            # the command that trained this level (levels may have been added by later commands)
+            origin = next(c for c in report._noise_commands(data) if level in c["levels"])
         else:
             got = data["size"]["train"].get("pair_noise", 0.0)
             if got != level:
                 raise SystemExit(f"{path} was trained at pair_noise = {got:g}, not {key}")
-            part = data
+            part = origin = data
         new = [n for n in part["runs"] if n not in merged["runs"]]
         if not [n for n in new if n != "base"]:
             raise SystemExit(f"{path}: every method in it already comes from an earlier source")
         merged["runs"].update({n: part["runs"][n] for n in new})
         merged.setdefault("size", data["size"])
-        sources.append(f"`{data.get('command', path)}` ({data.get('date', '?')}: "
+        sources.append(f"`{origin.get('command', path)}` ({origin.get('date', '?')}: "
                        f"{', '.join(n for n in new if n != 'base')})")
     return merged, sources
 

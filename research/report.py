@@ -362,7 +362,8 @@ def noise_summary(results: dict) -> dict:
 
 def _noise_commands(results: dict) -> list[dict]:
     """The commands that trained a noise.json's levels (one, or several when levels were added)."""
-    return results.get("commands") or [{k: results[k] for k in ("command", "date", "seconds", "levels")}]
+    return results.get("commands") or [{"command": results.get("command", "?"), "date": results.get("date", "?"),
+                                        "seconds": results.get("seconds", 0.0), "levels": results["levels"]}]
 
 
 def write_noise(results: dict, out: Path) -> None:

@@ -236,8 +236,10 @@ def test_calibrated_claims_gather_several_sources_and_long_runs(tmp_path):
     noise level or one adding nothing; a method in two sources comes from the first."""
     results, src = _recorded(tmp_path)
     pick = lambda *names: {k: results["runs"][k] for k in names}  # noqa: E731
-    noisy = {"levels": [0.2], "per_level": {"0.2": {"runs": pick("base", "sft", "dpo", "sspo")}},
-             "size": {"seeds": 3, "train": {"max_steps": 300}}, "date": "d1", "command": "noise-cmd"}
+    noisy = {"levels": [0.2, 0.4], "per_level": {"0.2": {"runs": pick("base", "sft", "dpo", "sspo")}},
+             "size": {"seeds": 3, "train": {"max_steps": 300}}, "date": "d9", "command": "later-cmd",
+             "commands": [{"command": "noise-cmd", "date": "d1", "seconds": 1.0, "levels": [0.2]},
+                          {"command": "later-cmd", "date": "d9", "seconds": 1.0, "levels": [0.4]}]}
     size02 = {**results["size"], "train": {"max_steps": 300, "pair_noise": 0.2}}
     others = {"runs": pick("base", "sspo ssr=none", "sspo replay=initial"), "size": size02,
               "date": "d2", "command": "others-cmd"}
@@ -275,7 +277,7 @@ def test_calibrated_claims_gather_several_sources_and_long_runs(tmp_path):
     text = (out / "claims.md").read_text()
     noisy_md = text[text.index("## Noisy pairs"):text.index("## Clean pairs")]
     assert "sft: 0.123 ± 0.000" in noisy_md and "`others-cmd` (d2: sft)" in noisy_md
-    assert "`noise-cmd` (d1: dpo, sspo)" in noisy_md
+    assert "`noise-cmd` (d1: dpo, sspo)" in noisy_md and "later-cmd" not in noisy_md  # the command of level 0.2
 
 
 def test_noise_levels_added_later_join_the_recorded_ones(tmp_path, monkeypatch):
