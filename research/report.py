@@ -450,15 +450,15 @@ def write_table_md(results: dict, summary: dict, path: Path, command: str) -> No
 
 
 def accuracy_and_fd_markdown(results: dict, title: str) -> str:
-    """One row per method: accuracy (mean ± sd over seeds) with its Frechet distance beside it, in
-    each of the four conditions; for the README's results summary."""
-    summary = summarize(results)
+    """One row per method: accuracy (mean ± sd over seeds, the sample sd as in the claims) with its
+    mean Frechet distance beside it, in each of the four conditions; for the README's results summary."""
     conds = {"id_cfg": "training templates, guidance 3", "id_nocfg": "training templates, no guidance",
              "ood_cfg": "held-out templates, guidance 3", "ood_nocfg": "held-out templates, no guidance"}
     lines = [title, "", "| method | " + " | ".join(conds.values()) + " |", "|---|" + "---|" * len(conds)]
-    for name, s in summary.items():
+    for name in results["runs"]:
+        acc = {c: _final(results, name, f"{c}/accuracy") for c in conds}  # sd as in the claims (ddof 1)
         lines.append(f"| {name} | " + " | ".join(
-            f"{s[f'{c}/accuracy'][0]:.2f} ± {s[f'{c}/accuracy'][1]:.2f} (FD {s[f'{c}/frechet'][0]:.1f})"
+            f"{np.mean(acc[c]):.2f} ± {np.std(acc[c], ddof=1):.2f} (FD {np.mean(_final(results, name, f'{c}/frechet')):.1f})"
             for c in conds) + " |")
     return "\n".join(lines)
 

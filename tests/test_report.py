@@ -109,7 +109,7 @@ def test_seeds_needed_for_an_inconclusive_difference():
 
 
 def test_accuracy_and_fd_stand_together_per_method():
-    """The README's summary table: each method's accuracy (mean ± sd over seeds) with its FD in the
+    """The README's summary table: each method's accuracy (mean ± sample sd over seeds) with its FD in the
     same cell, for all four conditions."""
     conds = ("id_cfg", "id_nocfg", "ood_cfg", "ood_nocfg")
 
@@ -117,5 +117,5 @@ def test_accuracy_and_fd_stand_together_per_method():
         return {"final": {f"{c}/{k}": (acc if k == "accuracy" else fd) for c in conds for k in ("accuracy", "frechet")}}
     res = {"runs": {"dpo": [run(0.9, 5.0), run(0.7, 6.0)], "sspo": [run(0.6, 2.5), run(0.6, 2.5)]}}
     md = claims.accuracy_and_fd_markdown(res, "# t")
-    assert md.startswith("# t") and md.count("| dpo | 0.80 ± 0.10 (FD 5.5) |") == 1
+    assert md.startswith("# t") and md.count("| dpo | 0.80 ± 0.14 (FD 5.5) |") == 1
     assert "| sspo | " + " | ".join(["0.60 ± 0.00 (FD 2.5)"] * 4) + " |" in md
