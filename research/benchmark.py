@@ -377,7 +377,7 @@ def cmd_claims(args) -> None:
                  f"retraining) by `python -m research.benchmark {shlex.join(args.argv)}`." if args.from_json else ""))
     body = report.claims_markdown(rows, header)
     if args.calibrated or args.long:  # the main condition first: pairs as noisy as Pick-a-Pic's
-        sections = [header]
+        sections = [header, ""]
         long = json.loads(Path(args.long).read_text()) if args.long else None
         if args.calibrated:
             noisy, sources = calibrated_runs(args.calibrated)
@@ -455,29 +455,66 @@ def cmd_frontier(args) -> None:
           f"{results['seconds'] / 60:.1f} min")
 
 
+NOISE_KEYS = ("seeds", "train", "n_final", "inference_steps")  # the sizes noise.md's numbers depend on
+
+
+def _same_noise_runs(a: dict, b: dict) -> bool:
+    """Whether two noise sweeps' levels can share one report: the same seeds, training, final
+    evaluation and lr/beta (the curve and memorization sizes do not enter noise.md)."""
+    return all(a["size"].get(k) == b["size"].get(k) for k in NOISE_KEYS) and a["tuned"] == b["tuned"]
+
+
+def _joined(prev: dict, per_level: dict, commands: list) -> dict:
+    """noise.json of ``prev``'s levels and the new ``per_level`` (which replace those they repeat);
+    every command listed with the levels it trained that remain."""
+    new = {float(k) for k in per_level}
+    kept = {k: v for k, v in prev["per_level"].items() if float(k) not in new} if prev else {}
+    earlier = [{**c, "levels": [p for p in c["levels"] if p not in new]} for c in report._noise_commands(prev)] if prev else []
+    joined = {**kept, **per_level}
+    return {"levels": sorted(float(k) for k in joined), "per_level": joined,
+            "commands": [c for c in earlier if c["levels"]] + commands,
+            **{k: commands[-1][k] for k in ("command", "date", "seconds")}}
+
+
 def cmd_noise(args) -> None:
     """SFT, Diffusion-DPO and SSPO at each share of swapped pairs (NOISE_LEVELS), the same base,
-    training and judge as claims -> noise.md / noise.json / noise.png."""
+    training and judge as claims -> noise.md / noise.json / noise.png. Levels already in
+    <out>/noise.json with the same sizes and settings are kept; ``--merge OTHER.json`` joins another
+    sweep's levels (trained elsewhere) without training."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prev_path = out / "noise.json"
+    if args.merge:
+        other = json.loads(Path(args.merge).read_text())
+        if not prev_path.exists():
+            raise SystemExit(f"--merge: {prev_path} does not exist; nothing to join {args.merge} to")
+        prev = json.loads(prev_path.read_text())
+        if not _same_noise_runs(prev, other):
+            raise SystemExit(f"--merge: {args.merge} and {prev_path} differ in {NOISE_KEYS} or lr/beta: "
+                             "their levels cannot share a report")
+        results = {"size": prev["size"], "tuned": prev["tuned"],
+                   **_joined(prev, other["per_level"], report._noise_commands(other))}
+        prev_path.write_text(json.dumps(results, indent=1))
+        report.write_noise(results, out)
+        print((out / "noise.md").read_text())
+        return
     size = copy.deepcopy(NOISE_SIZES["quick" if args.quick else "full"])
     if args.seeds is not None:
         size["seeds"] = args.seeds
     levels = sorted(args.levels or NOISE_LEVELS)
-    out = Path(args.out)
     tuned = _load_tuned(out, args.quick, args.sweep)
     t0 = time.time()
     specs = {"base": None, **{m: METHODS[m] for m in NOISE_METHODS}}
     command = "python -m research.benchmark " + shlex.join(args.argv)
-    per_level, earlier = {}, []
-    prev_path = out / "noise.json"
-    if prev_path.exists():  # levels trained earlier with the same sizes and settings are kept
-        prev = json.loads(prev_path.read_text())
-        if prev["size"] == json.loads(json.dumps(size)) and prev["tuned"] == tuned:
-            per_level = {k: v for k, v in prev["per_level"].items() if float(k) not in levels}
-            earlier = [{**c, "levels": [p for p in c["levels"] if p not in levels]}
-                       for c in report._noise_commands(prev)]
-            earlier = [c for c in earlier if c["levels"]]
-        else:
-            print(f"{prev_path} was trained with other sizes or settings: its levels are replaced", flush=True)
+    prev = json.loads(prev_path.read_text()) if prev_path.exists() else None
+    if prev and not _same_noise_runs(prev, {"size": json.loads(json.dumps(size)), "tuned": tuned}):
+        print(f"{prev_path} was trained with other sizes or settings: its levels are replaced", flush=True)
+        prev = None
+    if prev:  # a level about to be retrained leaves the record now, not when it is done
+        prev = {**prev, "per_level": {k: v for k, v in prev["per_level"].items() if float(k) not in levels},
+                "commands": [{**c, "levels": [q for q in c["levels"] if q not in levels]}
+                             for c in report._noise_commands(prev)]}
+    per_level = {}
     # the calibrated level first, and the results written after every level: a sweep stopped
     # early still leaves the levels it finished
     for p in sorted(levels, key=lambda p: (p != CALIBRATED_NOISE, p)):
@@ -485,15 +522,14 @@ def cmd_noise(args) -> None:
         size_p = copy.deepcopy(size)
         size_p["train"]["pair_noise"] = p
         per_level[f"{p:g}"] = run_table(out / "noise" / f"p{p:g}", size_p, jobs=args.jobs, specs=specs, tuned=tuned)
-        done = sorted(float(k) for k in per_level)
         now = {"command": command, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
                "seconds": time.time() - t0, "levels": [q for q in levels if f"{q:g}" in per_level]}
-        results = {"levels": done, "size": size, "tuned": tuned, "per_level": per_level,
-                   "commands": earlier + [now], **{k: now[k] for k in ("command", "date", "seconds")}}
+        results = {"size": size, "tuned": tuned, **_joined(prev, per_level, [now])}
         (out / "noise.json").write_text(json.dumps(results, indent=1))
-        if len(done) >= 2:
+        if len(results["levels"]) >= 2:
             report.write_noise(results, out)
-    print((out / "noise.md").read_text())
+    print((out / "noise.md").read_text() if len(results["levels"]) >= 2 else
+          f"{out / 'noise.json'}: one level; noise.md needs two (add levels, or --merge this file into another sweep)")
 
 
 def cmd_readme(args) -> None:
@@ -525,6 +561,8 @@ def main(argv=None) -> None:
         if fn is cmd_noise:
             c.add_argument("--seeds", type=int, help="training seeds per method and level (default 3; quick 2)")
             c.add_argument("--levels", type=float, nargs="+", help=f"pair_noise levels (default {NOISE_LEVELS})")
+            c.add_argument("--merge", help="another noise.json (same sizes and lr/beta): join its levels into "
+                                           "<out>/noise.json, no training")
         if fn is cmd_sweep:
             c.add_argument("--pair-noise", type=float, default=0.0,
                            help="share of swapped preference pairs; writes sweep_p<noise>.json/md")

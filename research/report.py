@@ -377,6 +377,8 @@ def write_noise(results: dict, out: Path) -> None:
     lines = ["# Preference noise: SFT, Diffusion-DPO and SSPO vs the share of swapped pairs", "",
              "; ".join(f"`{c['command']}` — {c['date']}, {c['seconds'] / 60:.0f} min (p = "
                        f"{', '.join(f'{p:g}' for p in c['levels'])})" for c in _noise_commands(results))
+             + (" (levels trained by separate commands, joined by `noise` itself or `noise --merge`)"
+                if len(_noise_commands(results)) > 1 else "")
              + f"; {results['size']['seeds']} seeds per method and level; {json.dumps(results['size']['train'])}; "
              f"lr/beta per method: {'results/sweep.json' if results['tuned'] else 'the preset'}. pair_noise = p "
              "swaps winner and loser of round(p N) alignment pairs, the same items for every method "

@@ -308,3 +308,31 @@ def test_noise_levels_added_later_join_the_recorded_ones(tmp_path, monkeypatch):
     assert seen[-1] == [0.0, 0.1, 0.2]  # while 0.3 is retrained, its old runs are no longer on record
     benchmark.main(["noise", "--levels", "0", "0.4", "--seeds", "3", *out])  # other sizes: start over
     assert json.loads((tmp_path / "noise.json").read_text())["levels"] == [0.0, 0.4]
+
+
+def test_noise_merge_joins_a_sweep_trained_elsewhere(tmp_path, monkeypatch):
+    """`noise --merge B/noise.json`: the levels of a sweep trained in another folder join
+    <out>/noise.json without training (both commands named with their levels); a sweep at other
+    seeds is refused; the memorization and curve sizes, which noise.md does not use, may differ."""
+    def fake_table(out, size, jobs, specs, tuned):
+        return {"runs": {n: [{"final": {f"{c}/{k}": size["train"]["pair_noise"] for c in
+                                        ("id_cfg", "id_nocfg", "ood_cfg", "ood_nocfg") for k in ("accuracy", "frechet")}}] * 2
+                         for n in specs}}
+    monkeypatch.setattr(benchmark, "run_table", fake_table)
+    a, b = tmp_path / "a", tmp_path / "b"
+    benchmark.main(["noise", "--levels", "0", "0.2", "--quick", "--out", str(a)])
+    benchmark.main(["noise", "--levels", "0.1", "--quick", "--out", str(b)])
+    rec = json.loads((a / "noise.json").read_text())
+    rec["size"]["memo_steps"] = 99  # not a size noise.md depends on
+    (a / "noise.json").write_text(json.dumps(rec))
+    monkeypatch.setattr(benchmark, "run_table", None)  # merging trains nothing
+    benchmark.main(["noise", "--merge", str(b / "noise.json"), "--out", str(a)])
+    res = json.loads((a / "noise.json").read_text())
+    assert res["levels"] == [0.0, 0.1, 0.2] and res["per_level"]["0.1"]["runs"]["sft"][0]["final"]["id_cfg/accuracy"] == 0.1
+    assert [c["levels"] for c in res["commands"]] == [[0.0, 0.2], [0.1]]
+    assert "--out " + str(b) in (a / "noise.md").read_text()
+    other = json.loads((b / "noise.json").read_text())
+    other["size"]["seeds"] = 5
+    (b / "noise.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="cannot share a report"):
+        benchmark.main(["noise", "--merge", str(b / "noise.json"), "--out", str(a)])
