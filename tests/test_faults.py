@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import HANG_GUARD_S
+from conftest import HANG_GUARD_S, signal_after_step
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -21,7 +21,6 @@ from infra import checkpoints
 import config
 import data
 import digits
-from infra import runtime
 import train
 from models import sd15
 
@@ -116,14 +115,7 @@ def test_3_truncated_checkpoint_falls_back_then_refuses(copy, capsys):
 # ------------------------------------------------------------------ 4. SIGTERM is not success
 
 def test_4_sigterm_exits_143_and_never_prints_done(finished, tmp_path, monkeypatch, capsys):
-    real = runtime.Logger.step
-
-    def step_then_signal(self, step, *a, **k):
-        real(self, step, *a, **k)
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(runtime.Logger, "step", step_then_signal)
+    signal_after_step(monkeypatch, signal.SIGTERM)
     argv = [f"--{k}={v}" for k, v in {**FAST, "method": "sft", "max_steps": 10, "save_every": 100,
                                        "cache_dir": finished[0], "out_dir": tmp_path}.items()]
     assert train.main(argv) == 143
@@ -367,14 +359,7 @@ def test_a_lost_replay_snapshot_is_rebuilt_never_rolled_back(copy, capsys):
 
 
 def test_ctrl_c_saves_and_exits_130(finished, tmp_path, monkeypatch, capsys):
-    real = runtime.Logger.step
-
-    def step_then_ctrl_c(self, step, *a, **k):
-        real(self, step, *a, **k)
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(runtime.Logger, "step", step_then_ctrl_c)
+    signal_after_step(monkeypatch, signal.SIGINT)
     argv = [f"--{k}={v}" for k, v in {**FAST, "method": "sft", "max_steps": 10, "save_every": 100,
                                        "cache_dir": finished[0], "out_dir": tmp_path}.items()]
     assert train.main(argv) == 130

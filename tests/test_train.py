@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import HANG_GUARD_S
+from conftest import HANG_GUARD_S, signal_after_step
 from infra import checkpoints
 import config
 import models
@@ -324,20 +324,13 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(cache, tmp_path, monkeypatch):
 
 
 def test_sigterm_saves_and_exits_cleanly(cache, tmp_path, monkeypatch):
-    real = runtime.Logger.step
-
-    def step_then_signal(self, step, *a, **k):
-        real(self, step, *a, **k)
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(runtime.Logger, "step", step_then_signal)
+    signal_after_step(monkeypatch, signal.SIGTERM)
     with pytest.raises(runtime.Preempted, match="preempted at step 3, checkpoint saved"):
         train.run({**FAST, "cache_dir": cache, "method": "sft", "max_steps": 10, "save_every": 100,
                    "out_dir": str(tmp_path)})
     out = tmp_path
     assert checkpoints.latest_step(out) == 3 and not (out / "final").exists()
-    monkeypatch.setattr(runtime.Logger, "step", real)
+    monkeypatch.undo()  # the loop logs as usual again
     train.run({**FAST, "cache_dir": cache, "method": "sft", "max_steps": 5, "save_every": 100,
                "resume": True, "out_dir": str(tmp_path)})
     assert checkpoints.latest_step(out) == 5 and (out / "final").exists()
