@@ -403,7 +403,7 @@ def plans() -> dict:
         p = memory_sdxl.plan(preset("sdxl_pickapic"), lora_ranks=(8,))["rows"][1]
         g = p["gpu"]
         out["sdxl"] = {"source": "research/memory_sdxl.py, LoRA r=8, before activations", "total_gb": p["gpu_total"] / GB,
-                       "comparable_gb": (p["gpu_total"] - g["text encoders + VAE (fp32)"] - g["DDP gradient buckets"]) / GB,
+                       "comparable_gb": (p["gpu_total"] - g["text encoders + VAE"] - g["DDP gradient buckets"]) / GB,
                        "activations_gb": None}
     for family, name, preset_name in (("cogvideox", "CogVideoX-2B", "cogvideox_sdpo"), ("wan", "Wan2.1-1.3B", "wan21_sdpo")):
         with contextlib.suppress(Exception):

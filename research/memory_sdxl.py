@@ -69,7 +69,7 @@ def plan(cfg: config_mod.Config, lora_ranks=(8, 64)) -> dict:
         full = T == P
         gpu = {"UNet weights": 4 * P if full else fb * P, "LoRA adapter (fp32)": 0 if full else 4 * T,
                "gradients (fp32)": 4 * T, "DDP gradient buckets": 4 * T, "AdamW exp_avg + exp_avg_sq": 8 * T,
-               "reference (replay.py)": fb * ref, "text encoders + VAE (fp32)": fb * text + 4 * vae}
+               "reference (replay.py)": fb * ref, "text encoders + VAE": fb * text + 4 * vae}
         before = sum(gpu.values()) + (4 - fb) * ((0 if full else P) + ref + text)  # frozen modules in fp32
         rows.append(dict(mode=mode, trainable=T, gpu=gpu, gpu_total=sum(gpu.values()), gpu_fp32_frozen=before,
                          snapshot_fp32=4 * T, snapshot_bf16=2 * T, pool_fp32=4 * T * snapshots))
